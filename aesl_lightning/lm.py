@@ -1,0 +1,151 @@
+"""What every training stage shares: a Hugging Face causal LM, its tokenizer, the optimiser and export.
+
+`CausalLMModule` is the base of `SFTModule` (cold-start SFT) and the GRPO module. It loads the model
+and tokenizer once, in `__init__`, so that `load_from_checkpoint` and the CLI rebuild the same system
+from the hyper-parameters alone; everything a stage adds (its loss, its metrics) lives in the subclass.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from aesl_lightning.lora import LoRAConfig, apply_lora
+
+Scheduler = Literal["cosine", "linear", "constant"]
+
+
+def warmup_decay_factor(step: int, warmup_steps: int, total_steps: int, scheduler: Scheduler, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier at optimiser step `step`.
+
+    Linear warm-up from 0 to 1 over `warmup_steps`, then `cosine` (1 -> min_lr_ratio along half a cosine),
+    `linear` (1 -> min_lr_ratio) or `constant` (stays 1) until `total_steps`; flat at the end value after.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if scheduler == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if scheduler == "linear":
+        shape = 1.0 - progress
+    elif scheduler == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"scheduler must be 'cosine', 'linear' or 'constant', got {scheduler!r}")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+class CausalLMModule(L.LightningModule):
+    """A Hugging Face causal LM with its tokenizer, AdamW with warm-up and decay, and Hugging Face export.
+
+    Args:
+        name_or_path: Model to start from: a built-in name (smollm2-135m-instruct, tiny-llama,
+            tiny-qwen2), a local Hugging Face directory, or a hub id.
+        gguf_file: GGUF file inside `name_or_path` to load (dequantised on load).
+        dtype: Parameter dtype when loading: float32, bfloat16, float16 or auto.
+        attn_implementation: Attention kernel passed to transformers (eager, sdpa, ...); None = its default.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        trust_remote_code: Allow model code shipped with a hub checkpoint to run. Off unless you trust it.
+        lora: LoRA adapter settings; None trains all parameters.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay, applied to matrices only (not to norms and biases).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up length in optimiser steps; a value below 1 is a fraction of all steps.
+        scheduler: Decay after warm-up: cosine, linear or constant.
+        min_lr_ratio: Final learning rate as a fraction of `lr` (cosine and linear decay).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = "smollm2-135m-instruct",
+        gguf_file: str | None = None,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        lora: LoRAConfig | None = None,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: float = 0.1,
+        scheduler: Scheduler = "cosine",
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        from aesl_lightning.models import load_causal_lm, load_tokenizer
+
+        if lr <= 0:
+            raise ValueError(f"model.lr must be positive, got {lr}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        self.tokenizer = load_tokenizer(name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(
+            name_or_path,
+            gguf_file=gguf_file,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+        )
+        self.model = apply_lora(model, lora) if lora is not None else model
+
+    # ----------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for param in self.model.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        warmup = int(round(hp.warmup_steps * total)) if hp.warmup_steps < 1 else int(hp.warmup_steps)
+        schedule = LambdaLR(
+            optimizer, lambda step: warmup_decay_factor(step, warmup, total, hp.scheduler, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------- export
+    def export_hf(self, out_dir: str | Path, merge_lora: bool | None = None) -> Path:
+        """Write the current weights and tokenizer in Hugging Face format (atomically) and return the folder.
+
+        The result reloads with plain `AutoModelForCausalLM.from_pretrained(out_dir)`. LoRA adapters are
+        merged unless `merge_lora=False` or the LoRA config says otherwise.
+        """
+        from aesl_lightning.export import export_hf
+
+        if merge_lora is None:
+            lora = self.hparams.get("lora")
+            merge_lora = True if lora is None else bool(getattr(lora, "merge_on_export", True))
+        return export_hf(self.model, self.tokenizer, out_dir, merge_lora=merge_lora)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        cls = type(self)
+        checkpoint["aesl_lightning"] = {"module_class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, merge_lora: bool | None = None) -> Path:
+    """Rebuild the module saved in a toolkit checkpoint and export its weights in Hugging Face format."""
+    import importlib
+
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    meta = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("aesl_lightning")
+    if not meta or "module_class" not in meta:
+        raise ValueError(
+            f"{ckpt_path}: not written by aesl-lightning (no 'aesl_lightning.module_class' entry); "
+            "export from Python with YourModule.load_from_checkpoint(path).export_hf(out_dir)"
+        )
+    module_path, _, class_name = meta["module_class"].rpartition(".")
+    module_cls = getattr(importlib.import_module(module_path), class_name)
+    module = module_cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+    return module.export_hf(out_dir, merge_lora=merge_lora)

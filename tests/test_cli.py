@@ -1,0 +1,178 @@
+"""`python -m aesl_lightning`: config parsing, overrides, help text, tool subcommands and a tiny end-to-end fit."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from aesl_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
+
+
+def _printed_config(capsys, *args) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, *args, "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_quickstart_config_parses_with_dotted_overrides(capsys):
+    config = _printed_config(capsys, "--model.lr", "1e-5", "--trainer.max_steps", "50", "--data.batch_size", "4")
+    assert config["model"]["class_path"] == "aesl_lightning.SFTModule"
+    assert config["model"]["init_args"]["name_or_path"] == "smollm2-135m-instruct"
+    assert config["model"]["init_args"]["lr"] == pytest.approx(1e-5)
+    assert config["model"]["init_args"]["loss"]["name"] == "ce"
+    assert config["trainer"]["max_steps"] == 50
+    assert config["data"]["init_args"]["batch_size"] == 4
+    assert config["data"]["init_args"]["synthetic"]["num_examples"] == 128
+
+
+def test_several_config_files_merge_in_order(capsys, tmp_path):
+    extra = tmp_path / "lora.yaml"
+    extra.write_text("model:\n  init_args:\n    lora:\n      r: 4\n      alpha: 8\n")
+    config = _printed_config(capsys, "--config", str(extra))
+    lora = config["model"]["init_args"]["lora"]
+    assert lora["r"] == 4 and lora["alpha"] == 8
+    assert config["model"]["init_args"]["lr"] == pytest.approx(5e-5)  # still from the first file
+
+
+def test_defaults_select_sft_model_and_data_without_a_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"].endswith("SFTModule")
+    assert config["data"]["class_path"].endswith("SFTDataModule")
+    assert config["seed_everything"] == 0
+
+
+def test_bad_override_names_the_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--model.lr", "fast", "--print_config"])
+    assert exit_info.value.code != 0
+    assert "lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "target, options",
+    [
+        ("--model.help=aesl_lightning.SFTModule",
+         ["--model.lr", "--model.name_or_path", "--model.loss.tau_tok", "--model.loss.name", "--model.scheduler"]),
+        ("--data.help=aesl_lightning.SFTDataModule",
+         ["--data.max_length", "--data.overlong", "--data.train", "--data.synthetic.max_digits"]),
+    ],
+)
+def test_every_option_has_a_one_line_help_text(capsys, target, options):
+    with pytest.raises(SystemExit):
+        main(["fit", target])
+    help_text = capsys.readouterr().out
+    blocks = help_text.split("\n  --")
+    for option in options:
+        block = next((b for b in blocks if b.startswith(option.removeprefix("--") + " ")), None)
+        assert block is not None, f"{option} missing from --help"
+        description = block.split("(type:")[0].split("\n", 1)[-1].strip()
+        assert len(description) > 10, f"{option} has no help text: {block!r}"
+
+
+def test_synthetic_subcommand_writes_jsonl(tmp_path):
+    out = tmp_path / "arith.jsonl"
+    main(["synthetic", "--num-examples", "12", "--seed", "3", "--out", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 12
+    assert all(r["completion"].rstrip().endswith("\\boxed{%s}" % r["answer"]) for r in records)
+
+
+def _tiny_fit(tmp_path: Path, *extra: str) -> Path:
+    logs = tmp_path / "logs"
+    main([
+        "fit", "--config", QUICKSTART,
+        "--model.name_or_path", "tiny-llama", "--model.lr", "3e-3", "--model.warmup_steps", "0",
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(logs),
+        "--data.synthetic.num_examples", "24", "--data.val_size", "8", "--data.batch_size", "4",
+        "--data.max_length", "400",
+        *extra,
+    ])
+    runs = sorted((logs / "quickstart").glob("version_*"))
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_tiny_end_to_end_fit_logs_checkpoints_and_exports(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    from aesl_lightning.models import load_tokenizer
+
+    run = _tiny_fit(tmp_path)
+    printed = capsys.readouterr().out
+    assert f"TensorBoard logs : {run}" in printed and "Hugging Face model" in printed
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ["train/loss", "train/lr", "train/token_accuracy", "train/token_entropy", "val/loss"]:
+        assert tag in scalars, tag
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]  # lr 3e-3 on 24 examples: the loss must go down
+
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "config.yaml").is_file()
+
+    export = run / "hf_model"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = load_tokenizer(str(export))
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+    # the `export` subcommand rebuilds the module from the checkpoint and gives the same weights
+    again = tmp_path / "exported"
+    main(["export", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--out", str(again)])
+    reloaded = AutoModelForCausalLM.from_pretrained(again)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
+    run = _tiny_fit(tmp_path)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 6 and state["aesl_lightning"]["module_class"] == "aesl_lightning.sft.SFTModule"
+    assert state["lr_schedulers"] and state["optimizer_states"]
+    main([
+        "fit", "--config", QUICKSTART, "--model.name_or_path", "tiny-llama", "--trainer.max_steps", "8",
+        "--trainer.val_check_interval", "3", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "resumed"),
+        "--data.synthetic.num_examples", "24", "--data.val_size", "8", "--data.batch_size", "4",
+        "--data.max_length", "400", "--ckpt_path", str(ckpt),
+    ])
+    last = next((tmp_path / "resumed").rglob("last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 8
+
+
+def test_export_refuses_a_foreign_checkpoint(tmp_path):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="not written by aesl-lightning"):
+        main(["export", "--ckpt", str(foreign), "--out", str(tmp_path / "out")])
+
+
+def test_module_entry_point_runs_as_a_process(tmp_path):
+    out = tmp_path / "a.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "aesl_lightning", "synthetic", "--num-examples", "3", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(out.read_text().splitlines()) == 3
