@@ -95,6 +95,7 @@ class CausalLMModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
         )
+        model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
         self.model = apply_lora(model, lora) if lora is not None else model
 
     # ----------------------------------------------------------------------------------------- optimiser

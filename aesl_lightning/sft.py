@@ -46,7 +46,7 @@ class SFTModule(CausalLMModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
-        loss: LossConfig = LossConfig(name="ce"),
+        loss: LossConfig = LossConfig(),
         lr: float = 2e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
