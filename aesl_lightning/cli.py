@@ -73,7 +73,6 @@ def _configure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s aesl_lightning: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> None:
