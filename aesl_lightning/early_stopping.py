@@ -194,8 +194,9 @@ class TurningPointRule:
         self._smoothed[key] = s
         return s
 
-    def update(self, values: Mapping[str, float], step: int | None = None, epoch: int | None = None) -> Update:
-        """Feed one validation's metrics (a mapping that holds at least the monitored keys)."""
+    def update(self, values: Mapping[str, float], step: int | None = None, epoch: int | None = None, **meta: Any) -> Update:
+        """Feed one validation's metrics (a mapping that holds at least the monitored keys); `step`, `epoch`
+        and any other (JSON-able) `meta` are stored in its history entry."""
         cfg = self.config
         raw = {k: _finite_or_none(values.get(k)) for k in cfg.keys}
         score = self.score({k: math.nan if v is None else v for k, v in raw.items()})
@@ -203,6 +204,7 @@ class TurningPointRule:
             "index": len(self.history),
             "step": step,
             "epoch": epoch,
+            **meta,
             "values": raw,
             "score": _finite_or_none(score),
             "smoothed_values": None,
@@ -238,7 +240,7 @@ class TurningPointRule:
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
-            "updates": [(e["values"], e["step"], e["epoch"]) for e in self.history],
+            "updates": [{k: v for k, v in e.items() if k not in _DERIVED} for e in self.history],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -250,8 +252,13 @@ class TurningPointRule:
                 self.config.to_dict(),
             )
         self.reset()
-        for values, step, epoch in state["updates"]:
-            self.update({k: math.nan if v is None else v for k, v in values.items()}, step=step, epoch=epoch)
+        for update in state["updates"]:
+            update = dict(update)
+            values = {k: math.nan if v is None else v for k, v in update.pop("values").items()}
+            self.update(values, **update)
+
+
+_DERIVED = ("index", "score", "smoothed_values", "score_smoothed", "status")
 
 
 def _finite_or_none(x: Any) -> float | None:
@@ -265,6 +272,11 @@ def _finite_or_none(x: Any) -> float | None:
 # Lightning callback
 
 
+def _log_step(trainer: L.Trainer) -> int:
+    # The step Lightning's loggers put validation metrics at (one behind global_step during validation).
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
 class DiversityEarlyStopping(Callback):
     """Stop SFT at the diversity turning point and keep (and export) the checkpoint of the peak.
 
@@ -272,8 +284,13 @@ class DiversityEarlyStopping(Callback):
     this runs in `on_validation_end` (callbacks' `on_validation_epoch_end` runs before the module's, where
     the metrics are logged). Under DDP log the monitored metrics with `sync_dist=True`; rank 0's values are
     broadcast anyway, so every rank takes the same decision. Files are written by global rank 0 only.
-    Files in `dirpath`: `peak.ckpt` (a full Lightning checkpoint of the best validation so far, replaced
-    atomically), `hf_model/` (the peak in Hugging Face format) and `turning_point.json`.
+    Files in `dirpath`: `peak.ckpt` (a Lightning checkpoint of the best validation so far, replaced
+    atomically at each new peak), `hf_model/` (the peak in Hugging Face format, written when the turning
+    point stops training, else at the end of fit) and `turning_point.json` (`summary()`: the turning point,
+    the peak, the rule's settings and the history). TensorBoard gets `diversity/score`,
+    `diversity/score_smoothed`, once `diversity/turning_point_step` and a text note. In the JSON `step` is
+    `trainer.global_step` (the checkpoint's), `log_step` the step the loggers put that validation's
+    metrics at (one less, during fit), which is also the value of `diversity/turning_point_step`.
 
     Args:
         monitor: Metric (or list of metrics) that measures diversity, as logged by the module.
@@ -348,7 +365,9 @@ class DiversityEarlyStopping(Callback):
         values = trainer.strategy.broadcast(values, src=0)
         self._warn_unusable(trainer, values)
 
-        update = self.rule.update(values, step=trainer.global_step, epoch=trainer.current_epoch)
+        update = self.rule.update(
+            values, step=trainer.global_step, epoch=trainer.current_epoch, log_step=_log_step(trainer)
+        )
         self._log_scores(trainer, update)
         if update.new_peak:
             self._save_peak(trainer)
@@ -400,17 +419,18 @@ class DiversityEarlyStopping(Callback):
             metrics["diversity/score_smoothed"] = update.entry["score_smoothed"]
         if metrics:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=update.entry["log_step"])
 
     def _log_turning_point(self, trainer: L.Trainer) -> None:
         peak, fired = self.rule.turning_point, self.rule.fired_at
         for logger in trainer.loggers:
-            logger.log_metrics({"diversity/turning_point_step": float(peak["step"])}, step=trainer.global_step)
+            logger.log_metrics({"diversity/turning_point_step": float(peak["log_step"])}, step=fired["log_step"])
         if not trainer.is_global_zero:
             return
         values = ", ".join(f"{k} = {v:.4g}" for k, v in peak["values"].items())
         note = (
-            f"Diversity turning point at step {peak['step']} (validation {peak['index']}, epoch {peak['epoch']}): "
+            f"Diversity turning point at global step {peak['step']} (TensorBoard step {peak['log_step']}, "
+            f"validation {peak['index']}, epoch {peak['epoch']}): "
             f"{values}; smoothed score {peak['score_smoothed']:.4g}. Declared at step {fired['step']} after "
             f"{self.rule.config.patience} validations more than {self.rule.config.min_delta} below the peak."
         )
@@ -418,7 +438,7 @@ class DiversityEarlyStopping(Callback):
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
-                experiment.add_text("diversity/turning_point", note, global_step=trainer.global_step)
+                experiment.add_text("diversity/turning_point", note, global_step=fired["log_step"])
 
     def _save_peak(self, trainer: L.Trainer) -> None:
         final = self.out_dir / PEAK_CHECKPOINT

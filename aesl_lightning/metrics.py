@@ -134,59 +134,50 @@ def self_bleu_batch(groups: Sequence[Sequence[Sample]]) -> list[float]:
     reference, has length 0 and no n-grams); k identical non-empty samples -> 1.0; samples shorter than 4
     tokens get p_n = 0.1 for the orders they lack (NLTK method 1), so e.g. 3 identical tokens score 0.1^(1/4).
 
-    How: tokens are mapped to dense ids; the id of an n-gram is the dense rank of (id of its (n-1)-gram
-    prefix, last token), so n-gram ids are exact (no hashing, no collisions). Counts per (sample, n-gram)
-    come from `torch.unique`; for each (group, n-gram) the largest and second-largest count over the group's
-    samples give the clipping count of sample i over the others: the largest, unless sample i holds it,
-    then the second largest (equal to the largest on a tie).
+    How (no Python loop over n-grams): tokens become dense ids 0..U-1 and an n-gram's key is
+    key(n-1-gram prefix) * U + last token, re-ranked with `np.unique` only when the next key could overflow
+    int64, so keys are exact (no hash collisions). One sort of (group, n-gram, sample) keys per order gives
+    every count c_i(g); the clipping count of sample i over the others is max_{j != i} c_j(g) = the group's
+    largest count, or its second largest (equal to the largest on a tie) where sample i holds the largest.
     """
     scores = [math.nan] * len(groups)
     keep = [g for g, group in enumerate(groups) if len(group) >= 2]
     if not keep:
         return scores
-    tokens, lengths, group_of = _encode([groups[g] for g in keep], "self_bleu_batch")
-    bleu = _bleu_vs_others(tokens, lengths, group_of)
+    tokens, lengths, group_of, vocab = _encode([groups[g] for g in keep], "self_bleu_batch")
+    bleu = _bleu_vs_others(tokens, lengths, group_of, vocab)
     num_groups = len(keep)
-    totals = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_of, bleu)
-    sizes = torch.bincount(group_of, minlength=num_groups).to(torch.float64)
-    for g, value in zip(keep, (totals / sizes).tolist()):
+    means = np.bincount(group_of, weights=bleu, minlength=num_groups) / np.bincount(group_of, minlength=num_groups)
+    for g, value in zip(keep, means.tolist()):
         scores[g] = value
     return scores
 
 
-def _encode(groups: Sequence[Sequence[Sample]], caller: str) -> tuple[Tensor, Tensor, Tensor]:
-    """All samples as one flat tensor of dense token ids (0..U-1), their lengths, and their group index."""
+def _encode(groups: Sequence[Sequence[Sample]], caller: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """All samples as one flat int64 array of token ids in 0..U-1, their lengths, their group index, and U."""
     samples: list[Any] = []
     group_of: list[int] = []
     for g, group in enumerate(groups):
-        if isinstance(group, str) or (isinstance(group, Tensor) and group.ndim != 2):
-            raise ValueError(f"{caller}: groups[{g}] must be a sequence of samples (or a 2-D tensor), found {type(group).__name__}")
+        if isinstance(group, str) or (isinstance(group, (Tensor, np.ndarray)) and group.ndim != 2):
+            raise ValueError(f"{caller}: groups[{g}] must be a sequence of samples (or a 2-D array of token ids), found {type(group).__name__}")
         for i, sample in enumerate(group):
-            where = f"{caller}: groups[{g}][{i}]"
             if isinstance(sample, str):
                 sample = tokenize_text(sample)
-            elif isinstance(sample, np.ndarray):
-                sample = torch.from_numpy(sample)
-            if isinstance(sample, Tensor):
+            elif isinstance(sample, Tensor):
+                sample = sample.detach().cpu().numpy()
+            if isinstance(sample, np.ndarray):
                 if sample.ndim != 1:
-                    raise ValueError(f"{where}: expected a 1-D sequence of token ids, found shape {list(sample.shape)}")
-                if sample.dtype.is_floating_point or sample.dtype.is_complex or sample.dtype == torch.bool:
+                    raise ValueError(f"{caller}: groups[{g}][{i}] must be a 1-D sequence of token ids, found shape {list(sample.shape)}")
+                if sample.dtype.kind not in "iu":
                     sample = sample.tolist()
-                else:
-                    sample = sample.detach().to("cpu", torch.int64)
             else:
                 sample = list(sample)
             samples.append(sample)
             group_of.append(g)
-    lengths = torch.tensor([len(s) for s in samples], dtype=torch.int64)
+    lengths = np.array([len(s) for s in samples], dtype=np.int64)
     flat_lists = [tok for s in samples if isinstance(s, list) for tok in s]
-    as_ints: Tensor | None = None
-    try:
-        as_ints = torch.tensor(flat_lists) if flat_lists else torch.zeros(0, dtype=torch.int64)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        as_ints = None
-    if as_ints is not None and as_ints.ndim == 1 and not (as_ints.is_floating_point() or as_ints.is_complex() or as_ints.dtype == torch.bool):
-        as_ints = as_ints.to(torch.int64)
+    as_ints = np.array(flat_lists) if flat_lists else np.zeros(0, dtype=np.int64)
+    if as_ints.ndim == 1 and as_ints.dtype.kind in "iu":
         parts, offset = [], 0
         for s in samples:
             if isinstance(s, list):
@@ -194,94 +185,131 @@ def _encode(groups: Sequence[Sequence[Sample]], caller: str) -> tuple[Tensor, Te
                 offset += len(s)
             else:
                 parts.append(s)
-        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-        _, dense = torch.unique(flat, return_inverse=True)
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        tokens, vocab = _dense_ids(flat)
     else:
-        # Strings or other hashables: ids by first appearance; ints from tensors hash like python ints.
-        vocab: dict[Hashable, int] = {}
-        dense = torch.tensor(
-            [vocab.setdefault(tok, len(vocab)) for s in samples for tok in (s if isinstance(s, list) else s.tolist())],
-            dtype=torch.int64,
+        # Strings or other hashables (compared with ==, as NLTK does): ids by first appearance.
+        ids: dict[Hashable, int] = {}
+        tokens = np.array(
+            [ids.setdefault(tok, len(ids)) for s in samples for tok in (s if isinstance(s, list) else s.tolist())],
+            dtype=np.int64,
         )
-    return dense.reshape(-1), lengths, torch.tensor(group_of, dtype=torch.int64)
+        vocab = max(len(ids), 1)
+    return tokens, lengths, np.array(group_of, dtype=np.int64), vocab
 
 
-def _ngram_ids(tokens: Tensor, lengths: Tensor, max_order: int):
-    """Yield (n, start, sample, ngram_id, num_ids) for n = 1..max_order over the flat token tensor.
+def _dense_ids(flat: np.ndarray) -> tuple[np.ndarray, int]:
+    """Integer tokens mapped to 0..U-1 (order kept), and U."""
+    if flat.size == 0:
+        return flat.astype(np.int64), 1
+    low, high = int(flat.min()), int(flat.max())
+    if high - low < max(1 << 20, 4 * flat.size):  # a lookup table is cheaper than sorting
+        shifted = (flat - low).astype(np.int64)
+        present = np.zeros(high - low + 1, dtype=np.int64)
+        present[shifted] = 1
+        rank = np.cumsum(present) - 1
+        return rank[shifted], int(rank[-1]) + 1
+    unique, inverse = np.unique(flat, return_inverse=True)
+    return inverse.reshape(-1).astype(np.int64), int(unique.size)
 
-    start: flat positions where an n-gram begins inside its sample; ngram_id: dense id in 0..num_ids-1, equal
-    ids <=> equal n-grams.
+
+_KEY_LIMIT = 1 << 62
+
+
+def _ngram_keys(tokens: np.ndarray, lengths: np.ndarray, vocab: int, max_order: int):
+    """Yield (n, sample, key, num_keys) for n = 1..max_order: the n-grams of every sample.
+
+    sample[j] is the sample of the j-th n-gram and key[j] in 0..num_keys-1 identifies it (equal keys <=>
+    equal n-grams); n-grams never cross sample boundaries.
     """
-    sample_of = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-    offsets = torch.cumsum(lengths, 0) - lengths
-    position = torch.arange(tokens.numel()) - offsets[sample_of]
-    room = lengths[sample_of] - position  # tokens from this position to the end of its sample
-    vocab = int(tokens.max()) + 1 if tokens.numel() else 1
-    ids = tokens  # ids of the (n-1)-grams starting at each flat position (valid where room >= n-1)
+    sample_of = np.repeat(np.arange(lengths.size), lengths)
+    room = np.repeat(np.cumsum(lengths), lengths) - np.arange(tokens.size)  # tokens from p to the end of its sample
+    keys, num_keys = tokens, vocab  # keys[p]: the (n-1)-gram starting at p, where room[p] >= n-1
     for n in range(1, max_order + 1):
-        start = (room >= n).nonzero().squeeze(1)
-        if n == 1:
-            ngram, num_ids = tokens[start], vocab
-        else:
-            keys = ids[start] * vocab + tokens[start + n - 1]
-            unique_keys, ngram = torch.unique(keys, return_inverse=True)
-            num_ids = unique_keys.numel()
-        yield n, start, sample_of[start], ngram, num_ids
-        ids = torch.full_like(tokens, -1).index_put_((start,), ngram)
+        start = np.flatnonzero(room >= n)
+        if n > 1:
+            prefix = keys[start]
+            if num_keys * vocab >= _KEY_LIMIT:
+                _, prefix = np.unique(prefix, return_inverse=True)
+                prefix = prefix.reshape(-1)
+                num_keys = int(prefix.max()) + 1 if prefix.size else 1
+            keys = np.full_like(tokens, -1)
+            keys[start] = prefix * vocab + tokens[start + n - 1]
+            num_keys *= vocab
+        yield n, sample_of[start], keys[start], num_keys
 
 
-def _bleu_vs_others(tokens: Tensor, lengths: Tensor, group_of: Tensor) -> Tensor:
-    """BLEU-4 (float64) of every sample against the other samples of its group (every group has k >= 2)."""
-    num_samples = lengths.numel()
-    length = lengths.to(torch.float64)
-    log_precision = torch.zeros(num_samples, dtype=torch.float64)
-    unigram_matches = torch.zeros(num_samples, dtype=torch.int64)
-    for n, _, sample, ngram, num_ids in _ngram_ids(tokens, lengths, BLEU_ORDER):
-        matches = torch.zeros(num_samples, dtype=torch.int64)
-        if sample.numel():
-            # count of every (sample, n-gram) present
-            pair, count = torch.unique(sample * num_ids + ngram, return_counts=True)
-            pair_sample, pair_ngram = pair // num_ids, pair % num_ids
-            group_ngram = group_of[pair_sample] * num_ids + pair_ngram
-            # sort by (group, n-gram), count descending: each run starts with its largest count
-            order = torch.argsort(count, descending=True, stable=True)
-            order = order[torch.argsort(group_ngram[order], stable=True)]
-            group_ngram, count, pair_sample = group_ngram[order], count[order], pair_sample[order]
-            run_start = torch.ones_like(group_ngram, dtype=torch.bool)
-            run_start[1:] = group_ngram[1:] != group_ngram[:-1]
-            run = torch.cumsum(run_start, 0) - 1
-            starts = run_start.nonzero().squeeze(1)
-            first = count[starts]
-            after = (starts + 1).clamp(max=count.numel() - 1)
-            second = torch.where((starts + 1 < count.numel()) & ~run_start[after], count[after], 0)
-            largest, runner_up = first[run], second[run]
-            # max over the other samples: the largest unless this sample holds it (ties: runner_up == largest)
-            others = torch.where(count == largest, runner_up, largest)
-            matches.index_add_(0, pair_sample, torch.minimum(count, others))
+def _rank(keys: np.ndarray, num_keys: int, factor: int) -> tuple[np.ndarray, int]:
+    """Keys re-ranked to 0..K-1 if num_keys * factor could overflow int64, else unchanged."""
+    if num_keys * factor < _KEY_LIMIT:
+        return keys, num_keys
+    _, ranked = np.unique(keys, return_inverse=True)
+    return ranked.reshape(-1), int(ranked.max()) + 1 if ranked.size else 1
+
+
+def _bleu_vs_others(tokens: np.ndarray, lengths: np.ndarray, group_of: np.ndarray, vocab: int) -> np.ndarray:
+    """BLEU-4 (float64) of every sample against the other samples of its group (every group has k >= 2).
+
+    Order n sorts the keys (n-gram key) * num_tokens + position: equal n-grams become runs, split where the
+    group changes, and within a run positions (hence samples) ascend, so each sample's occurrences form a
+    segment whose length is its count. An (n+1)-gram can only match another sample if both its n-grams
+    (at p and p+1) occur in two samples of the group, so only such positions go on to order n+1, keyed by
+    (id of the (group, n-gram) run at p) * U + next token: exact, and most random n-grams drop out early.
+    """
+    num_samples, num_tokens = lengths.size, tokens.size
+    sample_of = np.repeat(np.arange(num_samples), lengths)
+    group_at = group_of[sample_of]
+    room = np.repeat(np.cumsum(lengths), lengths) - np.arange(num_tokens)  # tokens from p to the end of its sample
+    length = lengths.astype(np.float64)
+    log_precision = np.zeros(num_samples)
+    unigram_matches = np.zeros(num_samples)
+    positions, keys, num_keys = np.arange(num_tokens), tokens, vocab
+    for n in range(1, BLEU_ORDER + 1):
+        matches = np.zeros(num_samples)
+        if positions.size:
+            keys, num_keys = _rank(keys, num_keys, num_tokens)
+            key, position = np.divmod(np.sort(keys * num_tokens + positions), num_tokens)
+            sample, group = sample_of[position], group_at[position]
+            run_start = np.r_[True, (key[1:] != key[:-1]) | (group[1:] != group[:-1])]
+            segment = np.flatnonzero(run_start | np.r_[True, sample[1:] != sample[:-1]])
+            count = np.diff(np.r_[segment, key.size])
+            run_of = np.cumsum(run_start) - 1  # run index of every sorted element
+            first = np.flatnonzero(run_start[segment])  # each run's first segment
+            segment_run = run_of[segment]
+            largest = np.maximum.reduceat(count, first)
+            is_largest = count == largest[segment_run]
+            largest_twice = np.add.reduceat(is_largest.astype(np.int64), first) >= 2
+            runner_up = np.where(largest_twice, largest, np.maximum.reduceat(np.where(is_largest, 0, count), first))
+            others = np.where(is_largest, runner_up[segment_run], largest[segment_run])  # max over the other samples
+            matches = np.bincount(sample[segment], weights=np.minimum(count, others), minlength=num_samples)
+            if n < BLEU_ORDER:
+                shared = np.diff(np.r_[first, segment.size]) >= 2  # run held by >= 2 samples
+                run_id = np.full(num_tokens, -1)
+                run_id[position] = np.where(shared[run_of], run_of, -1)
+                alive = (room > n) & (run_id >= 0) & np.r_[run_id[1:] >= 0, False]
+                positions = np.flatnonzero(alive)
+                keys, num_keys = run_id[positions] * vocab + tokens[positions + n], (int(run_of[-1]) + 1) * vocab
         if n == 1:
             unigram_matches = matches
-        denominator = (length - n + 1).clamp(min=1)
-        numerator = torch.where(matches > 0, matches.to(torch.float64), SMOOTHING_EPSILON)
-        log_precision += torch.log(numerator / denominator)
-    closest = _closest_other_length(lengths, group_of).to(torch.float64)
-    brevity = torch.where(length > closest, 1.0, torch.exp(1.0 - closest / length.clamp(min=1)))
-    return torch.where(unigram_matches > 0, brevity * torch.exp(log_precision / BLEU_ORDER), 0.0)
+        log_precision += np.log(np.where(matches > 0, matches, SMOOTHING_EPSILON) / np.maximum(length - n + 1, 1))
+    closest = _closest_other_length(lengths, group_of).astype(np.float64)
+    brevity = np.where(length > closest, 1.0, np.exp(1.0 - closest / np.maximum(length, 1)))
+    return np.where(unigram_matches > 0, brevity * np.exp(log_precision / BLEU_ORDER), 0.0)
 
 
-def _closest_other_length(lengths: Tensor, group_of: Tensor) -> Tensor:
+def _closest_other_length(lengths: np.ndarray, group_of: np.ndarray) -> np.ndarray:
     """For each sample, the length of the other sample of its group closest to its own (ties: the shorter).
 
     In each group sorted by length, the closest other length is that of a sorted neighbour.
     """
-    order = torch.argsort(group_of * (int(lengths.max()) + 1) + lengths)
+    order = np.lexsort((lengths, group_of))
     ls, gs = lengths[order], group_of[order]
-    n = ls.numel()
-    prev_idx, next_idx = (torch.arange(n) - 1).clamp(min=0), (torch.arange(n) + 1).clamp(max=n - 1)
-    has_prev = (torch.arange(n) > 0) & (gs[prev_idx] == gs)
-    has_next = (torch.arange(n) < n - 1) & (gs[next_idx] == gs)
-    take_prev = has_prev & (~has_next | (ls - ls[prev_idx] <= ls[next_idx] - ls))
-    closest = torch.empty_like(lengths)
-    closest[order] = torch.where(take_prev, ls[prev_idx], ls[next_idx])
+    same_as_prev = np.r_[False, gs[1:] == gs[:-1]]
+    same_as_next = np.r_[gs[1:] == gs[:-1], False]
+    prev_len, next_len = np.r_[ls[:1], ls[:-1]], np.r_[ls[1:], ls[-1:]]
+    take_prev = same_as_prev & (~same_as_next | (ls - prev_len <= next_len - ls))
+    closest = np.empty_like(lengths)
+    closest[order] = np.where(take_prev, prev_len, next_len)
     return closest
 
 
@@ -299,24 +327,18 @@ def distinct_n(samples: Sequence[Sample], n: int) -> float:
 
 
 def distinct_n_batch(groups: Sequence[Sequence[Sample]], n: int) -> list[float]:
-    """`distinct_n` of every group, vectorised: one `torch.unique` over (group, n-gram id) pairs."""
+    """`distinct_n` of every group, vectorised: one `np.unique` over (group, n-gram key) pairs."""
     if n < 1:
         raise ValueError(f"distinct_n: n must be >= 1, found {n}")
-    scores = [0.0] * len(groups)
     if not groups:
-        return scores
-    tokens, lengths, group_of = _encode(groups, "distinct_n")
-    if tokens.numel() == 0:
-        return scores
-    *_, (_, _, sample, ngram, num_ids) = _ngram_ids(tokens, lengths, n)
-    if sample.numel() == 0:
-        return scores
+        return []
+    tokens, lengths, group_of, vocab = _encode(groups, "distinct_n")
+    *_, (_, sample, key, num_keys) = _ngram_keys(tokens, lengths, vocab, n)
     group = group_of[sample]
-    total = torch.bincount(group, minlength=len(groups))
-    unique_pairs = torch.unique(group * num_ids + ngram)
-    distinct = torch.bincount(unique_pairs // num_ids, minlength=len(groups))
-    ratio = torch.where(total > 0, distinct.to(torch.float64) / total.clamp(min=1), 0.0)
-    return ratio.tolist()
+    key, num_keys = _rank(key, num_keys, len(groups))
+    total = np.bincount(group, minlength=len(groups))
+    distinct = np.bincount(np.unique(group * num_keys + key) // num_keys, minlength=len(groups))
+    return (distinct / np.maximum(total, 1)).tolist()
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -144,12 +144,32 @@ def _report(kind: str, name: str, origin: str, kept: int, dropped: int, limit_na
     log.info("%s %s: %d examples from %s", kind, name, kept, origin)
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A random permutation per epoch that depends only on `(seed, epoch)`.
+
+    Lightning calls `set_epoch` at the start of every epoch, so a run resumed from a checkpoint sees the same
+    order in its later epochs as an uninterrupted run (a global-RNG shuffle would not).
+    """
+
+    def __init__(self, num_items: int, seed: int = 0) -> None:
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
 def _loader(data: list, batch_size: int, collate: Callable, num_workers: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     return DataLoader(
         data,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        sampler=EpochShuffleSampler(len(data), seed) if shuffle else None,
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
