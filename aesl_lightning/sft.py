@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from torchmetrics import MeanMetric
 
-from aesl_lightning.generation import SamplingConfig, generate
+from aesl_lightning.generation import SamplingConfig, eos_ids, generate
+from aesl_lightning.metrics import KLToBase
+from aesl_lightning.sample_metrics import SampleMetrics
 from aesl_lightning.lm import CausalLMModule, Scheduler
 from aesl_lightning.lora import LoRAConfig
 from aesl_lightning.losses import LossConfig, LossOutput, chunked_sft_loss, sft_loss
@@ -23,29 +25,49 @@ log = logging.getLogger("aesl_lightning")
 
 @dataclass
 class ValidationGeneration:
-    """Generation on held-out prompts at validation time (the "SFT score" and, later, diversity).
+    """Generation on held-out prompts at validation: the "SFT score" and the diversity of the model's samples.
 
     Args:
         num_prompts: Held-out prompts to generate for at each validation; 0 turns generation off.
-        max_new_tokens: Longest greedy completion in tokens.
-        batch_size: Prompts per `generate` call.
+        max_new_tokens: Longest completion in tokens (greedy and sampled).
+        num_samples: Completions sampled per prompt (k) for entropy, self-BLEU, distinct-2 and pass@k;
+            below 2 turns sampling off (greedy answer accuracy only).
+        temperature: Sampling temperature of the k samples.
+        top_p: Nucleus mass of the k samples; 1.0 disables it.
+        batch_size: Prompts per `generate` call (the call samples batch_size x num_samples sequences).
         every_n_validations: Generate at every n-th validation only (generation is the slow part).
         num_text_samples: Prompts whose completions are shown in TensorBoard's text panel.
+        kl_to_base: Also log KL(p_theta || p_base) on the reference completions (distributional forgetting);
+            keeps a frozen copy of the starting model (or disables the LoRA adapters) for it.
     """
 
     num_prompts: int = 32
     max_new_tokens: int = 192
-    batch_size: int = 32
+    num_samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
     every_n_validations: int = 1
     num_text_samples: int = 3
+    kl_to_base: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("num_prompts", "num_text_samples"):
+        for name in ("num_prompts", "num_text_samples", "num_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"val_generation.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_new_tokens", "batch_size", "every_n_validations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"val_generation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"val_generation.temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"val_generation.top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def sampling(self) -> SamplingConfig | None:
+        if self.num_samples < 2:
+            return None
+        return SamplingConfig(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
 
 
 # Hyper-parameters hold these config objects; allow them in `torch.load(weights_only=True)` (Lightning's
@@ -72,8 +94,8 @@ class SFTModule(CausalLMModule):
         warmup_steps: Linear warm-up length in optimiser steps; a value below 1 is a fraction of all steps.
         scheduler: Decay after warm-up: cosine, linear or constant.
         min_lr_ratio: Final learning rate as a fraction of `lr` (cosine and linear decay).
-        val_generation: Greedy generation on held-out prompts at validation: answer accuracy (exact
-            symbolic match of the final \\boxed{} answer, via math-verify).
+        val_generation: Generation on held-out prompts at validation: greedy answer accuracy (symbolic
+            match of the final \\boxed{} answer, via math-verify) and diversity of k samples per prompt.
         histogram_every_n_steps: Log a histogram of p_t (the model's probability of each target token) to
             TensorBoard every this many steps; 0 disables it.
     """
@@ -117,7 +139,10 @@ class SFTModule(CausalLMModule):
         self.val_generation = val_generation
         self.answer_accuracy = MeanMetric()
         self.greedy_length = MeanMetric()
-        self.greedy_truncated = MeanMetric()
+        sampling = val_generation.sampling
+        self.sample_metrics = SampleMetrics(ks=(1, sampling.num_samples) if sampling else (1,))
+        self.kl_to_base = KLToBase()
+        self._base_model = None  # frozen copy of the starting weights, built on first use
         self._validations = 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,8 +164,7 @@ class SFTModule(CausalLMModule):
             hidden, head.weight, batch["labels"], self.loss_config, lm_head_bias=head.bias, return_entropy=True
         )
 
-    def _shared_step(self, batch: dict, stage: str) -> LossOutput:
-        out = self.compute_loss(batch)
+    def _log_loss(self, out: LossOutput, batch: dict, stage: str) -> None:
         batch_size = batch["input_ids"].shape[0]
         sync = stage != "train"  # epoch-level validation numbers are averaged over ranks; step-level are not
         self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=sync)
@@ -148,10 +172,10 @@ class SFTModule(CausalLMModule):
         tokens = stats.pop("completion_tokens")
         self.log_dict({f"{stage}/{k}": v for k, v in stats.items()}, batch_size=batch_size, sync_dist=sync)
         self.log(f"{stage}/completion_tokens", tokens.float(), batch_size=1, reduce_fx="sum", sync_dist=sync)
-        return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self._shared_step(batch, "train")
+        out = self.compute_loss(batch)
+        self._log_loss(out, batch, "train")
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch["input_ids"].shape[0])
         every = self.hparams.histogram_every_n_steps
         if every and self.global_step % every == 0:
@@ -159,7 +183,33 @@ class SFTModule(CausalLMModule):
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        # validation needs no gradient, so the full logits are affordable even when training uses chunks
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        out = sft_loss(logits, batch["labels"], self.loss_config, return_entropy=True)
+        self._log_loss(out, batch, "val")
+        if self.val_generation.kl_to_base and not self.trainer.sanity_checking:
+            self.kl_to_base.update(logits[:, :-1], self._base_logits(batch)[:, :-1], out.mask)
+            self.log("val/kl_to_base", self.kl_to_base, batch_size=batch["input_ids"].shape[0])
+
+    def _base_logits(self, batch: dict) -> torch.Tensor:
+        """Logits of the starting model: the adapter-disabled model under LoRA, else a frozen copy loaded once
+        from `name_or_path` (never the current weights, so a resumed run still compares with the start)."""
+        from aesl_lightning.lora import adapters_disabled, is_peft_model
+
+        if is_peft_model(self.model):
+            with adapters_disabled(self.model):
+                return self(batch["input_ids"], batch.get("attention_mask"))
+        if self._base_model is None:
+            from aesl_lightning.models import load_causal_lm
+
+            hp = self.hparams
+            base = load_causal_lm(hp.name_or_path, gguf_file=hp.gguf_file, dtype=hp.dtype,
+                                  attn_implementation=hp.attn_implementation, trust_remote_code=hp.trust_remote_code)
+            # kept outside the module's children: not trained, not checkpointed, not sharded
+            self._base_model = [base.eval().requires_grad_(False).to(self.device)]
+        return self._base_model[0](
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        ).logits
 
     def _log_histogram(self, tag: str, values: torch.Tensor) -> None:
         experiment = getattr(self.logger, "experiment", None)
@@ -181,14 +231,20 @@ class SFTModule(CausalLMModule):
         self.generate_on_validation_prompts(datamodule.val_prompts_dataloader(cfg.batch_size))
 
     def generate_on_validation_prompts(self, loader) -> dict[str, float]:
-        """Greedy completions for the first `val_generation.num_prompts` prompts of `loader` (split over
-        ranks), scored with the math checker; logs `val/answer_accuracy`, `val/greedy_length` and
-        `val/greedy_truncated`, and a text panel. Returns the logged values."""
+        """Generate for the first `val_generation.num_prompts` prompts of `loader` (split over ranks).
+
+        Greedy completions give `val/answer_accuracy` (math-verify on the final boxed answer) and
+        `val/greedy_length`; with `num_samples >= 2`, k samples per prompt give `val/gen_entropy`,
+        `val/self_bleu`, `val/distinct_2`, `val/gen_length`, `val/gen_truncated`, `val/sample_accuracy`,
+        `val/pass@1` and `val/pass@k`. Also a TensorBoard text panel. Returns the logged values.
+        """
         from aesl_lightning.rewards import math_accuracy
 
         cfg = self.val_generation
+        sampling = cfg.sampling
         rank, world = self.global_rank, self.trainer.world_size
         greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+        eos = eos_ids(self.model, self.tokenizer)
         shown: list[str] = []
         seen = 0
         for batch in loader:
@@ -202,27 +258,37 @@ class SFTModule(CausalLMModule):
             ids = batch["input_ids"][rows].to(self.device)
             mask = batch["attention_mask"][rows].to(self.device)
             keep = mask.any(dim=0)  # drop columns that are padding in every kept row
-            out = generate(self.model, self.tokenizer, ids[:, keep], mask[:, keep], greedy)
+            ids, mask = ids[:, keep], mask[:, keep]
             answers = [batch["answer"][i] for i in rows]
             prompts = [batch["prompt"][i] for i in rows]
+
+            out = generate(self.model, self.tokenizer, ids, mask, greedy)
             scores = math_accuracy(prompts, out.texts, answer=answers)
-            for score, length, truncated in zip(scores, out.lengths.tolist(), out.truncated.tolist()):
+            for score in scores:
                 if score is not None:
                     self.answer_accuracy.update(score)
-                self.greedy_length.update(float(length))
-                self.greedy_truncated.update(float(truncated))
-            for prompt, text, answer, score in zip(prompts, out.texts, answers, scores):
+            self.greedy_length.update(out.lengths.float())
+            samples: list[list[str]] = [[] for _ in rows]
+            if sampling is not None:
+                sampled = generate(self.model, self.tokenizer, ids, mask, sampling, record_entropy=True)
+                k = sampling.num_samples
+                repeated = [a for a in answers for _ in range(k)]
+                sample_scores = math_accuracy([p for p in prompts for _ in range(k)], sampled.texts, answer=repeated)
+                self.sample_metrics.update(sampled, k, eos, sample_scores)
+                samples = [sampled.texts[i * k : (i + 1) * k] for i in range(len(rows))]
+            for prompt, text, answer, score, group in zip(prompts, out.texts, answers, scores, samples):
                 if len(shown) < cfg.num_text_samples:
-                    shown.append(f"**prompt**: {prompt}\n\n**completion**: {text}\n\n**answer**: {answer} (score {score})")
-        values = {
-            "val/answer_accuracy": self.answer_accuracy.compute(),
-            "val/greedy_length": self.greedy_length.compute(),
-            "val/greedy_truncated": self.greedy_truncated.compute(),
-        }
-        for metric in (self.answer_accuracy, self.greedy_length, self.greedy_truncated):
-            metric.reset()
+                    block = f"**prompt**: {prompt}\n\n**greedy** (score {score}): {text}\n\n**answer**: {answer}"
+                    block += "".join(f"\n\n**sample {j + 1}**: {t}" for j, t in enumerate(group))
+                    shown.append(block)
+        values = {"val/answer_accuracy": self.answer_accuracy.compute(), "val/greedy_length": self.greedy_length.compute()}
+        if sampling is not None:
+            values.update(self.sample_metrics.compute(prefix="val/"))
+        self.answer_accuracy.reset()
+        self.greedy_length.reset()
+        self.sample_metrics.reset()
         self.log_dict(values)  # torchmetrics already synced the sums over ranks
         experiment = getattr(self.logger, "experiment", None)
         if shown and experiment is not None and hasattr(experiment, "add_text"):
-            experiment.add_text("val/greedy_samples", "\n\n---\n\n".join(shown), global_step=self.global_step)
+            experiment.add_text("val/samples", "\n\n---\n\n".join(shown), global_step=self.global_step)
         return {k: float(v) for k, v in values.items()}

@@ -69,14 +69,22 @@ def test_resume_is_exact_at_an_epoch_boundary(tmp_path):
     assert not torch.equal(a["model.embed_tokens.weight"], _params(first)["model.embed_tokens.weight"])
 
 
-def test_validation_generation_logs_answer_accuracy(tmp_path):
-    module = SFTModule("tiny-llama", lr=1e-3, val_generation=ValidationGeneration(num_prompts=3, max_new_tokens=8))
+def test_validation_generation_logs_accuracy_diversity_and_kl(tmp_path):
+    module = SFTModule("tiny-llama", lr=1e-3,
+                       val_generation=ValidationGeneration(num_prompts=3, max_new_tokens=8, num_samples=3))
     trainer = _trainer(tmp_path, max_steps=2, val_check_interval=2)
     trainer.fit(module, _data())
     metrics = trainer.callback_metrics
     # a random tiny model writes no \boxed{} answer: accuracy exactly 0; every completion hits max_new_tokens or EOS
     assert metrics["val/answer_accuracy"].item() == 0.0
     assert 1 <= metrics["val/greedy_length"].item() <= 8
+    assert metrics["val/pass@3"].item() == 0.0 and metrics["val/sample_accuracy"].item() == 0.0
+    # near-uniform random model over 102 tokens: entropy close to log(102), samples barely overlap
+    assert 3.0 < metrics["val/gen_entropy"].item() <= torch.log(torch.tensor(102.0)).item() + 1e-4
+    assert 0.0 <= metrics["val/self_bleu"].item() < 0.5
+    assert 0.5 < metrics["val/distinct_2"].item() <= 1.0
+    # two optimiser steps at lr 1e-3 move the model a little away from its start: small, positive KL
+    assert 0.0 < metrics["val/kl_to_base"].item() < 0.5
     assert "val/loss" in metrics and "val/token_entropy" in metrics
 
 
@@ -85,7 +93,7 @@ def test_answer_accuracy_counts_correct_completions(monkeypatch):
     import aesl_lightning.sft as sft
     from aesl_lightning.generation import Generation
 
-    module = SFTModule("tiny-llama", val_generation=ValidationGeneration(num_prompts=3))
+    module = SFTModule("tiny-llama", val_generation=ValidationGeneration(num_prompts=3, num_samples=0))
     module.log_dict = lambda *a, **k: None
     answers = ["4", "9", "10"]
     texts = ["\\boxed{4}", "\\boxed{9}", "\\boxed{11}"]
