@@ -1,7 +1,7 @@
 """aesl-lightning: cold-start SFT with the Adaptive Early-Stop Loss, diversity-aware early stopping and GRPO.
 
 The public classes are importable from the package root (loaded on first use, so `import aesl_lightning`
-stays cheap): `SFTModule`, `SFTDataModule`, `PromptDataModule`, `HFExport`, `RunSummary`, `LoRAConfig`,
+stays cheap): `SFTModule`, `SFTDataModule`, `PromptDataModule`, `HFExport`, `RunSummary`, `DiversityEarlyStopping`, `LoRAConfig`,
 `LossConfig`.
 """
 
@@ -16,6 +16,7 @@ _EXPORTS = {
     "PromptDataModule": "aesl_lightning.data.datamodule",
     "HFExport": "aesl_lightning.callbacks",
     "RunSummary": "aesl_lightning.callbacks",
+    "DiversityEarlyStopping": "aesl_lightning.early_stopping",
     "LoRAConfig": "aesl_lightning.lora",
     "LossConfig": "aesl_lightning.losses",
 }

@@ -98,19 +98,26 @@ class TurningPointConfig:
     def __post_init__(self) -> None:
         keys = [self.monitor] if isinstance(self.monitor, str) else list(self.monitor)
         if not keys or len(set(keys)) != len(keys):
-            raise ValueError(f"DiversityEarlyStopping.monitor: expected one or more distinct metric names, got {self.monitor!r}")
+            raise ValueError(
+                f"DiversityEarlyStopping.monitor: expected one or more distinct metric names, got {self.monitor!r}"
+            )
         if self.weights is None:
             weights = [default_weight(k) for k in keys]
         else:
             weights = [float(w) for w in self.weights]
             if len(weights) != len(keys):
                 raise ValueError(
-                    f"DiversityEarlyStopping.weights: expected {len(keys)} weights (one per monitor key {keys}), got {len(weights)}"
+                    f"DiversityEarlyStopping.weights: expected {len(keys)} weights (one per monitor key {keys}), "
+                    f"got {len(weights)}"
                 )
             if any(w == 0 or not math.isfinite(w) for w in weights):
-                raise ValueError(f"DiversityEarlyStopping.weights: expected finite non-zero numbers, got {self.weights}")
+                raise ValueError(
+                    f"DiversityEarlyStopping.weights: expected finite non-zero numbers, got {self.weights}"
+                )
         if self.smoothing not in ("ema", "window", "none"):
-            raise ValueError(f"DiversityEarlyStopping.smoothing: expected 'ema', 'window' or 'none', got {self.smoothing!r}")
+            raise ValueError(
+                f"DiversityEarlyStopping.smoothing: expected 'ema', 'window' or 'none', got {self.smoothing!r}"
+            )
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"DiversityEarlyStopping.alpha: expected a number in (0, 1], got {self.alpha}")
         if self.window < 1:
@@ -194,7 +201,9 @@ class TurningPointRule:
         self._smoothed[key] = s
         return s
 
-    def update(self, values: Mapping[str, float], step: int | None = None, epoch: int | None = None, **meta: Any) -> Update:
+    def update(
+        self, values: Mapping[str, float], step: int | None = None, epoch: int | None = None, **meta: Any
+    ) -> Update:
         """Feed one validation's metrics (a mapping that holds at least the monitored keys); `step`, `epoch`
         and any other (JSON-able) `meta` are stored in its history entry."""
         cfg = self.config
@@ -272,6 +281,18 @@ def _finite_or_none(x: Any) -> float | None:
 # Lightning callback
 
 
+def _logged_this_validation(trainer: L.Trainer) -> set[str] | None:
+    """Names logged during the validation that is ending, or None if Lightning's internals are not as expected.
+
+    `callback_metrics` keeps a metric's last value; a metric computed only every n-th validation would be
+    read again, stale, in between. Lightning's result collection marks the entries not logged this time.
+    """
+    try:
+        return {result.meta.name for result in trainer._results.values() if not result.has_reset}
+    except AttributeError:
+        return None
+
+
 def _log_step(trainer: L.Trainer) -> int:
     # The step Lightning's loggers put validation metrics at (one behind global_step during validation).
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
@@ -284,6 +305,8 @@ class DiversityEarlyStopping(Callback):
     this runs in `on_validation_end` (callbacks' `on_validation_epoch_end` runs before the module's, where
     the metrics are logged). Under DDP log the monitored metrics with `sync_dist=True`; rank 0's values are
     broadcast anyway, so every rank takes the same decision. Files are written by global rank 0 only.
+    A validation where a monitored metric was not logged (e.g. generation every n-th validation only), or
+    is NaN/inf, is skipped: recorded, but it neither counts towards nor resets `patience`.
     Files in `dirpath`: `peak.ckpt` (a Lightning checkpoint of the best validation so far, replaced
     atomically at each new peak), `hf_model/` (the peak in Hugging Face format, written when the turning
     point stops training, else at the end of fit) and `turning_point.json` (`summary()`: the turning point,
@@ -335,7 +358,7 @@ class DiversityEarlyStopping(Callback):
         self.stopped_at_step: int | None = None
         self._out: Path | None = None
         self._exported_index: int | None = None
-        self._warned_missing = False
+        self._warned: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -358,12 +381,21 @@ class DiversityEarlyStopping(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        values = {}
+        logged = _logged_this_validation(trainer)
+        values, unusable = {}, {}
         for key in self.rule.config.keys:
             value = trainer.callback_metrics.get(key)
-            values[key] = math.nan if value is None else float(value)
-        values = trainer.strategy.broadcast(values, src=0)
-        self._warn_unusable(trainer, values)
+            if value is None:
+                unusable[key] = "missing"
+            elif logged is not None and key not in logged:
+                unusable[key] = "stale"
+            else:
+                values[key] = float(value)
+                if not math.isfinite(values[key]):
+                    unusable[key] = "non-finite"
+        values, unusable = trainer.strategy.broadcast((values, unusable), src=0)
+        if unusable and trainer.is_global_zero:
+            self._warn_unusable(trainer, values, unusable)
 
         update = self.rule.update(
             values, step=trainer.global_step, epoch=trainer.current_epoch, log_step=_log_step(trainer)
@@ -373,8 +405,9 @@ class DiversityEarlyStopping(Callback):
             self._save_peak(trainer)
         if update.fired:
             self._log_turning_point(trainer)
-            if self.stop:
-                trainer.should_stop = True
+        if self.stop and self.rule.fired:  # also when resuming a run that had already passed its turning point
+            trainer.should_stop = True
+            if update.fired:
                 self.stopped_at_step = trainer.global_step
                 self._finish(trainer, pl_module)
 
@@ -395,21 +428,23 @@ class DiversityEarlyStopping(Callback):
         self.stopped_at_step = state_dict.get("stopped_at_step")
 
     # ---------------------------------------------------------------------------------------- helpers
-    def _warn_unusable(self, trainer: L.Trainer, values: dict[str, float]) -> None:
-        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-        if not bad or not trainer.is_global_zero:
-            return
-        missing = [k for k in bad if k not in trainer.callback_metrics]
-        if missing and not self._warned_missing:
+    def _warn_unusable(self, trainer: L.Trainer, values: dict[str, float], unusable: dict[str, str]) -> None:
+        where = f"DiversityEarlyStopping: validation {len(self.rule.history)} (step {trainer.global_step}) skipped"
+        missing = [k for k, why in unusable.items() if why == "missing"]
+        stale = [k for k, why in unusable.items() if why == "stale"]
+        bad = {k: values[k] for k, why in unusable.items() if why == "non-finite"}
+        if missing and "missing" not in self._warned:
             available = sorted(k for k in trainer.callback_metrics if k.startswith("val"))
-            log.warning("DiversityEarlyStopping: %s not logged by the module (validation metrics: %s)", missing, available)
-            self._warned_missing = True
-        log.warning(
-            "DiversityEarlyStopping: validation %d (step %d) skipped, non-finite or missing %s; patience unchanged",
-            len(self.rule.history),
-            trainer.global_step,
-            bad,
-        )
+            log.warning("%s: %s not logged by the module (validation metrics: %s)", where, missing, available)
+            self._warned.add("missing")
+        if stale and not missing and "stale" not in self._warned:
+            log.warning(
+                "%s: %s not logged at this validation (e.g. val_generation.every_n_validations > 1); validations "
+                "without it are skipped and do not count towards patience (said once)", where, stale
+            )
+            self._warned.add("stale")
+        if bad:
+            log.warning("%s: non-finite %s; patience unchanged", where, bad)
 
     def _log_scores(self, trainer: L.Trainer, update: Update) -> None:
         metrics = {}

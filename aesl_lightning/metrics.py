@@ -134,11 +134,12 @@ def self_bleu_batch(groups: Sequence[Sequence[Sample]]) -> list[float]:
     reference, has length 0 and no n-grams); k identical non-empty samples -> 1.0; samples shorter than 4
     tokens get p_n = 0.1 for the orders they lack (NLTK method 1), so e.g. 3 identical tokens score 0.1^(1/4).
 
-    How (no Python loop over n-grams): tokens become dense ids 0..U-1 and an n-gram's key is
-    key(n-1-gram prefix) * U + last token, re-ranked with `np.unique` only when the next key could overflow
-    int64, so keys are exact (no hash collisions). One sort of (group, n-gram, sample) keys per order gives
-    every count c_i(g); the clipping count of sample i over the others is max_{j != i} c_j(g) = the group's
-    largest count, or its second largest (equal to the largest on a tie) where sample i holds the largest.
+    How (no Python loop over n-grams): tokens become dense ids 0..U-1; for each order n one sort of the
+    integer keys (n-gram key) * num_tokens + position lines up equal n-grams of a group with their samples in
+    order, so each count c_i(g) is a segment length. The n-gram keys are exact (the (n+1)-gram key is the id of
+    its (group, n-gram prefix) run times U plus the next token: no hashing, no collisions). The clipping count
+    of sample i is max_{j != i} c_j(g): the group's largest count, or its second largest (equal to the largest
+    on a tie) where sample i holds the largest.
     """
     scores = [math.nan] * len(groups)
     keep = [g for g, group in enumerate(groups) if len(group) >= 2]
@@ -181,10 +182,10 @@ def _encode(groups: Sequence[Sequence[Sample]], caller: str) -> tuple[np.ndarray
         parts, offset = [], 0
         for s in samples:
             if isinstance(s, list):
-                parts.append(as_ints[offset : offset + len(s)])
+                parts.append(as_ints[offset : offset + len(s)].astype(np.int64, copy=False))
                 offset += len(s)
             else:
-                parts.append(s)
+                parts.append(s.astype(np.int64, copy=False))
         flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         tokens, vocab = _dense_ids(flat)
     else:

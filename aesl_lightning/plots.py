@@ -76,21 +76,31 @@ def turning_point_step(run_dir: str | Path, scalars: dict[str, Series] | None = 
 def plot_diversity(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the diversity figure of the run in `run_dir` as a PNG; returns its path
     (default `<run_dir>/diversity.png`)."""
-    import matplotlib
+    out = Path(out) if out is not None else Path(run_dir) / "diversity.png"
+    fig = diversity_figure(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def diversity_figure(run_dir: str | Path):
+    """The diversity figure of the run in `run_dir` as a matplotlib Figure.
+
+    Built without pyplot (it renders with Agg and leaves the caller's backend and open figures alone).
+    """
+    from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
     scalars = read_scalars(run_dir)
-    out = Path(out) if out is not None else run_dir / "diversity.png"
     entropy_tag = next((t for t in ENTROPY_TAGS if t in scalars), None)
     tp_step = turning_point_step(run_dir, scalars)
-    missing = [name for name, present in (
+    wanted = (
         ("entropy", entropy_tag), ("self-BLEU", SELF_BLEU_TAG in scalars), ("answer accuracy", ACCURACY_TAG in scalars)
-    ) if not present]
+    )
+    missing = [name for name, present in wanted if not present]
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 2))
+    fig = Figure(figsize=(8, 7), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     lines = []
     if entropy_tag:
         steps, values = scalars[entropy_tag]
@@ -98,24 +108,29 @@ def plot_diversity(run_dir: str | Path, out: str | Path | None = None) -> Path:
         lines += top.plot(steps, values, "o-", color="tab:blue", ms=3, label=f"{label} [{entropy_tag}]")
         top.set_ylabel("entropy (nats)", color="tab:blue")
         top.tick_params(axis="y", labelcolor="tab:blue")
+    else:
+        top.set_yticks([])
     if SELF_BLEU_TAG in scalars:
         right = top.twinx()
         steps, values = scalars[SELF_BLEU_TAG]
         lines += right.plot(steps, values, "s-", color="tab:red", ms=3, label=f"self-BLEU [{SELF_BLEU_TAG}]")
         right.set_ylabel("self-BLEU (lower = more diverse)", color="tab:red")
         right.tick_params(axis="y", labelcolor="tab:red")
-    top.set_title("Output diversity during SFT")
 
     lower = []
     if ACCURACY_TAG in scalars:
         steps, values = scalars[ACCURACY_TAG]
         lower += bottom.plot(steps, values, "^-", color="tab:green", ms=3, label=f"answer accuracy [{ACCURACY_TAG}]")
+        bottom.set_ylim(-0.02, 1.1 * max([0.1, *values]))  # a fraction: keep 0 in view
         bottom.set_ylabel("answer accuracy", color="tab:green")
         bottom.tick_params(axis="y", labelcolor="tab:green")
+    else:
+        bottom.set_yticks([])
     if SCORE_TAG in scalars:
         right = bottom.twinx()
         steps, values = scalars[SCORE_TAG]
-        lower += right.plot(steps, values, "-", color="tab:purple", alpha=0.7, label=f"diversity score, smoothed [{SCORE_TAG}]")
+        label = f"diversity score, smoothed [{SCORE_TAG}]"
+        lower += right.plot(steps, values, "-", color="tab:purple", alpha=0.7, label=label)
         right.set_ylabel("diversity score", color="tab:purple")
         right.tick_params(axis="y", labelcolor="tab:purple")
     bottom.set_xlabel("step")
@@ -125,16 +140,14 @@ def plot_diversity(run_dir: str | Path, out: str | Path | None = None) -> Path:
             handles.append(ax.axvline(tp_step, color="black", ls="--", lw=1.2, label=f"turning point (step {tp_step})"))
         ax.grid(alpha=0.3)
         if handles:
-            ax.legend(handles=handles, loc="best", fontsize=8)
+            # Above the panel: inside, it would hide curves of one of the two y-axes.
+            ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.01, 1, 0.1), mode="expand",
+                      ncol=2, fontsize=8, frameon=False, borderaxespad=0)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
-    note = f"{run_dir.name}" + (f"  (not logged: {', '.join(missing)})" if missing else "")
-    fig.suptitle(note, fontsize=9, color="dimgray")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    title = f"Output diversity during SFT: {run_dir.name}"
+    fig.suptitle(title + (f"\n(not logged: {', '.join(missing)})" if missing else ""), fontsize=10)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:

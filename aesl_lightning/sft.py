@@ -8,6 +8,7 @@ completion tokens (from the logits already in memory), and the AESL gate statist
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -240,6 +241,7 @@ class SFTModule(CausalLMModule):
         """
         from aesl_lightning.rewards import math_accuracy
 
+        started = time.perf_counter()
         cfg = self.val_generation
         sampling = cfg.sampling
         rank, world = self.global_rank, self.trainer.world_size
@@ -282,6 +284,8 @@ class SFTModule(CausalLMModule):
                     block += "".join(f"\n\n**sample {j + 1}**: {t}" for j, t in enumerate(group))
                     shown.append(block)
         values = {"val/answer_accuracy": self.answer_accuracy.compute(), "val/greedy_length": self.greedy_length.compute()}
+        # wall time of this rank's generation: the price of the diversity signal, to weigh against training
+        values["val/generation_seconds"] = torch.tensor(time.perf_counter() - started)
         if sampling is not None:
             values.update(self.sample_metrics.compute(prefix="val/"))
         self.answer_accuracy.reset()

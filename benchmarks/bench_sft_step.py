@@ -106,6 +106,8 @@ def main() -> None:
     print(f"{'path':<24}{'median step (s)':>16}{'tokens/s':>12}")
     print(f"{'plain PyTorch loop':<24}{plain_median:>16.3f}{tokens / plain_median:>12.1f}")
     print(f"{'SFTModule + Trainer':<24}{lightning_median:>16.3f}{tokens / lightning_median:>12.1f}")
+    print("plain step times (s):", " ".join(f"{t:.2f}" for t in plain_times))
+    print("module step times (s):", " ".join(f"{t:.2f}" for t in lightning_times))
     print(f"throughput ratio (SFTModule / plain): {plain_median / lightning_median:.3f}  (target >= 0.95)")
 
 

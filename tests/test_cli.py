@@ -176,3 +176,13 @@ def test_module_entry_point_runs_as_a_process(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert len(out.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_config_parses(capsys, config):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (None, 0), capsys.readouterr().err
+    parsed = yaml.safe_load(capsys.readouterr().out)
+    assert parsed["model"]["class_path"].startswith("aesl_lightning.")
+    assert parsed["trainer"]["logger"]["init_args"]["save_dir"] == "lightning_logs"

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 import random
 
 import lightning as L
@@ -19,7 +18,7 @@ from aesl_lightning.early_stopping import (
     TurningPointRule,
     smooth,
 )
-from aesl_lightning.sft import SFTModule
+from aesl_lightning.sft import SFTModule, ValidationGeneration
 
 ENT, BLEU = "val/gen_entropy", "val/self_bleu"
 
@@ -183,11 +182,11 @@ def one_thread():
 
 
 class ScriptedDiversity(SFTModule):
-    """The tiny model, logging a scripted `val/gen_entropy` (a function of the step) at each validation
-    and keeping a copy of one weight matrix as it was at each validation."""
+    """The tiny model, logging a scripted `val/gen_entropy` (a function of the step; not at steps missing from
+    the script) and keeping a copy of one weight matrix as it was at each validation."""
 
     def __init__(self, script: dict[int, float] | None = None):
-        super().__init__("tiny-llama", lr=1e-3)
+        super().__init__("tiny-llama", lr=1e-3, val_generation=ValidationGeneration(num_prompts=0, kl_to_base=False))
         self.script = dict(COLLAPSE if script is None else script)
         self.weights_at: dict[int, torch.Tensor] = {}
 
@@ -218,6 +217,7 @@ def fit(tmp_path, callback, max_epochs, module=None, ckpt_path=None, name="run")
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        log_every_n_steps=STEPS_PER_EPOCH,
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer, module
@@ -302,6 +302,19 @@ def test_a_metric_that_is_not_logged_is_skipped_with_a_warning(tmp_path, caplog)
     assert trainer.global_step == 8 and not callback.rule.fired
     assert [e["status"] for e in callback.rule.history] == ["skipped", "skipped"]
     assert "not logged by the module" in caplog.text and ENT in caplog.text
+
+
+def test_validations_without_a_fresh_value_are_skipped_not_read_stale(tmp_path, caplog):
+    # As with generation every 2nd validation: nothing logged at steps 8, 16, 24, ...
+    every_other = {step: value for step, value in COLLAPSE.items() if step % 8 == 4}
+    callback = DiversityEarlyStopping(smoothing="none", patience=2, export_hf=False, dirpath=str(tmp_path / "tp"))
+    with caplog.at_level(logging.WARNING, logger="aesl_lightning"):
+        trainer, _ = fit(tmp_path, callback, max_epochs=10, module=ScriptedDiversity(every_other))
+    statuses = [e["status"] for e in callback.rule.history]
+    assert statuses == ["peak", "skipped", "peak", "skipped", "below", "skipped", "below"]
+    # Reading the stale 2.0 again at step 24 would have fired there.
+    assert trainer.global_step == 28 and callback.rule.turning_point["step"] == 12
+    assert caplog.text.count("not logged at this validation") == 1
 
 
 def test_resumed_run_decides_like_an_uninterrupted_one(tmp_path):

@@ -57,11 +57,25 @@ def nltk_self_bleu(samples) -> float:
 
 
 def random_groups(rng: random.Random, num_groups: int, ks=(2, 3, 5)) -> list[list[list[int]]]:
+    """Token-id groups with lengths 0..40 over small vocabularies; a third of the groups are repetitive
+    (samples copy a shared template with 20% of tokens resampled, or loop a short phrase)."""
     groups = []
     for _ in range(num_groups):
-        vocab = rng.choice([2, 3, 5, 12])
+        vocab = rng.choice([1, 2, 3, 5, 12, 50])
         max_len = rng.choice([3, 10, 40])
-        groups.append([[rng.randrange(vocab) for _ in range(rng.randint(0, max_len))] for _ in range(rng.choice(ks))])
+        k = rng.choice(ks)
+        if rng.random() < 2 / 3:
+            groups.append([[rng.randrange(vocab) for _ in range(rng.randint(0, max_len))] for _ in range(k)])
+            continue
+        template = [rng.randrange(vocab) for _ in range(max_len)]
+        group = []
+        for _ in range(k):
+            if rng.random() < 0.5:
+                group.append([t if rng.random() < 0.8 else rng.randrange(vocab) for t in template[: rng.randint(0, max_len)]])
+            else:
+                phrase = [rng.randrange(vocab) for _ in range(rng.randint(1, 4))]
+                group.append((phrase * max_len)[: rng.randint(0, max_len)])
+        groups.append(group)
     return groups
 
 
