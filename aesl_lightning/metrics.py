@@ -448,18 +448,26 @@ class TokenEntropy(_SumCountMetric):
         super().__init__(**kwargs)
         self.chunk_size = chunk_size
 
-    def update(self, logits: Tensor, mask: Tensor | None = None) -> None:
-        total = token_entropy(logits.detach(), mask, chunk_size=self.chunk_size, reduction="sum")
-        self._add(total, logits.shape[:-1].numel() if mask is None else mask.sum())
-
-    def update_from_values(self, entropy: Tensor, mask: Tensor | None = None) -> None:
+    def update(self, logits: Tensor | None = None, mask: Tensor | None = None, *, entropy: Tensor | None = None) -> None:
+        """Add masked positions from `logits` [B, T, V], or from per-token `entropy` [B, T] already computed."""
+        if (logits is None) == (entropy is None):
+            raise ValueError("TokenEntropy.update: pass exactly one of logits or entropy")
+        if logits is not None:
+            total = token_entropy(logits.detach(), mask, chunk_size=self.chunk_size, reduction="sum")
+            self._add(total, logits.shape[:-1].numel() if mask is None else mask.sum())
+            return
         entropy = entropy.detach().to(torch.float64)
         if mask is None:
             self._add(entropy.sum(), entropy.numel())
             return
         if mask.shape != entropy.shape:
-            raise ValueError(f"TokenEntropy.update_from_values: mask must have the entropy's shape {list(entropy.shape)}, found {list(mask.shape)}")
+            raise ValueError(f"TokenEntropy.update: mask must have the entropy's shape {list(entropy.shape)}, found {list(mask.shape)}")
         self._add(torch.where(mask.bool(), entropy, 0.0).sum(), mask.bool().sum())
+
+    def update_from_values(self, entropy: Tensor, mask: Tensor | None = None) -> None:
+        """`update(entropy=..., mask=...)`: goes through torchmetrics' wrapped `update`, so the update count and
+        the cached `compute()` result stay right."""
+        self.update(entropy=entropy, mask=mask)
 
 
 class SelfBLEU(_SumCountMetric):

@@ -400,3 +400,17 @@ def test_ddp_sync_over_gloo_equals_single_process():
         torch.multiprocessing.start_processes(_sync_worker, args=(2, port, out_dir), nprocs=2, join=True, start_method="fork")
         for rank in range(2):
             assert torch.load(os.path.join(out_dir, f"rank{rank}.pt")) == pytest.approx(expected, abs=1e-12, nan_ok=True)
+
+
+def test_token_entropy_from_values_counts_as_an_update_and_invalidates_the_cache():
+    import warnings
+
+    from aesl_lightning.metrics import TokenEntropy
+
+    metric = TokenEntropy()
+    metric.update_from_values(torch.tensor([[1.0, 3.0]]), torch.tensor([[True, True]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "compute called before update" warning
+        assert metric.compute().item() == 2.0
+    metric.update_from_values(torch.tensor([[5.0, 9.0]]), torch.tensor([[True, False]]))
+    assert metric.compute().item() == 3.0  # (1 + 3 + 5) / 3, not the cached 2.0
