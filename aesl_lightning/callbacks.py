@@ -73,4 +73,6 @@ class RunSummary(Callback):
                     lines.append(f"  last checkpoint  : {cb.last_model_path}")
             if isinstance(cb, HFExport) and cb.exported is not None:
                 lines.append(f"  Hugging Face model: {cb.exported}")
+            if type(cb).__name__ == "DiversityEarlyStopping" and getattr(cb, "exported", None) is not None:
+                lines.append(f"  diversity peak    : {cb.exported} (see turning_point.json beside it)")
         print("\n".join(lines), flush=True)

@@ -28,7 +28,7 @@ def test_quickstart_config_parses_with_dotted_overrides(capsys):
     assert config["model"]["class_path"] == "aesl_lightning.SFTModule"
     assert config["model"]["init_args"]["name_or_path"] == "smollm2-135m-instruct"
     assert config["model"]["init_args"]["lr"] == pytest.approx(1e-5)
-    assert config["model"]["init_args"]["loss"]["name"] == "ce"
+    assert config["model"]["init_args"]["loss"]["name"] == "aesl"
     assert config["trainer"]["max_steps"] == 50
     assert config["data"]["init_args"]["batch_size"] == 4
     assert config["data"]["init_args"]["synthetic"]["num_examples"] == 128
@@ -98,6 +98,7 @@ def _tiny_fit(tmp_path: Path, *extra: str) -> Path:
         "--trainer.logger.init_args.save_dir", str(logs),
         "--data.synthetic.num_examples", "24", "--data.val_size", "8", "--data.batch_size", "4",
         "--data.max_length", "400",
+        "--model.val_generation.max_new_tokens", "12", "--model.val_generation.num_prompts", "4",
         *extra,
     ])
     runs = sorted((logs / "quickstart").glob("version_*"))
@@ -155,6 +156,7 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
         "--trainer.logger.init_args.save_dir", str(tmp_path / "resumed"),
         "--data.synthetic.num_examples", "24", "--data.val_size", "8", "--data.batch_size", "4",
         "--data.max_length", "400", "--ckpt_path", str(ckpt),
+        "--model.val_generation.max_new_tokens", "12", "--model.val_generation.num_prompts", "4",
     ])
     last = next((tmp_path / "resumed").rglob("last.ckpt"))
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 8
