@@ -1,7 +1,7 @@
 """aesl-lightning: cold-start SFT with the Adaptive Early-Stop Loss, diversity-aware early stopping and GRPO.
 
 The public classes are importable from the package root (loaded on first use, so `import aesl_lightning`
-stays cheap): `SFTModule`, `SFTDataModule`, `PromptDataModule`, `HFExport`, `RunSummary`, `DiversityEarlyStopping`, `LoRAConfig`,
+stays cheap): `SFTModule`, `GRPOModule`, `SFTDataModule`, `PromptDataModule`, `HFExport`, `RunSummary`, `DiversityEarlyStopping`, `LoRAConfig`,
 `LossConfig`.
 """
 
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "SFTModule": "aesl_lightning.sft",
     "CausalLMModule": "aesl_lightning.lm",
+    "GRPOModule": "aesl_lightning.grpo",
     "SFTDataModule": "aesl_lightning.data.datamodule",
     "PromptDataModule": "aesl_lightning.data.datamodule",
     "HFExport": "aesl_lightning.callbacks",

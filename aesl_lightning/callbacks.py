@@ -49,11 +49,13 @@ class HFExport(Callback):
             else:
                 log.warning("HFExport(source='best'): no best checkpoint in this run; exporting the last weights")
         out = Path(self.dirpath) if self.dirpath else run_dir(trainer) / "hf_model"
-        self.exported = self._export(pl_module, out)
+        from aesl_lightning.fsdp import is_sharded
 
-    @rank_zero_only
-    def _export(self, pl_module, out: Path) -> Path:
-        return pl_module.export_hf(out, merge_lora=self.merge_lora)
+        if is_sharded(pl_module.model):
+            # gathering the shards is collective: every rank calls, rank 0 writes
+            self.exported = pl_module.export_hf(out, merge_lora=self.merge_lora)
+        elif trainer.is_global_zero:
+            self.exported = pl_module.export_hf(out, merge_lora=self.merge_lora)
 
 
 class RunSummary(Callback):

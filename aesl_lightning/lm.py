@@ -119,14 +119,27 @@ class CausalLMModule(L.LightningModule):
         """Write the current weights and tokenizer in Hugging Face format (atomically) and return the folder.
 
         The result reloads with plain `AutoModelForCausalLM.from_pretrained(out_dir)`. LoRA adapters are
-        merged unless `merge_lora=False` or the LoRA config says otherwise.
+        merged unless `merge_lora=False` or the LoRA config says otherwise. Under FSDP2 the shards are
+        gathered first, which is collective: every rank must call this (rank 0 writes), and LoRA adapters are
+        always merged.
         """
-        from aesl_lightning.export import export_hf
+        from aesl_lightning.export import export_hf, export_state_dict
+        from aesl_lightning.fsdp import full_state_dict, is_sharded
+        from aesl_lightning.lora import is_peft_model
 
+        lora = self.hparams.get("lora")
         if merge_lora is None:
-            lora = self.hparams.get("lora")
             merge_lora = True if lora is None else bool(getattr(lora, "merge_on_export", True))
-        return export_hf(self.model, self.tokenizer, out_dir, merge_lora=merge_lora)
+        if not is_sharded(self.model):
+            return export_hf(self.model, self.tokenizer, out_dir, merge_lora=merge_lora)
+        state = full_state_dict(self.model)
+        if self.global_rank == 0:
+            base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+            export_state_dict(state, base.config, self.tokenizer, out_dir, generation_config=base.generation_config,
+                              lora_config=lora)  # gathered adapters are always merged
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return Path(out_dir)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         cls = type(self)

@@ -126,7 +126,7 @@ def test_bad_sft_line_names_file_line_and_field(tmp_path, bad, fragments):
     with pytest.raises(DataFormatError) as error:
         load_sft_examples(str(path))
     message = str(error.value)
-    assert f"data.jsonl:3:" in message
+    assert "data.jsonl:3:" in message
     for fragment in fragments:
         assert fragment in message, message
 

@@ -1,0 +1,415 @@
+"""GRPO as a LightningModule: rollouts, rewards, group advantages and mu clipped-surrogate steps per batch.
+
+Per batch of prompts: sample G completions each (`generate`, KV cache, stop at EOS), score them with a
+weighted list of TRL-style reward functions, turn rewards into group advantages, record the old and
+reference log-probs without gradient, then take `num_iterations` optimiser steps on the same rollouts.
+The maths are the pure functions of `aesl_lightning.grpo_loss`; FSDP2 helpers are in `aesl_lightning.fsdp`.
+Optimisation is manual (one batch, mu optimiser steps): clip gradients with `grpo.max_grad_norm`, not
+the Trainer's `gradient_clip_val`; `trainer.max_steps` counts optimiser steps.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torchmetrics import MeanMetric
+
+from aesl_lightning.fsdp import shard_model, unsharded_for_generation
+from aesl_lightning.generation import Generation, SamplingConfig, eos_ids, generate
+from aesl_lightning.grpo_loss import LossType, ScaleRewards, group_advantages, grpo_loss, token_log_probs
+from aesl_lightning.lm import CausalLMModule, Scheduler
+from aesl_lightning.lora import LoRAConfig, adapters_disabled, is_peft_model
+from aesl_lightning.losses import token_entropy
+from aesl_lightning.sample_metrics import SampleMetrics
+
+log = logging.getLogger("aesl_lightning")
+
+BUILTIN_REWARDS = ["aesl_lightning.rewards.math_accuracy", "aesl_lightning.rewards.boxed_format"]
+_PROMPT_KEYS = ("input_ids", "attention_mask", "prompt")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO rollouts and objective (names as in TRL's GRPOConfig where one exists).
+
+    Args:
+        num_generations: Completions sampled per prompt (G), the group of the advantages.
+        temperature: Sampling temperature of the rollouts (log-probs use the same temperature).
+        top_p: Nucleus mass of the rollouts; 1.0 disables it.
+        max_new_tokens: Longest completion in tokens; longer ones are cut and counted as truncated.
+        beta: Weight of the k3 KL to the frozen reference; 0 loads no reference at all.
+        epsilon: Lower clip range: the ratio is clipped below at 1 - epsilon.
+        epsilon_high: Upper clip range (1 + epsilon_high; DAPO's clip-higher uses 0.28); None = epsilon.
+        loss_type: Aggregation: grpo (sequence means, then mean), dapo (token mean), dr_grpo (sum / (N x max_new_tokens)).
+        scale_rewards: Advantage scale: group std, batch std, or none (Dr. GRPO).
+        num_iterations: Optimiser steps per batch of rollouts (mu); > 1 uses the generation-time log-probs.
+        reward_funcs: Reward functions by import path (`package.module.function`), TRL's signature.
+        reward_weights: One weight per reward function; None weighs each 1.0.
+        correctness_reward: Name of the reward function whose value >= 1 counts as correct (accuracy,
+            pass@k); None: math_accuracy if listed, else the first.
+        mask_truncated_completions: Leave completions that hit max_new_tokens out of the loss (DAPO).
+        max_grad_norm: Clip the gradient norm to this before each optimiser step; None: no clipping.
+        log_completions_every_n_steps: Show a few rollouts with their rewards in TensorBoard's text panel
+            every this many batches; 0 disables it.
+        num_completions_to_print: Rollouts shown in the text panel.
+    """
+
+    num_generations: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    beta: float = 0.04
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: LossType = "grpo"
+    scale_rewards: ScaleRewards = "group"
+    num_iterations: int = 1
+    reward_funcs: list[str] = field(default_factory=lambda: list(BUILTIN_REWARDS))
+    reward_weights: list[float] | None = None
+    correctness_reward: str | None = None
+    mask_truncated_completions: bool = False
+    max_grad_norm: float | None = 1.0
+    log_completions_every_n_steps: int = 10
+    num_completions_to_print: int = 4
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"grpo.num_generations must be >= 2 (advantages compare completions of a prompt), got {self.num_generations}")
+        if self.num_iterations < 1:
+            raise ValueError(f"grpo.num_iterations must be >= 1, got {self.num_iterations}")
+        if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high or 0) < 0:
+            raise ValueError("grpo.beta, grpo.epsilon and grpo.epsilon_high must be >= 0")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"grpo.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs")
+        self.sampling  # validates temperature, top_p, max_new_tokens
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.num_generations, self.temperature, self.top_p, self.max_new_tokens)
+
+
+@dataclass
+class GRPOEvaluation:
+    """Validation / test on held-out prompts: greedy answer accuracy and n samples per prompt.
+
+    Args:
+        num_samples: Samples per prompt (n): pass@1 is their mean accuracy, pass@n the unbiased estimate; 0 = none.
+        temperature: Sampling temperature of the n samples.
+        top_p: Nucleus mass of the n samples.
+        max_new_tokens: Longest completion in tokens (greedy and sampled).
+        greedy: Also decode greedily and log greedy_accuracy.
+        num_text_samples: Prompts shown in TensorBoard's text panel.
+    """
+
+    num_samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    greedy: bool = True
+    num_text_samples: int = 3
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 0 or self.num_text_samples < 0 or self.max_new_tokens < 1:
+            raise ValueError("evaluation.num_samples and num_text_samples must be >= 0 and max_new_tokens >= 1, got "
+                             f"{self.num_samples}, {self.num_text_samples}, {self.max_new_tokens}")
+
+
+torch.serialization.add_safe_globals([GRPOConfig, GRPOEvaluation, LoRAConfig, SamplingConfig])
+
+
+def load_reward_funcs(paths: list[str]) -> list:
+    """Import each `package.module.function` (or `package.module:function`) of `grpo.reward_funcs`."""
+    funcs = []
+    for i, path in enumerate(paths):
+        module_name, _, name = path.replace(":", ".").rpartition(".")
+        try:
+            funcs.append(getattr(importlib.import_module(module_name), name))
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ValueError(f"grpo.reward_funcs[{i}]: cannot import {path!r} (expected package.module.function): {err}") from err
+    return funcs
+
+
+@dataclass
+class Rollout:
+    """One batch of rollouts: everything the mu optimisation steps need, no gradient attached."""
+
+    generation: Generation
+    input_ids: torch.Tensor  # [N, P + L] prompt then completion
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor  # [N, L] bool
+    advantages: torch.Tensor  # [N]
+    rewards: torch.Tensor  # [N, num reward funcs], NaN where a function gave None
+    old_logp: torch.Tensor | None  # [N, L]; None with mu == 1 (old = current, detached)
+    ref_logp: torch.Tensor | None  # [N, L]; None with beta == 0
+
+
+class GRPOModule(CausalLMModule):
+    """Group Relative Policy Optimization of a causal LM (typically an SFT export) with verifiable rewards.
+
+    Args:
+        name_or_path: Model to start from: a built-in name (smollm2-135m-instruct, tiny-llama,
+            tiny-qwen2), a local Hugging Face directory (e.g. an SFT export), or a hub id.
+        gguf_file: GGUF file inside `name_or_path` to load (dequantised on load).
+        dtype: Parameter dtype when loading: float32, bfloat16, float16 or auto.
+        attn_implementation: Attention kernel passed to transformers (eager, sdpa, ...); None = its default.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        trust_remote_code: Allow model code shipped with a hub checkpoint to run. Off unless you trust it.
+        lora: LoRA adapter settings; None trains all parameters. With LoRA the reference is the
+            adapter-disabled model (no second copy of the weights).
+        grpo: Rollouts, rewards and the GRPO objective.
+        evaluation: Greedy and sampled evaluation on the validation / test prompts.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay, applied to matrices only (not to norms and biases).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up length in optimiser steps; a value below 1 is a fraction of all steps.
+        scheduler: Decay after warm-up: cosine, linear or constant.
+        min_lr_ratio: Final learning rate as a fraction of `lr` (cosine and linear decay).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = "smollm2-135m-instruct",
+        gguf_file: str | None = None,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        lora: LoRAConfig | None = None,
+        grpo: GRPOConfig = GRPOConfig(),
+        evaluation: GRPOEvaluation = GRPOEvaluation(),
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: float = 0.0,
+        scheduler: Scheduler = "constant",
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__(name_or_path=name_or_path, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation,
+                         gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code, lora=lora, lr=lr,
+                         weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=min_lr_ratio)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.grpo, self.evaluation = grpo, evaluation
+        self.reward_funcs = load_reward_funcs(grpo.reward_funcs)
+        self.reward_names = [f.__name__ for f in self.reward_funcs]
+        self.reward_weights = torch.tensor(grpo.reward_weights or [1.0] * len(self.reward_funcs))
+        wanted = grpo.correctness_reward or ("math_accuracy" if "math_accuracy" in self.reward_names else self.reward_names[0])
+        if wanted not in self.reward_names:
+            raise ValueError(f"grpo.correctness_reward {wanted!r} is not one of the reward functions {self.reward_names}")
+        self.correctness_index = self.reward_names.index(wanted)
+        # The reference policy: none with beta 0, the adapter-disabled base under LoRA, else a frozen copy kept
+        # outside the module's children (not trained, checkpointed or sharded; replicated on every rank).
+        self._reference: list[torch.nn.Module] = []
+        if grpo.beta > 0 and not is_peft_model(self.model):
+            from aesl_lightning.models import load_causal_lm
+
+            ref = load_causal_lm(name_or_path, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation,
+                                 trust_remote_code=trust_remote_code)
+            self._reference = [ref.eval().requires_grad_(False)]
+        self.rollout_metrics = SampleMetrics(ks=(1, grpo.num_generations))
+        self.eval_metrics = SampleMetrics(ks=(1, evaluation.num_samples) if evaluation.num_samples > 0 else (1,))
+        self.greedy_accuracy = MeanMetric()
+        self._eval_text: list[str] = []
+
+    @property
+    def reference_model(self) -> torch.nn.Module | None:
+        """The frozen reference copy; None with beta == 0 and under LoRA (adapters disabled instead)."""
+        return self._reference[0] if self._reference else None
+
+    def configure_model(self) -> None:
+        """Under `ModelParallelStrategy`: `fully_shard` each decoder layer, then the root (FSDP2)."""
+        if self.device_mesh is not None:
+            shard_model(self.model, self.device_mesh["data_parallel"])
+
+    # ------------------------------------------------------------------------------------------- rollouts
+    def sequence_log_probs(self, model, input_ids, attention_mask, completion_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs [N, L] of the completion tokens at the sampling temperature, logits [N, L, V])."""
+        length = completion_ids.shape[1]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate does for left-padded prompts
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, logits_to_keep=length + 1).logits[:, :-1]
+        return token_log_probs(logits, completion_ids, self.grpo.temperature), logits
+
+    def score(self, prompts: list, texts: list[str], completion_ids: list[list[int]], columns: dict) -> torch.Tensor:
+        """Rewards [N, num funcs] of the completions; None from a reward function becomes NaN."""
+        scores = []
+        for name, func in zip(self.reward_names, self.reward_funcs):
+            values = func(prompts=prompts, completions=texts, completion_ids=completion_ids, **columns)
+            if len(values) != len(texts):
+                raise ValueError(f"reward function {name} returned {len(values)} rewards for {len(texts)} completions")
+            scores.append([float("nan") if v is None else float(v) for v in values])
+        return torch.tensor(scores, dtype=torch.float32).T.reshape(len(texts), len(self.reward_funcs))
+
+    @torch.no_grad()
+    def make_rollout(self, batch: dict) -> Rollout:
+        """Sample G completions per prompt, score them, compute advantages and old / reference log-probs."""
+        cfg, g = self.grpo, self.grpo.num_generations
+        keep = batch["attention_mask"].any(dim=0)  # drop columns that are padding in every row
+        ids, mask = batch["input_ids"][:, keep], batch["attention_mask"][:, keep]
+        with unsharded_for_generation(self.model):
+            gen = self.sample(ids, mask, cfg.sampling)
+        repeat = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
+        columns = {k: repeat(v) for k, v in batch.items() if k not in _PROMPT_KEYS and isinstance(v, list)}
+        completion_lists = [row[m].tolist() for row, m in zip(gen.completion_ids, gen.completion_mask)]
+        rewards = self.score(repeat(batch["prompt"]), gen.texts, completion_lists, columns)
+        total = (rewards * self.reward_weights).nansum(dim=1)
+        advantages = group_advantages(total.to(self.device), g, cfg.scale_rewards)
+        loss_mask = gen.completion_mask & ~gen.truncated.unsqueeze(1) if cfg.mask_truncated_completions else gen.completion_mask
+        input_ids = torch.cat([gen.prompt_ids, gen.completion_ids], dim=1)
+        attention_mask = torch.cat([gen.prompt_mask, gen.completion_mask.long()], dim=1)
+        old_logp = ref_logp = None
+        if cfg.num_iterations > 1:
+            old_logp = self.sequence_log_probs(self.model, input_ids, attention_mask, gen.completion_ids)[0]
+        if cfg.beta > 0:
+            if is_peft_model(self.model):
+                with adapters_disabled(self.model):
+                    ref_logp = self.sequence_log_probs(self.model, input_ids, attention_mask, gen.completion_ids)[0]
+            else:
+                ref = self.reference_model.to(self.device)
+                ref_logp = self.sequence_log_probs(ref, input_ids, attention_mask, gen.completion_ids)[0]
+        return Rollout(gen, input_ids, attention_mask, loss_mask, advantages, rewards, old_logp, ref_logp)
+
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig) -> Generation:
+        """One batched `generate` call (override to change how rollouts are drawn, e.g. seeded per prompt)."""
+        return generate(self.model, self.tokenizer, input_ids, attention_mask, sampling, record_entropy=True)
+
+    # ------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        cfg = self.grpo
+        rollout = self.make_rollout(batch)
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        num_tokens = self._mean_tokens_per_rank(rollout.loss_mask) if cfg.loss_type == "dapo" else None
+        completion_ids = rollout.generation.completion_ids
+        losses = []
+        for iteration in range(cfg.num_iterations):
+            logp, logits = self.sequence_log_probs(self.model, rollout.input_ids, rollout.attention_mask, completion_ids)
+            old = logp.detach() if rollout.old_logp is None else rollout.old_logp
+            out = grpo_loss(logp, old, rollout.advantages, rollout.loss_mask, rollout.ref_logp, cfg.beta, cfg.epsilon,
+                            cfg.epsilon_high, cfg.loss_type, cfg.max_new_tokens, num_tokens)
+            if iteration == 0:
+                entropy = token_entropy(logits.detach(), rollout.generation.completion_mask)
+            del logits
+            optimizer.zero_grad()
+            self.manual_backward(out.loss)
+            if cfg.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            schedule.step()
+            losses.append(out.loss.detach())
+        self._log_training(rollout, out, torch.stack(losses).mean(), entropy)
+        return torch.stack(losses).mean()
+
+    def _mean_tokens_per_rank(self, mask: torch.Tensor) -> torch.Tensor:
+        # dapo normalises by the token count of the whole global batch; gradients are averaged over ranks
+        count = mask.sum().float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
+        return count
+
+    def _log_training(self, rollout: Rollout, out, loss: torch.Tensor, entropy: torch.Tensor) -> None:
+        gen, rewards, n = rollout.generation, rollout.rewards, rollout.rewards.shape[0]
+        correct = rewards[:, self.correctness_index]
+        scores = [None if math.isnan(s) else s for s in correct.tolist()]
+        self.rollout_metrics.update(gen, self.grpo.num_generations, eos_ids(self.model, self.tokenizer), scores)
+        values = {f"train/{k}": v for k, v in self.rollout_metrics.compute().items()}
+        self.rollout_metrics.reset()
+        values.update({"train/loss": loss, "train/policy_loss": out.policy_loss, "train/kl": out.kl,
+                       "train/clip_ratio/low": out.clip_low, "train/clip_ratio/high": out.clip_high,
+                       "train/clip_ratio/total": out.clip_total, "train/entropy": entropy,
+                       "train/accuracy": (correct[~correct.isnan()] >= 1).float().mean(),
+                       "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"])})
+        weighted = (rewards * self.reward_weights).nansum(dim=1)
+        values["train/reward/mean"], values["train/reward/std"] = weighted.mean(), weighted.std()
+        groups = weighted.view(-1, self.grpo.num_generations)
+        values["train/frac_reward_zero_std"] = (groups.std(dim=1) == 0).float().mean()
+        for j, name in enumerate(self.reward_names):
+            column = rewards[:, j][~rewards[:, j].isnan()]
+            if column.numel():
+                values[f"train/rewards/{name}/mean"] = column.mean()
+                values[f"train/rewards/{name}/std"] = column.std() if column.numel() > 1 else column.new_zeros(())
+        self.log_dict({k: v.float() for k, v in values.items()}, batch_size=n)
+        every = self.grpo.log_completions_every_n_steps
+        batch_idx = self.trainer.fit_loop.epoch_loop.batch_progress.total.completed
+        if every and batch_idx % every == 0 and self.global_rank == 0:
+            rows = range(min(self.grpo.num_completions_to_print, n))
+            blocks = [f"**completion {i}** (rewards {dict(zip(self.reward_names, rewards[i].tolist()))}, "
+                      f"advantage {rollout.advantages[i].item():.3f}): {gen.texts[i]}" for i in rows]
+            self._add_text("train/completions", "\n\n---\n\n".join(blocks))
+
+    def _add_text(self, tag: str, text: str) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if text and experiment is not None and hasattr(experiment, "add_text"):
+            experiment.add_text(tag, text, global_step=self.global_step)
+
+    # -------------------------------------------------------------------------------- validation and test
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if not self.trainer.sanity_checking:
+            self.evaluate_batch(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluate_batch(batch)
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: dict) -> None:
+        """Greedy accuracy and n samples per prompt (accuracy, pass@k, diversity) on one batch of prompts."""
+        from aesl_lightning.rewards import math_accuracy
+
+        cfg = self.evaluation
+        keep = batch["attention_mask"].any(dim=0)
+        ids, mask = batch["input_ids"][:, keep], batch["attention_mask"][:, keep]
+        prompts, answers = batch["prompt"], batch["answer"]
+        greedy = sampled = None
+        with unsharded_for_generation(self.model):
+            if cfg.greedy:
+                greedy = generate(self.model, self.tokenizer, ids, mask, SamplingConfig(1, 0.0, 1.0, cfg.max_new_tokens))
+            if cfg.num_samples > 0:
+                sampling = SamplingConfig(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+                sampled = generate(self.model, self.tokenizer, ids, mask, sampling, record_entropy=True)
+        if greedy is not None:
+            for score in math_accuracy(prompts, greedy.texts, answer=answers):
+                if score is not None:
+                    self.greedy_accuracy.update(score)
+        if sampled is not None:
+            k = cfg.num_samples
+            scores = math_accuracy([p for p in prompts for _ in range(k)], sampled.texts, answer=[a for a in answers for _ in range(k)])
+            self.eval_metrics.update(sampled, k, eos_ids(self.model, self.tokenizer), scores)
+        for i in range(min(len(prompts), cfg.num_text_samples - len(self._eval_text))):
+            block = f"**prompt**: {prompts[i]}\n\n**answer**: {answers[i]}"
+            if greedy is not None:
+                block += f"\n\n**greedy**: {greedy.texts[i]}"
+            if sampled is not None:
+                block += "".join(f"\n\n**sample {j + 1}**: {t}" for j, t in enumerate(sampled.texts[i * k : (i + 1) * k]))
+            self._eval_text.append(block)
+
+    def _finish_evaluation(self, stage: str) -> dict[str, float]:
+        values = {}
+        if self.greedy_accuracy.update_called:
+            values[f"{stage}/greedy_accuracy"] = self.greedy_accuracy.compute()
+        if self.eval_metrics.gen_length.update_called:
+            values.update(self.eval_metrics.compute(prefix=f"{stage}/"))
+        self.greedy_accuracy.reset()
+        self.eval_metrics.reset()
+        if values:
+            self.log_dict(values)  # torchmetrics already synced the sums over ranks
+        self._add_text(f"{stage}/samples", "\n\n---\n\n".join(self._eval_text))
+        self._eval_text = []
+        return {k: float(v) for k, v in values.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._finish_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        results = self._finish_evaluation("test")
+        if self.global_rank == 0 and results:
+            folder = Path(getattr(self.logger, "log_dir", None) or self.trainer.default_root_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "test_results.json").write_text(json.dumps({"step": self.global_step, **results}, indent=2))

@@ -1,0 +1,185 @@
+"""The GRPO objective as pure functions: group advantages, the clipped surrogate, k3 KL and aggregation.
+
+Notation: N completions (rows), L completion positions, mask m_{i,t} in {0, 1} (True up to and including
+the first EOS), log-probabilities logp = log pi_theta(o_{i,t} | q, o_{i,<t}) of the sampled tokens,
+old_logp under the policy that sampled them (pi_old), ref_logp under the frozen reference.
+
+    J = agg_{i,t} [ min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) - beta * KL3_{i,t} ],
+    rho_{i,t} = exp(logp - old_logp)
+
+The loss is -J. Nothing here knows about Lightning, devices or ranks (Shao et al. 2024; DAPO, Yu et al. 2025;
+Dr. GRPO, Liu et al. 2025). Names follow TRL's GRPOConfig where one exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+ScaleRewards = Literal["group", "batch", "none"]
+LossType = Literal["grpo", "dapo", "dr_grpo"]
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: ScaleRewards = "group", eps: float = 1e-4) -> Tensor:
+    """A_i = (r_i - mean_g(r)) / (std + eps) for rewards [N] in consecutive groups of `group_size`.
+
+    mean_g is the mean of the group of completion i (the G completions of one prompt). std is the standard
+    deviation (Bessel-corrected, as torch.std) of the group (`scale="group"`, GRPO), of the whole batch
+    (`"batch"`), or 1 with eps = 0 (`"none"`, Dr. GRPO: no scaling). A group whose rewards are all equal gets
+    A = 0 exactly (its numerator is 0), never NaN; with group_size 1 every advantage is 0.
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"group_advantages: rewards must be 1-D with a multiple of group_size={group_size} entries, found shape {list(rewards.shape)}")
+    grouped = rewards.view(-1, group_size).float()
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centred.view(-1)
+    if group_size == 1:
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True)
+    elif scale == "batch":
+        std = grouped.reshape(-1).std() if grouped.numel() > 1 else grouped.new_zeros(())
+    else:
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
+    return (centred / (std + eps)).view(-1)
+
+
+class Surrogate(NamedTuple):
+    """Per-token clipped surrogate loss [N, L] and where clipping is active (its gradient is zero)."""
+
+    loss: Tensor
+    clipped_low: Tensor  # bool [N, L]: rho < 1 - eps_low and A < 0
+    clipped_high: Tensor  # bool [N, L]: rho > 1 + eps_high and A > 0
+    ratio: Tensor
+
+
+def clipped_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None = None, eps_low: float = 0.2, eps_high: float = 0.2
+) -> Surrogate:
+    """PPO's clipped surrogate per token: loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A).
+
+    rho = exp(logp - old_logp); `advantages` [N] apply to every token of their row. The min selects the
+    clipped term (zero gradient) exactly when rho > 1 + eps_high with A > 0 or rho < 1 - eps_low with A < 0
+    (DAPO's clip-higher uses eps_high > eps_low). Masked positions (mask False) get loss 0 and no clip flag.
+    """
+    adv = advantages.unsqueeze(1).to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    low = (ratio < 1.0 - eps_low) & (adv < 0)
+    high = (ratio > 1.0 + eps_high) & (adv > 0)
+    if mask is not None:
+        mask = mask.bool()
+        loss = loss * mask
+        low, high = low & mask, high & mask
+    return Surrogate(loss, low, high, ratio)
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref) per sampled token: exp(d) - d - 1, d = ref_logp - logp.
+
+    Unbiased for tokens sampled from pi_theta, and >= 0 everywhere (e^d >= 1 + d), zero when d = 0.
+    """
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1.0
+
+
+def aggregate(
+    per_token: Tensor,
+    mask: Tensor,
+    loss_type: LossType = "grpo",
+    max_completion_length: int | None = None,
+    num_tokens: float | Tensor | None = None,
+) -> Tensor:
+    """Reduce a per-token loss [N, L] to a scalar.
+
+    - `grpo`: (1/N) sum_i (sum_t m x) / max(1, sum_t m): each sequence's mean, then the mean over sequences.
+    - `dapo`: sum_{i,t} m x / T, T = `num_tokens` if given (pass the token count over all ranks divided by
+      the world size, so that averaging gradients over ranks gives the global token mean) else max(1, sum m).
+    - `dr_grpo`: sum_{i,t} m x / (N * max_completion_length) (default L), a constant normaliser.
+    """
+    mask = mask.to(per_token.dtype)
+    summed = per_token * mask
+    if loss_type == "grpo":
+        return (summed.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+    if loss_type == "dapo":
+        denominator = mask.sum().clamp(min=1.0) if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype).clamp(min=1.0)
+        return summed.sum() / denominator
+    if loss_type == "dr_grpo":
+        length = per_token.shape[1] if max_completion_length is None else max_completion_length
+        return summed.sum() / (per_token.shape[0] * length)
+    raise ValueError(f"loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
+
+
+def token_log_probs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_rows: int = 8) -> Tensor:
+    """log softmax(logits / temperature)[token] at every position: [N, L, V], [N, L] -> [N, L] (float32).
+
+    Dividing by the sampling temperature makes these the log-probs of the distribution the tokens were
+    sampled from. Computed `chunk_rows` rows at a time, so only a slice of the float32 log-softmax exists.
+    """
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+    out = []
+    for logit_rows, id_rows in zip(logits.split(chunk_rows), token_ids.split(chunk_rows)):
+        scaled = logit_rows.float() * scale
+        picked = scaled.gather(-1, id_rows.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(scaled, dim=-1))
+    return torch.cat(out) if out else logits.new_zeros(token_ids.shape, dtype=torch.float32)
+
+
+@dataclass
+class GRPOLossOutput:
+    """The loss to minimise and what to log about it (fractions are over the masked tokens)."""
+
+    loss: Tensor
+    policy_loss: Tensor
+    kl: Tensor  # mean k3 KL per token (0 when beta == 0 and no reference is given)
+    clip_low: Tensor
+    clip_high: Tensor
+    clip_total: Tensor
+    ratio_mean: Tensor
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: LossType = "grpo",
+    max_completion_length: int | None = None,
+    num_tokens: float | Tensor | None = None,
+) -> GRPOLossOutput:
+    """loss = aggregate(clipped_surrogate + beta * kl_k3), with eps_low = `epsilon`, eps_high = `epsilon_high`
+    (None: `epsilon`). `ref_logp` is required when beta > 0 and ignored when beta == 0.
+
+    With one inner iteration (mu = 1) pass old_logp = logp.detach(): the ratio is 1 but the gradient
+    A * grad logp flows; with mu > 1 pass the log-probs recorded at generation time.
+    """
+    if beta > 0 and ref_logp is None:
+        raise ValueError("grpo_loss: beta > 0 needs ref_logp (log-probs under the reference model)")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    surrogate = clipped_surrogate(logp, old_logp, advantages, mask, epsilon, eps_high)
+    mask_f = mask.to(logp.dtype)
+    count = mask_f.sum().clamp(min=1.0)
+    per_token = surrogate.loss
+    kl_mean = logp.new_zeros(())
+    if beta > 0:
+        kl = kl_k3(logp, ref_logp)
+        per_token = per_token + beta * kl * mask_f
+        kl_mean = (kl * mask_f).sum().detach() / count
+    elif ref_logp is not None:
+        kl_mean = (kl_k3(logp, ref_logp) * mask_f).sum().detach() / count
+    loss = aggregate(per_token, mask, loss_type, max_completion_length, num_tokens)
+    policy_loss = aggregate(surrogate.loss, mask, loss_type, max_completion_length, num_tokens).detach()
+    low = surrogate.clipped_low.sum() / count
+    high = surrogate.clipped_high.sum() / count
+    ratio_mean = (surrogate.ratio.detach() * mask_f).sum() / count
+    return GRPOLossOutput(loss, policy_loss, kl_mean, low, high, low + high, ratio_mean)
