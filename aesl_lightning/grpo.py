@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torchmetrics import MeanMetric
 
-from aesl_lightning.fsdp import shard_model, unsharded_for_generation
+from aesl_lightning.fsdp import unsharded_for_generation
 from aesl_lightning.generation import Generation, SamplingConfig, eos_ids, generate
 from aesl_lightning.grpo_loss import LossType, ScaleRewards, group_advantages, grpo_loss, token_log_probs
 from aesl_lightning.lm import CausalLMModule, Scheduler
@@ -222,11 +222,6 @@ class GRPOModule(CausalLMModule):
     def reference_model(self) -> torch.nn.Module | None:
         """The frozen reference copy; None with beta == 0 and under LoRA (adapters disabled instead)."""
         return self._reference[0] if self._reference else None
-
-    def configure_model(self) -> None:
-        """Under `ModelParallelStrategy`: `fully_shard` each decoder layer, then the root (FSDP2)."""
-        if self.device_mesh is not None:
-            shard_model(self.model, self.device_mesh["data_parallel"])
 
     # ------------------------------------------------------------------------------------------- rollouts
     def sequence_log_probs(self, model, input_ids, attention_mask, completion_ids) -> tuple[torch.Tensor, torch.Tensor]:

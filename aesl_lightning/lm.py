@@ -98,6 +98,14 @@ class CausalLMModule(L.LightningModule):
         model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
         self.model = apply_lora(model, lora) if lora is not None else model
 
+    def configure_model(self) -> None:
+        """Under Lightning's `ModelParallelStrategy`: FSDP2, `fully_shard` on each decoder layer, then the root.
+        Nothing to do on one device or under DDP."""
+        if self.device_mesh is not None:
+            from aesl_lightning.fsdp import shard_model
+
+            shard_model(self.model, self.device_mesh["data_parallel"])
+
     # ----------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         hp = self.hparams

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torchmetrics import MeanMetric
 
+from aesl_lightning.fsdp import is_sharded, unsharded_for_generation
 from aesl_lightning.generation import SamplingConfig, eos_ids, generate
 from aesl_lightning.metrics import KLToBase
 from aesl_lightning.sample_metrics import SampleMetrics
@@ -156,6 +157,9 @@ class SFTModule(CausalLMModule):
         if self.loss_config.chunk_size is None:
             logits = self(batch["input_ids"], batch.get("attention_mask"))
             return sft_loss(logits, batch["labels"], self.loss_config, return_entropy=True)
+        if is_sharded(self.model):
+            # the decoder alone would skip the root unit's all-gather of the embeddings and the LM head
+            raise ValueError("model.loss.chunk_size is not supported under FSDP2 sharding yet; set it to null")
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = lm.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
@@ -249,40 +253,42 @@ class SFTModule(CausalLMModule):
         eos = eos_ids(self.model, self.tokenizer)
         shown: list[str] = []
         seen = 0
-        for batch in loader:
-            if seen >= cfg.num_prompts:
-                break
-            take = min(len(batch["prompt"]), cfg.num_prompts - seen)
-            rows = [i for i in range(take) if (seen + i) % world == rank]
-            seen += take
-            if not rows:
-                continue
-            ids = batch["input_ids"][rows].to(self.device)
-            mask = batch["attention_mask"][rows].to(self.device)
-            keep = mask.any(dim=0)  # drop columns that are padding in every kept row
-            ids, mask = ids[:, keep], mask[:, keep]
-            answers = [batch["answer"][i] for i in rows]
-            prompts = [batch["prompt"][i] for i in rows]
+        # every rank enters (unsharding is collective); inside, ranks may generate different lengths
+        with unsharded_for_generation(self.model):
+            for batch in loader:
+                if seen >= cfg.num_prompts:
+                    break
+                take = min(len(batch["prompt"]), cfg.num_prompts - seen)
+                rows = [i for i in range(take) if (seen + i) % world == rank]
+                seen += take
+                if not rows:
+                    continue
+                ids = batch["input_ids"][rows].to(self.device)
+                mask = batch["attention_mask"][rows].to(self.device)
+                keep = mask.any(dim=0)  # drop columns that are padding in every kept row
+                ids, mask = ids[:, keep], mask[:, keep]
+                answers = [batch["answer"][i] for i in rows]
+                prompts = [batch["prompt"][i] for i in rows]
 
-            out = generate(self.model, self.tokenizer, ids, mask, greedy)
-            scores = math_accuracy(prompts, out.texts, answer=answers)
-            for score in scores:
-                if score is not None:
-                    self.answer_accuracy.update(score)
-            self.greedy_length.update(out.lengths.float())
-            samples: list[list[str]] = [[] for _ in rows]
-            if sampling is not None:
-                sampled = generate(self.model, self.tokenizer, ids, mask, sampling, record_entropy=True)
-                k = sampling.num_samples
-                repeated = [a for a in answers for _ in range(k)]
-                sample_scores = math_accuracy([p for p in prompts for _ in range(k)], sampled.texts, answer=repeated)
-                self.sample_metrics.update(sampled, k, eos, sample_scores)
-                samples = [sampled.texts[i * k : (i + 1) * k] for i in range(len(rows))]
-            for prompt, text, answer, score, group in zip(prompts, out.texts, answers, scores, samples):
-                if len(shown) < cfg.num_text_samples:
-                    block = f"**prompt**: {prompt}\n\n**greedy** (score {score}): {text}\n\n**answer**: {answer}"
-                    block += "".join(f"\n\n**sample {j + 1}**: {t}" for j, t in enumerate(group))
-                    shown.append(block)
+                out = generate(self.model, self.tokenizer, ids, mask, greedy)
+                scores = math_accuracy(prompts, out.texts, answer=answers)
+                for score in scores:
+                    if score is not None:
+                        self.answer_accuracy.update(score)
+                self.greedy_length.update(out.lengths.float())
+                samples: list[list[str]] = [[] for _ in rows]
+                if sampling is not None:
+                    sampled = generate(self.model, self.tokenizer, ids, mask, sampling, record_entropy=True)
+                    k = sampling.num_samples
+                    repeated = [a for a in answers for _ in range(k)]
+                    sample_scores = math_accuracy([p for p in prompts for _ in range(k)], sampled.texts, answer=repeated)
+                    self.sample_metrics.update(sampled, k, eos, sample_scores)
+                    samples = [sampled.texts[i * k : (i + 1) * k] for i in range(len(rows))]
+                for prompt, text, answer, score, group in zip(prompts, out.texts, answers, scores, samples):
+                    if len(shown) < cfg.num_text_samples:
+                        block = f"**prompt**: {prompt}\n\n**greedy** (score {score}): {text}\n\n**answer**: {answer}"
+                        block += "".join(f"\n\n**sample {j + 1}**: {t}" for j, t in enumerate(group))
+                        shown.append(block)
         values = {"val/answer_accuracy": self.answer_accuracy.compute(), "val/greedy_length": self.greedy_length.compute()}
         # wall time of this rank's generation: the price of the diversity signal, to weigh against training
         values["val/generation_seconds"] = torch.tensor(time.perf_counter() - started)

@@ -1,0 +1,52 @@
+"""SFT on tiny-llama with FSDP2 over gloo, 2 CPU processes; run by tests/test_fsdp_sft.py.
+
+    python tests/_fsdp_sft_script.py --out DIR
+
+Trains 4 steps with validation (loss, KL to the start, greedy and sampled generation) every 2 steps and the
+Hugging Face export at the end; rank 0 writes `metrics.json` and the export goes to `DIR/hf_model`.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, whatever is pip-installed
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
+
+from aesl_lightning.callbacks import HFExport  # noqa: E402
+from aesl_lightning.data import SFTDataModule  # noqa: E402
+from aesl_lightning.data.synthetic import ArithmeticConfig  # noqa: E402
+from aesl_lightning.fsdp import is_sharded  # noqa: E402
+from aesl_lightning.sft import SFTModule, ValidationGeneration  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    L.seed_everything(0)
+    module = SFTModule("tiny-llama", lr=3e-3, warmup_steps=0,
+                       val_generation=ValidationGeneration(num_prompts=4, num_samples=2, max_new_tokens=8))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[HFExport(dirpath=str(args.out / "hf_model"))],
+    )
+    data = SFTDataModule(train="synthetic", synthetic=ArithmeticConfig(num_examples=16, seed=1, max_steps=1),
+                         val_size=4, batch_size=2, max_length=400)
+    trainer.fit(module, data)
+    if trainer.is_global_zero:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        (args.out / "metrics.json").write_text(json.dumps(
+            {"step": trainer.global_step, "sharded": is_sharded(module.model), "metrics": metrics}))
+
+
+if __name__ == "__main__":
+    main()
