@@ -217,6 +217,7 @@ class GRPOModule(CausalLMModule):
         self.eval_metrics = SampleMetrics(ks=(1, evaluation.num_samples) if evaluation.num_samples > 0 else (1,))
         self.greedy_accuracy = MeanMetric()
         self._eval_text: list[str] = []
+        self._loaded_step = 0
 
     @property
     def reference_model(self) -> torch.nn.Module | None:
@@ -407,4 +408,11 @@ class GRPOModule(CausalLMModule):
         if self.global_rank == 0 and results:
             folder = Path(getattr(self.logger, "log_dir", None) or self.trainer.default_root_dir)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "test_results.json").write_text(json.dumps({"step": self.global_step, **results}, indent=2))
+            # `test --ckpt_path` restores the weights but not the trainer's step: take the checkpoint's
+            step = self.global_step or self._loaded_step
+            ckpt = self.trainer.ckpt_path
+            record = {"step": step, "checkpoint": str(ckpt) if ckpt else None, **results}
+            (folder / "test_results.json").write_text(json.dumps(record, indent=2))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._loaded_step = int(checkpoint.get("global_step", 0))

@@ -163,3 +163,19 @@ def test_validation_and_test_log_accuracy_pass_at_k_and_write_results(tmp_path):
     results = json.loads((tmp_path / "grpo" / "version_0" / "test_results.json").read_text())
     assert results["test/greedy_accuracy"] == 0.0 and 0.0 <= results["test/pass@2"] <= 1.0
     assert results["step"] == 1
+
+
+def test_test_from_a_checkpoint_records_the_checkpoint_step(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = _module()
+    data = _data(num_examples=4, test_size=2)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, data)
+    ckpt = tmp_path / "grpo.ckpt"
+    trainer.save_checkpoint(ckpt)
+    fresh = _module()
+    tester = _trainer(tmp_path, logger=CSVLogger(tmp_path, name="test"))
+    tester.test(fresh, data, ckpt_path=ckpt)
+    results = json.loads((tmp_path / "test" / "version_0" / "test_results.json").read_text())
+    assert results["step"] == 2 and results["checkpoint"] == str(ckpt)
