@@ -208,11 +208,7 @@ class GRPOModule(CausalLMModule):
         # outside the module's children (not trained, checkpointed or sharded; replicated on every rank).
         self._reference: list[torch.nn.Module] = []
         if grpo.beta > 0 and not is_peft_model(self.model):
-            from aesl_lightning.models import load_causal_lm
-
-            ref = load_causal_lm(name_or_path, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation,
-                                 trust_remote_code=trust_remote_code)
-            self._reference = [ref.eval().requires_grad_(False)]
+            self._reference = [self.load_frozen_start()]
         self.rollout_metrics = SampleMetrics(ks=(1, grpo.num_generations))
         self.eval_metrics = SampleMetrics(ks=(1, evaluation.num_samples) if evaluation.num_samples > 0 else (1,))
         self.greedy_accuracy = MeanMetric()

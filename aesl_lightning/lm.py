@@ -98,6 +98,16 @@ class CausalLMModule(L.LightningModule):
         model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
         self.model = apply_lora(model, lora) if lora is not None else model
 
+    def load_frozen_start(self) -> torch.nn.Module:
+        """A fresh, frozen (eval, no grad) copy of the starting model, loaded from the hyper-parameters, never
+        from the current weights: the reference for KL terms, also right after a resume."""
+        from aesl_lightning.models import load_causal_lm
+
+        hp = self.hparams
+        model = load_causal_lm(hp.name_or_path, gguf_file=hp.gguf_file, dtype=hp.dtype,
+                               attn_implementation=hp.attn_implementation, trust_remote_code=hp.trust_remote_code)
+        return model.eval().requires_grad_(False)
+
     def configure_model(self) -> None:
         """Under Lightning's `ModelParallelStrategy`: FSDP2, `fully_shard` on each decoder layer, then the root.
         Nothing to do on one device or under DDP."""

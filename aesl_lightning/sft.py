@@ -205,13 +205,8 @@ class SFTModule(CausalLMModule):
             with adapters_disabled(self.model):
                 return self(batch["input_ids"], batch.get("attention_mask"))
         if self._base_model is None:
-            from aesl_lightning.models import load_causal_lm
-
-            hp = self.hparams
-            base = load_causal_lm(hp.name_or_path, gguf_file=hp.gguf_file, dtype=hp.dtype,
-                                  attn_implementation=hp.attn_implementation, trust_remote_code=hp.trust_remote_code)
             # kept outside the module's children: not trained, not checkpointed, not sharded
-            self._base_model = [base.eval().requires_grad_(False).to(self.device)]
+            self._base_model = [self.load_frozen_start().to(self.device)]
         return self._base_model[0](
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
         ).logits
