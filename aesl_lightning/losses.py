@@ -329,6 +329,21 @@ def chunked_sft_loss(
 
 
 @torch.no_grad()
+def masked_rows(logits: torch.Tensor, mask: torch.Tensor | None, caller: str) -> torch.Tensor:
+    """Indices of the rows of `logits.reshape(-1, V)` that `mask` (shape `logits.shape[:-1]`) selects; all
+    rows when `mask` is None. The error names `caller`."""
+    if mask is None:
+        return torch.arange(logits.shape[:-1].numel(), device=logits.device)
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(f"{caller}: mask must have shape {list(logits.shape[:-1])} (logits without the vocab axis), found {list(mask.shape)}")
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def row_chunk(vocab: int) -> int:
+    """Default rows per chunk of a [rows x vocab] computation: about 1 MiB of float32 per operand."""
+    return max(1, _LOGITS_CHUNK_ELEMS // vocab)
+
+
 def token_entropy(
     logits: Tensor,
     mask: Tensor | None = None,
@@ -343,17 +358,11 @@ def token_entropy(
     of the logits is made. reduction "mean" averages over the selected rows (0 when none), "sum" adds them
     up (pair it with `mask.sum()` for distributed averaging), "none" returns [...] with 0 on unselected rows.
     """
-    vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    if mask is None:
-        rows = torch.arange(flat.shape[0], device=logits.device)
-    else:
-        if mask.shape != logits.shape[:-1]:
-            raise ValueError(f"token_entropy: mask must have shape {list(logits.shape[:-1])} (logits without the vocab axis), found {list(mask.shape)}")
-        rows = mask.reshape(-1).nonzero().squeeze(1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = masked_rows(logits, mask, "token_entropy")
     acc = _acc_dtype(logits.dtype)
     entropy = torch.zeros(flat.shape[0], dtype=acc, device=logits.device)
-    for chunk_rows in rows.split(chunk_size or max(1, _LOGITS_CHUNK_ELEMS // vocab)):
+    for chunk_rows in rows.split(chunk_size or row_chunk(logits.shape[-1])):
         entropy.index_copy_(0, chunk_rows, _entropy(torch.log_softmax(flat.index_select(0, chunk_rows).to(acc), dim=-1)))
     if reduction == "none":
         return entropy.view(logits.shape[:-1])

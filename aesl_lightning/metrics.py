@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from aesl_lightning.losses import token_entropy
+from aesl_lightning.losses import masked_rows, row_chunk, token_entropy
 
 __all__ = [
     "tokenize_text",
@@ -53,8 +53,6 @@ Sample = Union[str, Sequence[Hashable], Tensor, np.ndarray]
 BLEU_ORDER = 4
 # Chen & Cherry (2014) smoothing method 1 (NLTK's default epsilon): a zero match count becomes 0.1.
 SMOOTHING_EPSILON = 0.1
-# Rows of [rows x V] logits per chunk when no chunk size is given (~1 MiB of float32 per operand).
-_CHUNK_ELEMS = 1 << 18
 _TEXT_TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
@@ -388,15 +386,10 @@ def kl_divergence(
         raise ValueError(f"kl_divergence: base_logits must have the logits' shape {list(logits.shape)}, found {list(base_logits.shape)}")
     vocab = logits.shape[-1]
     flat, flat_base = logits.reshape(-1, vocab), base_logits.reshape(-1, vocab)
-    if mask is None:
-        rows = torch.arange(flat.shape[0], device=logits.device)
-    else:
-        if mask.shape != logits.shape[:-1]:
-            raise ValueError(f"kl_divergence: mask must have shape {list(logits.shape[:-1])} (logits without the vocab axis), found {list(mask.shape)}")
-        rows = mask.reshape(-1).nonzero().squeeze(1)
+    rows = masked_rows(logits, mask, "kl_divergence")
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     kl = torch.zeros(flat.shape[0], dtype=acc, device=logits.device)
-    for chunk in rows.split(chunk_size or max(1, _CHUNK_ELEMS // vocab)):
+    for chunk in rows.split(chunk_size or row_chunk(vocab)):
         logp = torch.log_softmax(flat.index_select(0, chunk).to(acc), dim=-1)
         logq = torch.log_softmax(flat_base.index_select(0, chunk).to(acc), dim=-1)
         # p = 0 contributes 0 even where log q = -inf
