@@ -34,6 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L
 import torch
 
+from _timing import StepTimer  # benchmarks/ is on sys.path when run as a script
 from aesl_lightning import PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig, generate_arithmetic
 from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
@@ -47,17 +48,6 @@ BETA, EPSILON, LOSS_TYPE, NUM_ITERATIONS, LR, MAX_GRAD_NORM = 0.04, 0.2, "grpo",
 
 
 # ----------------------------------------------------------------------------------------------------- ours
-class _LightningTimer(L.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._start)
-
-
 def ours_steps(steps: int, seed: int) -> list[float]:
     L.seed_everything(seed, verbose=False)
     grpo = GRPOConfig(num_generations=G, temperature=TEMPERATURE, top_p=1.0, max_new_tokens=MAX_COMPLETION, beta=BETA,
@@ -68,7 +58,7 @@ def ours_steps(steps: int, seed: int) -> list[float]:
                         weight_decay=0.0, warmup_steps=0, scheduler="constant")
     data = PromptDataModule(train="synthetic", synthetic=DATA, val_size=0, test_size=0, batch_size=PROMPTS_PER_STEP,
                             num_workers=0, shuffle=True, seed=seed)
-    timer = _LightningTimer()
+    timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                         num_sanity_val_steps=0, limit_val_batches=0)

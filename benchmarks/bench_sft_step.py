@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from _timing import StepTimer  # benchmarks/ is on sys.path when run as a script
 from aesl_lightning.losses import LossConfig
 from aesl_lightning.models import load_causal_lm
 from aesl_lightning.sft import SFTModule, ValidationGeneration
@@ -36,21 +37,10 @@ def make_batches(vocab: int, n: int, batch: int, length: int, seed: int = 0) -> 
     return batches
 
 
-class _Timer(L.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._start)
-
-
 def lightning_steps(model_name: str, loss: str, batches: list[dict], lr: float) -> list[float]:
     module = SFTModule(model_name, lr=lr, loss=LossConfig(name=loss), warmup_steps=0, scheduler="constant",
                        val_generation=ValidationGeneration(num_prompts=0), histogram_every_n_steps=0)
-    timer = _Timer()
+    timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                         callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
