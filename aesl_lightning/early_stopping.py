@@ -40,6 +40,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from aesl_lightning.fsdp import is_sharded
+
 log = logging.getLogger("aesl_lightning")
 
 Smoothing = Literal["ema", "window", "none"]
@@ -513,6 +515,11 @@ class DiversityEarlyStopping(Callback):
             return None
         if not hasattr(pl_module, "export_hf"):
             log.warning("DiversityEarlyStopping: %s has no export_hf(); nothing exported", type(pl_module).__name__)
+            return None
+        if is_sharded(getattr(pl_module, "model", pl_module)):
+            # gathering the shards is collective, but this runs on rank 0 only
+            log.warning("DiversityEarlyStopping: the model is sharded; export %s with aesl_lightning.lm.export_checkpoint",
+                        path)
             return None
         peak_state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
         # The module may keep training (stop=False) or be exported again by another callback: load the

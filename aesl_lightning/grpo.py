@@ -3,7 +3,7 @@
 Per batch of prompts: sample G completions each (`generate`, KV cache, stop at EOS), score them with a
 weighted list of TRL-style reward functions, turn rewards into group advantages, record the old and
 reference log-probs without gradient, then take `num_iterations` optimiser steps on the same rollouts.
-The maths are the pure functions of `aesl_lightning.grpo_loss`; FSDP2 helpers are in `aesl_lightning.fsdp`.
+The maths are the pure functions of `aesl_lightning.grpo_loss`; FSDP helpers are in `aesl_lightning.fsdp`.
 Optimisation is manual (one batch, mu optimiser steps): clip gradients with `grpo.max_grad_norm`, not
 the Trainer's `gradient_clip_val`; `trainer.max_steps` counts optimiser steps.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torchmetrics import MeanMetric
 
-from aesl_lightning.fsdp import unsharded_for_generation
+from aesl_lightning.fsdp import unsharded_for_generation, unwrap
 from aesl_lightning.generation import Generation, SamplingConfig, eos_ids, generate
 from aesl_lightning.grpo_loss import LossType, ScaleRewards, group_advantages, grpo_loss, token_log_probs
 from aesl_lightning.lm import CausalLMModule, Scheduler
@@ -260,8 +260,8 @@ class GRPOModule(CausalLMModule):
         if cfg.num_iterations > 1:
             old_logp = self.sequence_log_probs(self.model, input_ids, attention_mask, gen.completion_ids)[0]
         if cfg.beta > 0:
-            if is_peft_model(self.model):
-                with adapters_disabled(self.model):
+            if is_peft_model(unwrap(self.model)):
+                with adapters_disabled(unwrap(self.model)):
                     ref_logp = self.sequence_log_probs(self.model, input_ids, attention_mask, gen.completion_ids)[0]
             else:
                 ref = self.reference_model.to(self.device)
@@ -291,7 +291,7 @@ class GRPOModule(CausalLMModule):
             optimizer.zero_grad()
             self.manual_backward(out.loss)
             if cfg.max_grad_norm is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                self.configure_gradient_clipping(optimizer, cfg.max_grad_norm, "norm")  # FSDP1-aware
             optimizer.step()
             schedule.step()
             losses.append(out.loss.detach())

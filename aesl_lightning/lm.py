@@ -13,6 +13,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 
 from aesl_lightning.lora import LoRAConfig, apply_lora
@@ -109,20 +110,51 @@ class CausalLMModule(L.LightningModule):
         return model.eval().requires_grad_(False)
 
     def configure_model(self) -> None:
-        """Under Lightning's `ModelParallelStrategy`: FSDP2, `fully_shard` on each decoder layer, then the root.
-        Nothing to do on one device or under DDP."""
-        if self.device_mesh is not None:
-            from aesl_lightning.fsdp import shard_model
+        """Shard the model for the strategy (Lightning calls this for every stage; sharding happens once):
 
+        - `ModelParallelStrategy`: FSDP2, `fully_shard` on each decoder layer, then the root.
+        - `FSDPStrategy`: FSDP1, `self.model` becomes the root `FullyShardedDataParallel` (the strategy's settings
+          and `auto_wrap_policy`, else one unit per decoder layer), so Lightning leaves the LightningModule
+          unwrapped; see `aesl_lightning.fsdp`. `unwrap(self.model)` is the transformers / peft model.
+
+        Nothing to do on one device or under DDP.
+        """
+        from aesl_lightning.fsdp import is_sharded, shard_model, wrap_fsdp1
+
+        if self.device_mesh is not None:
             shard_model(self.model, self.device_mesh["data_parallel"])
+            return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy) and not is_sharded(self.model):
+            if not strategy.kwargs.get("use_orig_params", True):
+                raise ValueError("FSDPStrategy(use_orig_params=False) is not supported: LoRA's frozen and trainable "
+                                 "weights share FSDP units and the optimizer needs the original parameters")
+            # FSDP1 flattens each parameter into a 1-D shard; weight decay goes by the original dimensions
+            self._unsharded_ndim = {id(p): p.ndim for p in self.model.parameters()}
+            self.model = wrap_fsdp1(self.model, strategy.kwargs.get("auto_wrap_policy"))
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except by norm under FSDP1, which Lightning's FSDP precision plugin refuses (a norm
+        over one rank's shards is wrong): there the root's `clip_grad_norm_` reduces the norm over ranks."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        by_norm = (gradient_clip_algorithm or "norm") == "norm"
+        if gradient_clip_val and by_norm and isinstance(self.model, FullyShardedDataParallel):
+            self.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ----------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         hp = self.hparams
         decay, no_decay = [], []
+        ndim = getattr(self, "_unsharded_ndim", {})
         for param in self.model.parameters():
             if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
+                (decay if ndim.get(id(param), param.ndim) >= 2 else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
@@ -137,12 +169,12 @@ class CausalLMModule(L.LightningModule):
         """Write the current weights and tokenizer in Hugging Face format (atomically) and return the folder.
 
         The result reloads with plain `AutoModelForCausalLM.from_pretrained(out_dir)`. LoRA adapters are
-        merged unless `merge_lora=False` or the LoRA config says otherwise. Under FSDP2 the shards are
+        merged unless `merge_lora=False` or the LoRA config says otherwise. Under FSDP (2 or 1) the shards are
         gathered first, which is collective: every rank must call this (rank 0 writes), and LoRA adapters are
         always merged.
         """
         from aesl_lightning.export import export_hf, export_state_dict
-        from aesl_lightning.fsdp import full_state_dict, is_sharded
+        from aesl_lightning.fsdp import full_state_dict, is_sharded, unwrap
         from aesl_lightning.lora import is_peft_model
 
         lora = self.hparams.get("lora")
@@ -152,7 +184,8 @@ class CausalLMModule(L.LightningModule):
             return export_hf(self.model, self.tokenizer, out_dir, merge_lora=merge_lora)
         state = full_state_dict(self.model)
         if self.global_rank == 0:
-            base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+            model = unwrap(self.model)
+            base = model.get_base_model() if is_peft_model(model) else model
             export_state_dict(state, base.config, self.tokenizer, out_dir, generation_config=base.generation_config,
                               lora_config=lora)  # gathered adapters are always merged
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torchmetrics import MeanMetric
 
-from aesl_lightning.fsdp import is_sharded, unsharded_for_generation
+from aesl_lightning.fsdp import is_sharded, unsharded_for_generation, unwrap
 from aesl_lightning.generation import SamplingConfig, eos_ids, generate
 from aesl_lightning.metrics import KLToBase
 from aesl_lightning.sample_metrics import SampleMetrics
@@ -159,7 +159,7 @@ class SFTModule(CausalLMModule):
             return sft_loss(logits, batch["labels"], self.loss_config, return_entropy=True)
         if is_sharded(self.model):
             # the decoder alone would skip the root unit's all-gather of the embeddings and the LM head
-            raise ValueError("model.loss.chunk_size is not supported under FSDP2 sharding yet; set it to null")
+            raise ValueError("model.loss.chunk_size is not supported under FSDP sharding yet; set it to null")
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = lm.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
@@ -201,8 +201,8 @@ class SFTModule(CausalLMModule):
         from `name_or_path` (never the current weights, so a resumed run still compares with the start)."""
         from aesl_lightning.lora import adapters_disabled, is_peft_model
 
-        if is_peft_model(self.model):
-            with adapters_disabled(self.model):
+        if is_peft_model(unwrap(self.model)):
+            with adapters_disabled(unwrap(self.model)):
                 return self(batch["input_ids"], batch.get("attention_mask"))
         if self._base_model is None:
             # kept outside the module's children: not trained, not checkpointed, not sharded

@@ -338,3 +338,21 @@ def test_resumed_run_decides_like_an_uninterrupted_one(tmp_path):
     assert second_cb.peak_checkpoint == str((tmp_path / "first" / "peak.ckpt").resolve())
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "second" / "hf_model")
     assert torch.equal(exported.model.layers[0].self_attn.q_proj.weight, first_module.weights_at[12])
+
+
+def test_a_sharded_model_is_not_exported_from_rank_zero_alone(tmp_path, monkeypatch, caplog):
+    """The peak export runs on rank 0 only: gathering a sharded model (FSDP1 writes single-file peak
+    checkpoints) there would wait forever for the other ranks, so it is skipped with a pointer to export_checkpoint."""
+    from types import SimpleNamespace
+
+    from aesl_lightning import early_stopping
+
+    monkeypatch.setattr(early_stopping, "is_sharded", lambda model: True)
+    peak = tmp_path / "peak.ckpt"
+    peak.write_bytes(b"")
+    callback = DiversityEarlyStopping(dirpath=str(tmp_path))
+    callback.peak_checkpoint = str(peak)
+    module = SimpleNamespace(model=torch.nn.Linear(1, 1), export_hf=lambda out: pytest.fail("exported on rank 0 alone"))
+    with caplog.at_level(logging.WARNING, logger="aesl_lightning"):
+        assert callback._export_peak(module) is None
+    assert "sharded" in caplog.text and "export_checkpoint" in caplog.text

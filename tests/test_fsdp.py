@@ -1,7 +1,9 @@
-"""FSDP2 over gloo with 2 CPU processes: GRPO matches the single-process run; generation, resume, export.
+"""FSDP2 and FSDP1 over gloo with 2 CPU processes: GRPO (full or LoRA) matches the single-process run;
+generation, resume, export.
 
 The multi-process runs live in `tests/_fsdp_script.py` (Lightning launches its own subprocesses from a
-script); each writes JSON and tensors that these tests compare.
+script); each writes JSON and tensors that these tests compare. Lightning's FSDPStrategy (FSDP1) refuses
+CPUs; the script's `CPUFSDPStrategy` lifts that for the tests.
 """
 
 import json
@@ -14,7 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from aesl_lightning.fsdp import decoder_layers, full_state_dict, is_sharded, unsharded_for_generation
+from aesl_lightning.fsdp import (
+    decoder_layer_classes,
+    decoder_layers,
+    fsdp1_roots,
+    full_state_dict,
+    is_sharded,
+    unsharded_for_generation,
+    unwrap,
+)
 from aesl_lightning.models import load_causal_lm
 
 SCRIPT = Path(__file__).with_name("_fsdp_script.py")
@@ -52,7 +62,8 @@ def test_decoder_layers_and_helpers_on_an_unsharded_model():
     model = load_causal_lm("tiny-llama")
     layers = decoder_layers(model)
     assert [type(m).__name__ for m in layers] == ["LlamaDecoderLayer"] * 2
-    assert not is_sharded(model)
+    assert decoder_layer_classes(model) == {type(layers[0])}
+    assert not is_sharded(model) and fsdp1_roots(model) == [] and unwrap(model) is model
     with unsharded_for_generation(model) as same:  # no FSDP units: a no-op
         assert same is model
     state = full_state_dict(model)
@@ -117,3 +128,117 @@ def test_dapo_with_two_inner_iterations_matches_one_process_under_fsdp_and_ddp(t
         _assert_weights_close(torch.load(tmp_path / name / "params.pt"), expected)
     replica = torch.load(tmp_path / "ddp" / "params_rank1.pt")  # DDP replicas stayed in sync
     assert all(torch.equal(replica[k], v) for k, v in torch.load(tmp_path / "ddp" / "params.pt").items())
+
+
+def test_wrap_fsdp1_outside_an_enable_wrap_context_says_so():
+    from aesl_lightning.fsdp import wrap_fsdp1
+
+    with pytest.raises(RuntimeError, match="enable_wrap"):
+        wrap_fsdp1(load_causal_lm("tiny-llama"))
+
+
+def test_fsdp1_strategy_refuses_use_orig_params_false():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from aesl_lightning.lm import CausalLMModule
+
+    module = CausalLMModule("tiny-llama")
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False))
+    with pytest.raises(ValueError, match="use_orig_params=False"):
+        module.configure_model()
+    assert not is_sharded(module.model)
+
+
+@pytest.mark.distributed
+def test_fsdp1_helpers_on_raw_fully_sharded_data_parallel(tmp_path):
+    """Raw FSDP1 (each decoder layer a unit, root = the model): generation of 3 and 20 tokens on the two
+    ranks moves no weights (only transformers' per-token "all done" flag is all-reduced) and matches the
+    unsharded model; the units reshard afterwards; the gathered state dict (rank 0) and its export equal the
+    start weights."""
+    _run("--fsdp1-check", _free_port(), "--out", tmp_path, timeout=180)
+    results = [json.loads((tmp_path / f"fsdp1_rank{r}.json").read_text()) for r in range(2)]
+    assert [r["length"] for r in results] == [3, 20]
+    for r in results:
+        assert r["sharded"] and r["unwrap"] and r["roots"] == 1 and r["units"] == 3
+        assert r["local_fraction"] == pytest.approx(0.5, abs=0.01) and r["gathered_fraction"] == 1.0
+        # no all-gather: the weights stayed put (all_reduce: transformers' synced_gpus flag, once per token)
+        assert r["equal"] and set(r["collectives"]) <= {"all_reduce"} and r["counter_sees_all_gather"]
+        assert r["resharded_fraction"] == r["local_fraction"] and r["forwards_restored"]
+        assert r["loss_diff"] < 1e-5 and r["everywhere_equal"]
+    assert results[0]["state_keys"] == 21 and results[0]["state_equal"] and results[0]["export_equal"]
+    assert results[1]["state_keys"] == 0  # rank 0 only
+
+
+@pytest.mark.distributed
+def test_grpo_fsdp1_strategy_matches_one_process_with_resume_and_export(tmp_path):
+    """Lightning's FSDPStrategy: configure_model makes `module.model` the FSDP1 root (the LightningModule stays
+    unwrapped, so GRPO's manual backward runs outside any FSDP forward), the gradient is clipped by the global
+    norm (the clip is active: norms 1.2-1.4 > 1.0 measured in the first steps); 3 steps in one process == 2 steps
+    on 2 ranks, a sharded checkpoint and a resumed third."""
+    from transformers import AutoModelForCausalLM
+
+    single, sharded = tmp_path / "single", tmp_path / "fsdp1"
+    _run("--devices", 1, "--steps", 3, "--out", single)
+    _run("--devices", 2, "--steps", 2, "--resume-steps", 3, "--fsdp1", "--out", sharded)
+
+    (reference,) = _losses(single, 1)
+    info = [json.loads((sharded / f"losses_rank{r}.json").read_text()) for r in range(2)]
+    assert all(i["model_class"] == "FullyShardedDataParallel" and not i["lightning_module_wrapped"] for i in info)
+    # FSDP1 flattens parameters to 1-D shards: the weight-decay groups still follow the original shapes
+    single_groups = json.loads((single / "losses_rank0.json").read_text())["param_groups"]
+    assert len(single_groups) == 2 and all(i["param_groups"] == single_groups for i in info)
+    per_rank = [i["losses"] for i in info]
+    assert len(reference) == 3 and all(len(r) == 3 for r in per_rank)
+    assert [(a + b) / 2 for a, b in zip(*per_rank)] == pytest.approx(reference, abs=2e-6)
+    assert reference[-1] != 0.0
+    assert (sharded / "ckpt" / "last.ckpt").is_dir()
+
+    expected, got = torch.load(single / "params.pt"), torch.load(sharded / "params.pt")
+    _assert_weights_close(got, expected)
+    exported = AutoModelForCausalLM.from_pretrained(sharded / "hf_model").state_dict()
+    for key, value in got.items():
+        assert torch.equal(exported[key], value), key
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("flags", "model_class"), [([], "PeftModelForCausalLM"), (["--fsdp1"], "FullyShardedDataParallel")],
+                         ids=["fsdp2", "fsdp1"])
+def test_grpo_lora_under_fsdp_matches_one_process_trains_adapters_only_and_exports_merged(tmp_path, flags, model_class):
+    """LoRA: 2 steps on 2 ranks == 2 steps in one process (losses, KL, adapter weights); the base weights never
+    move; the reference (adapters disabled) is exactly the starting model; the merged export reloads with plain
+    transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from aesl_lightning.lora import LoRAConfig, merge_lora_state_dict
+
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    _run("--devices", 1, "--steps", 2, "--lora", "--out", single)
+    _run("--devices", 2, "--steps", 2, "--lora", *flags, "--out", sharded)
+
+    (reference,) = _losses(single, 1)
+    info = [json.loads((sharded / f"losses_rank{r}.json").read_text()) for r in range(2)]
+    assert all(i["sharded"] and i["model_class"] == model_class for i in info)
+    assert [(a + b) / 2 for a, b in zip(*(i["losses"] for i in info))] == pytest.approx(reference, abs=2e-6)
+    single_kl = json.loads((single / "losses_rank0.json").read_text())["kl"]
+    assert single_kl[0] == 0.0 and single_kl[1] > 1e-3  # B = 0 at the start: policy == reference
+    assert [(a + b) / 2 for a, b in zip(*(i["kl"] for i in info))] == pytest.approx(single_kl, abs=1e-6)
+    for i in info:
+        assert i["reference"]["reference_vs_start"] == 0.0 and i["reference"]["policy_vs_start"] > 0.1
+
+    expected, got = torch.load(single / "params.pt"), torch.load(sharded / "params.pt")
+    _assert_weights_close(got, expected)  # measured: 8e-6 max, 2e-8 mean (lr 1e-2)
+    start = load_causal_lm("tiny-llama").state_dict()
+    adapters = [k for k in got if ".lora_" in k]
+    assert len(adapters) == 28 and max(got[k].abs().max().item() for k in adapters if ".lora_B." in k) > 1e-3
+    for key, value in got.items():
+        if ".lora_" not in key:  # frozen base weights: bit for bit the start
+            assert torch.equal(value, start[key.replace("base_model.model.", "", 1).replace(".base_layer.", ".")]), key
+
+    exported = AutoModelForCausalLM.from_pretrained(sharded / "hf_model").state_dict()
+    merged = merge_lora_state_dict(expected, LoRAConfig(r=4, alpha=8.0, dropout=0.0))
+    assert set(exported) == set(start)
+    for key, value in exported.items():
+        torch.testing.assert_close(value, merged[key], atol=1e-5, rtol=0, msg=key)
+    assert max((exported[k] - start[k]).abs().max().item() for k in start) > 1e-3

@@ -1,5 +1,6 @@
-"""SFTModule under FSDP2 (ModelParallelStrategy, 2 CPU processes over gloo): trains, validates with
-generation on unsharded weights (ranks generate different lengths), and exports the gathered weights."""
+"""SFTModule under FSDP2 (ModelParallelStrategy) and FSDP1 (FSDPStrategy), 2 CPU processes over gloo:
+trains, validates with generation on unsharded weights (ranks generate different lengths), and exports the
+gathered weights."""
 
 import json
 import math
@@ -17,10 +18,22 @@ ROOT = SCRIPT.parent.parent
 
 @pytest.mark.distributed
 def test_sft_trains_validates_and_exports_under_fsdp2(tmp_path):
+    _check_sft_run(tmp_path)
+
+
+@pytest.mark.distributed
+def test_sft_trains_validates_and_exports_under_fsdp1_with_norm_clipping(tmp_path):
+    """FSDPStrategy with Trainer(gradient_clip_val=1.0), which Lightning's FSDP precision plugin refuses by
+    itself: CausalLMModule clips with the FSDP1 root's clip_grad_norm_."""
+    result = _check_sft_run(tmp_path, "--fsdp1")
+    assert result["model_class"] == "FullyShardedDataParallel" and not result["lightning_module_wrapped"]
+
+
+def _check_sft_run(tmp_path, *args) -> dict:
     from transformers import AutoModelForCausalLM
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     result = json.loads((tmp_path / "metrics.json").read_text())
@@ -41,3 +54,4 @@ def test_sft_trains_validates_and_exports_under_fsdp2(tmp_path):
         assert not torch.allclose(exported[key], initial[key]), key
     ids = torch.tensor([[5, 6, 7, 8]])
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > 4
+    return result
