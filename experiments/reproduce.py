@@ -778,14 +778,17 @@ def summarise(track: Track, paths: Paths) -> dict:
         r = read_json(run)
         sweep.append({"step": r["sft_row"]["step"], "sft_accuracy": r["sft_row"].get("val/answer_accuracy"),
                       "sft_entropy": r["sft_row"].get("val/gen_entropy"), "sft_self_bleu": r["sft_row"].get("val/self_bleu"),
+                      "sft_pass@k": r["sft_row"].get(f"val/pass@{k_val}"),
                       "rl_pass@1": r["eval"]["test"].get("pass@1"), "rl_greedy": r["eval"]["test"].get("greedy_accuracy"),
                       f"rl_pass@{k_eval}": r["eval"]["test"].get(f"pass@{k_eval}")})
-    correlations = {}
-    if len(sweep) >= 3:
-        post = [s["rl_pass@1"] for s in sweep]
-        correlations = {"accuracy_vs_post_rl_pass@1": spearman([s["sft_accuracy"] for s in sweep], post),
-                        "entropy_vs_post_rl_pass@1": spearman([s["sft_entropy"] for s in sweep], post),
-                        "neg_self_bleu_vs_post_rl_pass@1": spearman([-s["sft_self_bleu"] for s in sweep], post)}
+    correlations = {}  # {subset: {predictor: {post-RL metric: Spearman rho}}}
+    for subset, points in (("all snapshots", sweep), ("SFT snapshots only (step > 0)", [s for s in sweep if s["step"] > 0])):
+        if len(points) >= 3:
+            correlations[subset] = {
+                name: {post: spearman([sign * s[key] for s in points], [s[post] for s in points])
+                       for post in ("rl_pass@1", f"rl_pass@{k_eval}", "rl_greedy")}
+                for name, key, sign in (("SFT accuracy", "sft_accuracy", 1), ("SFT entropy", "sft_entropy", 1),
+                                        ("SFT -self-BLEU", "sft_self_bleu", -1), (f"SFT pass@{k_val}", "sft_pass@k", 1))}
     aesl = None
     if all(paths.result(aesl_sweep_id(t, track.seeds[0])).is_file() for t in track.aesl_taus):
         tau, rows = chosen_tau(track, paths)
@@ -799,8 +802,9 @@ def write_report(track: Track, paths: Paths, summary: dict, meta: dict) -> Path:
     k_val, k_eval = track.val_samples, track.eval_samples
     lines = [f"# Reproduction, {track.name} track", "",
              f"Command: `{meta['command']}`  ", f"Seeds: {list(track.seeds)}; data seed {track.data_seed}  ",
-             f"Machine: {meta['machine']}  ", (f"Wall time of this invocation: {meta['wall_minutes']:.1f} min "
-             f"(all runs, summed over workers: {meta['run_minutes']:.1f} min)  "), f"Commit: {meta['commit']}", ""]
+             f"Machine: {meta['machine']}  ", ("Wall time: " + f"{sum(i['wall_minutes'] for i in meta['invocations']):.1f} min over {len(meta['invocations'])} invocation(s) ("
+             + " + ".join(f"{i['wall_minutes']:.1f}" for i in meta["invocations"])
+             + f"; a rerun resumes the finished runs); all runs summed over workers: {meta['run_minutes']:.1f} min  "), f"Commit: {meta['commit']}", ""]
     if summary["base"]:
         b = summary["base"]
         accuracy = (b.get("history") or [{}])[-1].get("val/answer_accuracy", float("nan"))
@@ -851,10 +855,11 @@ def write_report(track: Track, paths: Paths, summary: dict, meta: dict) -> Path:
         for s in summary["sweep"]:
             lines.append(f"| {s['step']} | {s['sft_accuracy']:.3f} | {s['sft_entropy']:.3f} | {s['sft_self_bleu']:.3f} | "
                          f"{s['rl_pass@1']:.3f} | {s['rl_greedy']:.3f} |")
-        if c:
-            lines += ["", ("Spearman rank correlation with post-RL pass@1: "
-                      f"SFT accuracy {c['accuracy_vs_post_rl_pass@1']:+.2f}, SFT entropy {c['entropy_vs_post_rl_pass@1']:+.2f}, "
-                      f"SFT diversity as -self-BLEU {c['neg_self_bleu_vs_post_rl_pass@1']:+.2f}.")]
+        for subset, table in c.items():
+            lines += ["", f"Spearman rank correlation of the snapshot's SFT validation numbers with its post-RL test numbers, {subset}:", "",
+                      f"| SFT predictor | post-RL pass@1 | post-RL pass@{k_eval} | post-RL greedy |", "|---|---|---|---|"]
+            for name, row in table.items():
+                lines.append(f"| {name} | " + " | ".join(f"{row[post]:+.2f}" for post in ("rl_pass@1", f"rl_pass@{k_eval}", "rl_greedy")) + " |")
         lines.append("")
     lines += [("Figures: `diversity_curve.png` (CE seed 0: entropy and self-BLEU against step, turning point marked, accuracy below), "
               "`sweep.png` (post-RL accuracy against SFT accuracy and SFT diversity)."), ""]
