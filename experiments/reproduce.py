@@ -47,6 +47,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python experiments/reproduce.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
@@ -251,26 +253,22 @@ def _use_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-class History:
-    """Callback: the logged validation metrics at every validation (step = the checkpoint's global step)."""
+class History(Callback):
+    """The logged validation metrics at every validation (step = the checkpoint's global step), and optionally a
+    Hugging Face snapshot of the model at each."""
 
-    def __new__(cls, snapshot_dir: Path | None = None):
-        from lightning.pytorch.callbacks import Callback
+    def __init__(self, snapshot_dir: Path | None = None) -> None:
+        self.rows: list[dict] = []
+        self.snapshot_dir = snapshot_dir
 
-        class _History(Callback):
-            def __init__(self) -> None:
-                self.rows: list[dict] = []
-
-            def on_validation_end(self, trainer, pl_module) -> None:
-                if trainer.sanity_checking:
-                    return
-                row = {"step": trainer.global_step, "epoch": trainer.current_epoch}
-                row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
-                self.rows.append(row)
-                if snapshot_dir is not None:
-                    pl_module.export_hf(snapshot_dir / f"step{trainer.global_step:05d}")
-
-        return _History()
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+        self.rows.append(row)
+        if self.snapshot_dir is not None:
+            pl_module.export_hf(self.snapshot_dir / f"step{trainer.global_step:05d}")
 
 
 def _val_generation(track: Track):
@@ -395,7 +393,7 @@ def run_grpo(track: Track, paths: Paths, run_id: str, start: str, seed: int, ste
     module = GRPOModule(name_or_path=start, grpo=grpo, evaluation=evaluation, lr=track.grpo_lr, scheduler="constant", lora=lora)
     data = PromptDataModule(train=str(paths.data / "rl.jsonl"), val_size=0, batch_size=track.grpo_prompts, max_prompt_length=512, seed=seed)
     trainer = _trainer(run_dir, "logs", max_steps=steps, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
-    history = _TrainLog()
+    history = TrainLog()
     trainer.callbacks.append(history)
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -432,30 +430,27 @@ def run_start_eval(track: Track, paths: Paths, run_id: str, start: str, seed: in
     return {"start": start, "seed": seed, "eval": evaluate(module, paths, run_dir, ("test", "test_hard"))}
 
 
-def _TrainLog():
-    from lightning.pytorch.callbacks import Callback
+class TrainLog(Callback):
+    """GRPO's per-step rollout numbers, and their means over the first and the last quarter of training."""
 
     keys = ("train/reward/mean", "train/accuracy", "train/frac_reward_zero_std", "train/entropy", "train/self_bleu", "train/gen_length")
 
-    class TrainLog(Callback):
-        def __init__(self) -> None:
-            self.rows: list[dict] = []
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.rows.append({k: float(trainer.callback_metrics[k]) for k in keys if k in trainer.callback_metrics})
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rows.append({k: float(trainer.callback_metrics[k]) for k in self.keys if k in trainer.callback_metrics})
 
-        def summary(self) -> dict:
-            def mean(rows, key):
-                values = [r[key] for r in rows if key in r]
-                return sum(values) / len(values) if values else None
+    def summary(self) -> dict:
+        def mean(rows, key):
+            values = [r[key] for r in rows if key in r]
+            return sum(values) / len(values) if values else None
 
-            quarter = max(1, len(self.rows) // 4)
-            first, last = self.rows[:quarter], self.rows[-quarter:]
-            return {"per_step": self.rows,
-                    **{f"first_quarter/{k.removeprefix('train/')}": mean(first, k) for k in keys},
-                    **{f"last_quarter/{k.removeprefix('train/')}": mean(last, k) for k in keys}}
-
-    return TrainLog()
+        quarter = max(1, len(self.rows) // 4)
+        first, last = self.rows[:quarter], self.rows[-quarter:]
+        return {"per_step": self.rows,
+                **{f"first_quarter/{k.removeprefix('train/')}": mean(first, k) for k in self.keys},
+                **{f"last_quarter/{k.removeprefix('train/')}": mean(last, k) for k in self.keys}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -508,7 +503,10 @@ def starting_point(track: Track, paths: Paths, arm: str, seed: int) -> tuple[str
     """(model folder to start RL from, the SFT validation row of that checkpoint; None for the base model)."""
     if arm == "base":
         return _base_name(track, paths), None
-    sft_id = {"dft": f"sft/dft-s{seed}", "aesl": None}.get(arm, f"sft/ce-s{seed}") or aesl_id(track, paths, seed)
+    if arm == "aesl":
+        sft_id = aesl_id(track, paths, seed)
+    else:
+        sft_id = f"sft/dft-s{seed}" if arm == "dft" else f"sft/ce-s{seed}"
     result, run_dir = read_json(paths.result(sft_id)), paths.run_dir(sft_id)
     history = result["history"]
     if arm == "ce_best_acc":
