@@ -639,20 +639,26 @@ ABLATION_DIFFICULTIES = ("easy", "hard")
 def plan_ablation(track: Track) -> list[Run]:
     base = ("base",) if track.base_model is None else ("data",)
     runs = [Run("data", "data")] + ([Run("base", "base", deps=("data",))] if track.base_model is None else [])
+    # AESL's thresholds are the main table's, chosen on its validation split: that sweep runs first if missing
+    first = track.seeds[0]
+    sweep_ids = tuple(aesl_sweep_id(tau, first) for tau in track.aesl_taus)
+    runs += [Run(i, "sft", {"loss": "aesl", "seed": first, "tau": tau}, base) for i, tau in zip(sweep_ids, track.aesl_taus)]
     smoke = track.name.endswith("smoke")
     sizes, seeds = ((8, 16), track.seeds[:1]) if smoke else (ABLATION_SIZES, track.seeds)
-    for size in sizes:
-        for difficulty in ABLATION_DIFFICULTIES:
-            for seed in seeds:
+    for seed in seeds:  # seed outermost: an interrupted ablation holds whole seeds of the table
+        for size in sizes:
+            for difficulty in ABLATION_DIFFICULTIES:
                 for method in ("ce_best_acc", "aesl"):
                     params = {"size": size, "difficulty": difficulty, "seed": seed, "method": method}
-                    runs.append(Run(f"ablation/{method}-n{size}-{difficulty}-s{seed}", "ablation", params, base))
+                    deps = base + (sweep_ids if method == "aesl" else ())
+                    runs.append(Run(f"ablation/{method}-n{size}-{difficulty}-s{seed}", "ablation", params, deps))
     return runs
 
 
 def run_ablation_cell(track: Track, paths: Paths, run: Run) -> dict:
     """One cell: a cold-start set of the given size and difficulty, SFT (CE keeping the best-accuracy snapshot,
-    or AESL with the main table's default thresholds), the main table's GRPO budget, test on that difficulty.
+    or AESL with the thresholds the main table chose on its validation split), the main table's GRPO budget, test on
+    that difficulty.
     Every set size gets the same number of optimiser steps as the main table's SFT runs."""
     from aesl_lightning.data.synthetic import (
         generate_arithmetic,
@@ -676,7 +682,7 @@ def run_ablation_cell(track: Track, paths: Paths, run: Run) -> dict:
     sub.data = data_dir
     sub.base = paths.base
     sft_id = "sft"
-    loss, tau = ("ce", None) if p["method"] == "ce_best_acc" else ("aesl", None)
+    loss, tau = ("ce", None) if p["method"] == "ce_best_acc" else ("aesl", chosen_tau(track, paths)[0])
     sft = run_sft(track, sub, sft_id, loss, p["seed"], tau=tau, snapshots=p["method"] == "ce_best_acc",
                   max_steps=total_steps, val_every_steps=val_every)
     if p["method"] == "ce_best_acc":
@@ -686,7 +692,7 @@ def run_ablation_cell(track: Track, paths: Paths, run: Run) -> dict:
         row, start = sft["history"][-1], sub.run_dir(sft_id) / "final"
     test_split = "test" if p["difficulty"] == "easy" else "test_hard"
     grpo = run_grpo(track, paths, f"{run.id}/grpo", str(start), p["seed"], track.grpo_steps, splits=(test_split,))
-    return {**p, "sft_row": row, "eval": grpo["eval"][test_split], "train": {k: v for k, v in grpo["train"].items() if k != "per_step"}}
+    return {**p, "tau": tau, "sft_row": row, "eval": grpo["eval"][test_split], "train": {k: v for k, v in grpo["train"].items() if k != "per_step"}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -919,14 +925,20 @@ def write_ablation_report(track: Track, paths: Paths, runs: list[Run], meta: dic
 
     k = track.eval_samples
     cells: dict[tuple, dict[str, list[dict]]] = {}
-    for run in runs:
-        if run.kind == "ablation":
-            p = run.params
-            cells.setdefault((p["size"], p["difficulty"]), {}).setdefault(p["method"], []).append(read_json(paths.result(run.id)))
+    planned = [run for run in runs if run.kind == "ablation"]
+    finished = [run for run in planned if paths.result(run.id).is_file()]
+    for run in finished:
+        p = run.params
+        cells.setdefault((p["size"], p["difficulty"]), {}).setdefault(p["method"], []).append(read_json(paths.result(run.id)))
+    taus = sorted({r["tau"] for methods in cells.values() for r in methods.get("aesl", []) if r.get("tau") is not None})
+    seeds_done = sorted({run.params["seed"] for run in finished})
     lines = [f"# Ablation: cold-start set size x difficulty ({track.name} track)", "", f"Command: `{meta['command']}`  ",
-             f"Machine: {meta['machine']}  ", f"Wall time: {meta['wall_minutes']:.1f} min  ", f"Seeds: {list(track.seeds)}", "",
+             f"Machine: {meta['machine']}  ", (f"Wall time: {sum(i['wall_minutes'] for i in meta['invocations']):.1f} min over "
+             f"{len(meta['invocations'])} invocation(s)  "),
+             f"Seeds with results: {seeds_done} ({len(finished)} of {len(planned)} planned cells finished)", "",
              ("Same SFT step budget for every set size; CE keeps its best-validation-accuracy snapshot, AESL its end of training "
-             "(tau_tok = tau_seq = 0.9); then the main table's GRPO budget and the test split of the same difficulty."), "",
+              f"(tau_tok = tau_seq = {', '.join(f'{t:g}' for t in taus) or '?'}, the main table's choice on its validation split); "
+              "then the main table's GRPO budget and the test split of the same difficulty."), "",
              (f"| set size | difficulty | CE best-acc: post-RL pass@1 | AESL: post-RL pass@1 | CE pass@{k} | AESL pass@{k} | "
              "CE SFT entropy | AESL SFT entropy |"), "|---|---|---|---|---|---|---|---|"]
     table = {}
@@ -987,6 +999,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the track's seeds")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from the runs finished so far (an interrupted ablation, say)")
     args = parser.parse_args(argv)
     track = TRACKS[args.track]
     if args.seeds:
@@ -998,14 +1012,18 @@ def main(argv: list[str] | None = None) -> None:
     check_same_track(track, paths)
     started = time.perf_counter()
     runs = plan(track, paths, ablation=args.ablation)
-    run_all(track, paths, runs, args.workers, args.threads)
+    if not args.report_only:
+        run_all(track, paths, runs, args.workers, args.threads)
+    elif not args.ablation and not all(paths.result(r.id).is_file() for r in runs):
+        raise SystemExit(f"{paths.out}: the main table needs every run finished; run without --report-only to finish them")
     wall = time.perf_counter() - started
     meta_path = paths.out / ("ablation_meta.json" if args.ablation else "meta.json")
     previous = read_json(meta_path) if meta_path.is_file() else {"invocations": []}
+    invocation = [] if args.report_only else [{"wall_minutes": wall / 60, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}]
     meta = {"command": "python experiments/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]), "machine": machine(),
             "commit": commit(), "wall_minutes": wall / 60, "workers": args.workers, "threads": args.threads,
-            "run_minutes": sum(read_json(paths.result(r.id)).get("wall_seconds", 0.0) for r in runs) / 60,
-            "invocations": previous["invocations"] + [{"wall_minutes": wall / 60, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}]}
+            "run_minutes": sum(read_json(paths.result(r.id)).get("wall_seconds", 0.0) for r in runs if paths.result(r.id).is_file()) / 60,
+            "invocations": previous["invocations"] + invocation}
     atomic_write_json(meta_path, meta)
     if args.ablation:
         out = write_ablation_report(track, paths, runs, meta)
