@@ -133,6 +133,15 @@ class CausalLMModule(L.LightningModule):
             self._unsharded_ndim = {id(p): p.ndim for p in self.model.parameters()}
             self.model = wrap_fsdp1(self.model, strategy.kwargs.get("auto_wrap_policy"))
 
+    def on_fit_start(self) -> None:
+        """Fresh metric states, made outside inference mode: a `trainer.validate()` before `fit()` resets them under
+        `torch.inference_mode`, and torchmetrics' in-place updates of such tensors fail in fit's no-grad validation."""
+        from torchmetrics import Metric
+
+        for module in self.modules():
+            if isinstance(module, Metric):
+                module.reset()
+
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,

@@ -420,8 +420,10 @@ class _SumCountMetric(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def _add(self, total: Tensor | float, count: Tensor | int) -> None:
-        self.total += torch.as_tensor(total, dtype=torch.float64, device=self.total.device)
-        self.count += torch.as_tensor(count, dtype=torch.int64, device=self.count.device)
+        # out of place: states reset under `torch.inference_mode` (a `trainer.validate()` before `fit()`) are
+        # inference tensors, which may not be updated in place outside it
+        self.total = self.total + torch.as_tensor(total, dtype=torch.float64, device=self.total.device)
+        self.count = self.count + torch.as_tensor(count, dtype=torch.int64, device=self.count.device)
 
     def compute(self) -> Tensor:
         return self.total / self.count if self.count > 0 else torch.full_like(self.total, math.nan)
@@ -528,8 +530,8 @@ class PassAtK(Metric):
                 if n >= k:
                     totals[j] += pass_at_k(int(n), int(c), k)
                     counts[j] += 1
-        self.total += torch.tensor(totals, dtype=torch.float64, device=self.total.device)
-        self.count += torch.tensor(counts, dtype=torch.int64, device=self.count.device)
+        self.total = self.total + torch.tensor(totals, dtype=torch.float64, device=self.total.device)  # out of place: see _add
+        self.count = self.count + torch.tensor(counts, dtype=torch.int64, device=self.count.device)
 
     def compute(self) -> dict[str, Tensor]:
         means = torch.where(self.count > 0, self.total / self.count.clamp(min=1), math.nan)

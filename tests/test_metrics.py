@@ -414,3 +414,19 @@ def test_token_entropy_from_values_counts_as_an_update_and_invalidates_the_cache
         assert metric.compute().item() == 2.0
     metric.update_from_values(torch.tensor([[5.0, 9.0]]), torch.tensor([[True, False]]))
     assert metric.compute().item() == 3.0  # (1 + 3 + 5) / 3, not the cached 2.0
+
+
+def test_sum_count_metrics_update_after_a_reset_under_inference_mode():
+    """A `trainer.validate()` resets states under `torch.inference_mode`; the next update may run outside it."""
+    logits, base = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    for metric, args in ((TokenEntropy(), (logits,)), (KLToBase(), (logits, base)), (PassAtK(ks=(1, 2)), ([2, 4], [1, 0]))):
+        with torch.inference_mode():
+            metric.update(*args)
+            metric.reset()
+        assert metric.total.is_inference()
+        metric.update(*args)
+        metric.update(*args)
+        fresh = type(metric)(**({"ks": (1, 2)} if isinstance(metric, PassAtK) else {}))
+        fresh.update(*args)
+        torch.testing.assert_close(metric.compute(), fresh.compute())
+        assert (metric.count == 2 * fresh.count).all()

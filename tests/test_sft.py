@@ -88,6 +88,20 @@ def test_validation_generation_logs_accuracy_diversity_and_kl(tmp_path):
     assert "val/loss" in metrics and "val/token_entropy" in metrics
 
 
+def test_validate_before_fit_with_inference_mode(tmp_path):
+    """`trainer.validate()` (the step-0 row of a curve) then `fit()` on the same module, inference mode on (default):
+    the metric states reset under inference mode must not break fit's validation, and each run logs its own values."""
+    module = SFTModule("tiny-llama", lr=1e-3,
+                       val_generation=ValidationGeneration(num_prompts=2, max_new_tokens=6, num_samples=2))
+    trainer = _trainer(tmp_path, max_steps=2, val_check_interval=2)
+    data = _data()
+    before = trainer.validate(module, data, verbose=False)[0]
+    assert before["val/kl_to_base"] == pytest.approx(0.0, abs=1e-6)  # the start model against itself
+    trainer.fit(module, data)
+    after = trainer.callback_metrics
+    assert 0.0 < after["val/kl_to_base"].item() < 0.5 and after["val/greedy_length"].item() >= 1
+
+
 def test_answer_accuracy_counts_correct_completions(monkeypatch):
     """Scoring path with a stubbed generator: 2 of 3 completions carry the right boxed answer."""
     import aesl_lightning.sft as sft
