@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -189,6 +190,7 @@ class Paths:
         self.runs = out / "runs"
         self.data = work / "data"
         self.base = work / "base" / "hf_model"
+        self.base_copy = out / "base_model"  # the pre-trained weights kept with the results (a few MB): runs resume anywhere
 
     def result(self, run_id: str) -> Path:
         return self.runs / f"{run_id.replace('/', '__')}.json"
@@ -227,7 +229,32 @@ def make_data(track: Track, paths: Paths) -> dict:
         write_jsonl(records, paths.data / f"{name}.jsonl")
         earlier += records
         sizes[name] = len(records)
-    return {"sizes": sizes, "coldstart_style": track.coldstart_style}
+    return {"sizes": sizes, "coldstart_style": track.coldstart_style, "sha256": data_digests(paths, sizes)}
+
+
+def data_digests(paths: Paths, names) -> dict[str, str]:
+    return {name: hashlib.sha256((paths.data / f"{name}.jsonl").read_bytes()).hexdigest() for name in names}
+
+
+def restore_shared_inputs(track: Track, paths: Paths) -> None:
+    """A track whose results are committed but whose work folder is gone (a fresh clone) gets back what later runs
+    read: the data splits, regenerated (seeded) and checked against the recorded digests, and the pre-trained base
+    model, copied from `<out>/base_model`. Without that copy the base cannot be restored; say so, never pre-train a
+    different base under finished runs."""
+    if paths.result("data").is_file():
+        record = read_json(paths.result("data"))
+        if not all((paths.data / f"{name}.jsonl").is_file() for name in record["sizes"]):
+            regenerated = make_data(track, paths)
+            for key in ("sizes", "sha256"):
+                if key in record and regenerated[key] != record[key]:
+                    raise SystemExit(f"{paths.result('data')}: the regenerated data splits differ from the recorded ones ({key}); "
+                                     "the generator changed since these runs were made: use another --out/--work")
+    if track.base_model is None and paths.result("base").is_file() and not (paths.base / "config.json").is_file():
+        if not (paths.base_copy / "config.json").is_file():
+            raise SystemExit(f"{paths.result('base')} records a pre-trained base model, but neither {paths.base} nor "
+                             f"{paths.base_copy} holds its weights; delete that file to pre-train again (runs already "
+                             "finished were made from the old base)")
+        shutil.copytree(paths.base_copy, paths.base)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,7 +269,7 @@ def _trainer(run_dir: Path, name: str, **kwargs):
         accelerator="gpu" if _use_gpu() else "cpu", devices=1, precision="bf16-mixed" if _use_gpu() else "32-true",
         logger=TensorBoardLogger(save_dir=str(run_dir), name=name, version=""),
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-        inference_mode=False,  # validate() before fit(): metric states made under inference mode break fit's no_grad validation
+        inference_mode=False,  # as the committed results were made (no numerical effect; CausalLMModule now resets metrics at fit start)
         **kwargs,
     )
 
@@ -312,6 +339,7 @@ def make_base(track: Track, paths: Paths, seed: int = 0) -> dict:
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     module.export_hf(paths.base)
+    shutil.copytree(paths.base, paths.base_copy, dirs_exist_ok=True)
     shutil.rmtree(init, ignore_errors=True)
     params = sum(p.numel() for p in module.model.parameters())
     return {"parameters": params, "train_seconds": time.perf_counter() - started, "steps": trainer.global_step,
@@ -809,6 +837,9 @@ def write_report(track: Track, paths: Paths, summary: dict, meta: dict) -> Path:
              f"Machine: {meta['machine']}  ", ("Wall time: " + f"{sum(i['wall_minutes'] for i in meta['invocations']):.1f} min over {len(meta['invocations'])} invocation(s) ("
              + " + ".join(f"{i['wall_minutes']:.1f}" for i in meta["invocations"])
              + f"; a rerun resumes the finished runs); all runs summed over workers: {meta['run_minutes']:.1f} min  "), f"Commit: {meta['commit']}", ""]
+    if track.name.endswith("smoke"):
+        lines += [("**Smoke run**: every stage for a step or two on sets of a few problems, to check the pipeline end to end. "
+                   "The numbers below are not results and say nothing about the methods."), ""]
     if summary["base"]:
         b = summary["base"]
         accuracy = (b.get("history") or [{}])[-1].get("val/answer_accuracy", float("nan"))
@@ -939,21 +970,32 @@ def write_ablation_report(track: Track, paths: Paths, runs: list[Run], meta: dic
              ("Same SFT step budget for every set size; CE keeps its best-validation-accuracy snapshot, AESL its end of training "
               f"(tau_tok = tau_seq = {', '.join(f'{t:g}' for t in taus) or '?'}, the main table's choice on its validation split); "
               "then the main table's GRPO budget and the test split of the same difficulty."), "",
-             (f"| set size | difficulty | CE best-acc: post-RL pass@1 | AESL: post-RL pass@1 | CE pass@{k} | AESL pass@{k} | "
-             "CE SFT entropy | AESL SFT entropy |"), "|---|---|---|---|---|---|---|---|"]
+             ("| set size | difficulty | seeds | SFT val acc CE / AESL | SFT entropy CE / AESL | CE snapshot step | "
+              f"post-RL pass@1 CE | post-RL pass@1 AESL | AESL - CE pass@1 (paired) | pass@{k} CE | pass@{k} AESL |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     table = {}
     for (size, difficulty), methods in sorted(cells.items()):
         row = {}
         for method in ("ce_best_acc", "aesl"):
             results = methods.get(method, [])
-            row[method] = {"pass@1": mean_ci([r["eval"].get("pass@1") for r in results]),
+            row[method] = {"seeds": sorted(r["seed"] for r in results),
+                           "pass@1": mean_ci([r["eval"].get("pass@1") for r in results]),
                            f"pass@{k}": mean_ci([r["eval"].get(f"pass@{k}") for r in results]),
-                           "sft_entropy": mean_ci([r["sft_row"].get("val/gen_entropy") for r in results])}
+                           "sft_accuracy": mean_ci([r["sft_row"].get("val/answer_accuracy") for r in results]),
+                           "sft_entropy": mean_ci([r["sft_row"].get("val/gen_entropy") for r in results]),
+                           "sft_steps": sorted(r["sft_row"].get("step") for r in results)}
+        by_seed = {m: {r["seed"]: r["eval"].get("pass@1") for r in methods.get(m, [])} for m in ("ce_best_acc", "aesl")}
+        paired = sorted(set(by_seed["ce_best_acc"]) & set(by_seed["aesl"]))
+        row["aesl_minus_ce_pass@1"] = mean_ci([by_seed["aesl"][s] - by_seed["ce_best_acc"][s] for s in paired])
         table[f"{size}/{difficulty}"] = row
-        lines.append(f"| {size} | {difficulty} | {_fmt(*row['ce_best_acc']['pass@1'])} | {_fmt(*row['aesl']['pass@1'])} | "
-                     f"{_fmt(*row['ce_best_acc'][f'pass@{k}'])} | {_fmt(*row['aesl'][f'pass@{k}'])} | "
-                     f"{_fmt(*row['ce_best_acc']['sft_entropy'])} | {_fmt(*row['aesl']['sft_entropy'])} |")
-    lines += ["", "Mean ± half-width of the 95% t-interval over seeds. Figure: `ablation.png`.", ""]
+        ce, aesl = row["ce_best_acc"], row["aesl"]
+        lines.append(f"| {size} | {difficulty} | {len(ce['seeds'])} / {len(aesl['seeds'])} | {ce['sft_accuracy'][0]:.2f} / "
+                     f"{aesl['sft_accuracy'][0]:.2f} | {ce['sft_entropy'][0]:.3f} / {aesl['sft_entropy'][0]:.3f} | "
+                     f"{', '.join(map(str, ce['sft_steps']))} | {_fmt(*ce['pass@1'])} | {_fmt(*aesl['pass@1'])} | "
+                     f"{_fmt(*row['aesl_minus_ce_pass@1'])} | {_fmt(*ce[f'pass@{k}'])} | {_fmt(*aesl[f'pass@{k}'])} |")
+    lines += ["", ("Mean ± half-width of the 95% t-interval over seeds; the paired column differences the two methods seed by "
+                   "seed (same cold-start set and GRPO seed). SFT columns: the validation row of the checkpoint RL starts from "
+                   "(CE: its best-accuracy snapshot, at the steps listed; AESL: the end). Figure: `ablation.png`."), ""]
     atomic_write_json(paths.out / "ablation.json", {"table": table, "meta": meta})
     fig = Figure(figsize=(9, 4))
     for i, difficulty in enumerate(ABLATION_DIFFICULTIES):
@@ -1010,6 +1052,7 @@ def main(argv: list[str] | None = None) -> None:
     # the ablation shares the track's folders: its data, base model and run records (written as ablation.*)
     paths = Paths(args.out or REPO / "experiments" / "results" / track.name, args.work or REPO / "lightning_logs" / "reproduce" / track.name)
     check_same_track(track, paths)
+    restore_shared_inputs(track, paths)
     started = time.perf_counter()
     runs = plan(track, paths, ablation=args.ablation)
     if not args.report_only:
@@ -1024,6 +1067,8 @@ def main(argv: list[str] | None = None) -> None:
             "commit": commit(), "wall_minutes": wall / 60, "workers": args.workers, "threads": args.threads,
             "run_minutes": sum(read_json(paths.result(r.id)).get("wall_seconds", 0.0) for r in runs if paths.result(r.id).is_file()) / 60,
             "invocations": previous["invocations"] + invocation}
+    if args.report_only and "command" in previous:  # the runs were made by the earlier command, at its commit
+        meta.update({k: previous[k] for k in ("command", "commit", "workers", "threads") if k in previous})
     atomic_write_json(meta_path, meta)
     if args.ablation:
         out = write_ablation_report(track, paths, runs, meta)

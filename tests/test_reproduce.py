@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -113,9 +114,17 @@ def test_smoke_track_runs_end_to_end_and_resumes(tmp_path):
         assert (out / name).is_file(), name
     report = (out / "results.md").read_text()
     assert "CE, diversity turning point" in report and "Spearman" in report
-    # a rerun finds every run finished and only rewrites the report
+    # a rerun finds every run finished and only rewrites the report; a lost work folder (a fresh clone of the
+    # results) gets its data regenerated to the recorded digests and the base weights back from the results
+    weights = (work / "base" / "hf_model" / "model.safetensors").read_bytes()
+    assert (out / "base_model" / "model.safetensors").read_bytes() == weights
+    test_split = (work / "data" / "test.jsonl").read_bytes()
+    shutil.rmtree(work / "data")
+    shutil.rmtree(work / "base")
     before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     R.main(argv)
+    assert (work / "base" / "hf_model" / "model.safetensors").read_bytes() == weights
+    assert (work / "data" / "test.jsonl").read_bytes() == test_split
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == before
     assert len(json.loads((out / "meta.json").read_text())["invocations"]) == 2
 
@@ -149,3 +158,20 @@ def test_ablation_smoke_shares_the_track_folders(tmp_path):
     assert len(coldstart) == 8 and all(json.loads(line)["num_steps"] == 3 for line in coldstart)
     assert (out / "ablation.md").is_file() and (out / "ablation.png").is_file()
     assert (out / "runs" / "base.json").is_file()  # the base model the main table would use, made once
+    # AESL uses the threshold the main table chose on its validation split (its sweep ran as a dependency)
+    track = R.TRACKS["cpu"].smoke()
+    assert cell["tau"] == R.chosen_tau(track, R.Paths(out, work))[0]
+    for size_difficulty, row in table.items():
+        ce, aesl = row["ce_best_acc"]["pass@1"][0], row["aesl"]["pass@1"][0]
+        assert row["aesl_minus_ce_pass@1"][0] == pytest.approx(aesl - ce), size_difficulty  # one seed: the plain difference
+    # --report-only runs nothing and reports the finished cells only (an interrupted ablation)
+    (out / "runs" / "ablation__aesl-n8-hard-s0.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    R.main(["--track", "cpu", "--smoke", "--ablation", "--report-only", "--out", str(out), "--work", str(work)])
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == before
+    assert "(7 of 8 planned cells finished)" in (out / "ablation.md").read_text()
+    table = json.loads((out / "ablation.json").read_text())["table"]
+    assert table["8/hard"]["aesl"]["seeds"] == [] and table["8/easy"]["aesl"]["seeds"] == [0]
+    # the main table refuses to report from unfinished runs
+    with pytest.raises(SystemExit, match="every run finished"):
+        R.main(["--track", "cpu", "--smoke", "--report-only", "--out", str(out), "--work", str(work)])
