@@ -557,10 +557,11 @@ def plan(track: Track, paths: Paths, ablation: bool = False) -> list[Run]:
     if track.base_model is None:
         runs.append(Run("base", "base", deps=("data",)))
     first = track.seeds[0]
-    sweep_ids = tuple(aesl_sweep_id(tau, first) for tau in track.aesl_taus)
     for seed in track.seeds:
         runs.append(Run(f"sft/ce-s{seed}", "sft", {"loss": "ce", "seed": seed, "snapshots": True}, base))
-    runs += [Run(i, "sft", {"loss": "aesl", "seed": first, "tau": tau}, base) for i, tau in zip(sweep_ids, track.aesl_taus)]
+    sweep = aesl_sweep_runs(track, base)
+    sweep_ids = tuple(r.id for r in sweep)
+    runs += sweep
     for seed in track.seeds:
         runs.append(Run(f"sft/dft-s{seed}", "sft", {"loss": "dft", "seed": seed}, base))
     for seed in track.seeds[1:]:
@@ -578,6 +579,12 @@ def plan(track: Track, paths: Paths, ablation: bool = False) -> list[Run]:
     for index in range(0, num_validations, track.sweep_every):
         runs.append(Run(f"sweep/snapshot{index:02d}", "sweep", {"index": index, "seed": first}, (f"sft/ce-s{first}",)))
     return runs
+
+
+def aesl_sweep_runs(track: Track, base: tuple[str, ...]) -> list[Run]:
+    """The AESL threshold sweep on the first seed, from which `chosen_tau` picks on validation."""
+    first = track.seeds[0]
+    return [Run(aesl_sweep_id(tau, first), "sft", {"loss": "aesl", "seed": first, "tau": tau}, base) for tau in track.aesl_taus]
 
 
 def execute(track: Track, paths: Paths, run: Run, threads: int) -> str:
@@ -668,9 +675,9 @@ def plan_ablation(track: Track) -> list[Run]:
     base = ("base",) if track.base_model is None else ("data",)
     runs = [Run("data", "data")] + ([Run("base", "base", deps=("data",))] if track.base_model is None else [])
     # AESL's thresholds are the main table's, chosen on its validation split: that sweep runs first if missing
-    first = track.seeds[0]
-    sweep_ids = tuple(aesl_sweep_id(tau, first) for tau in track.aesl_taus)
-    runs += [Run(i, "sft", {"loss": "aesl", "seed": first, "tau": tau}, base) for i, tau in zip(sweep_ids, track.aesl_taus)]
+    sweep = aesl_sweep_runs(track, base)
+    sweep_ids = tuple(r.id for r in sweep)
+    runs += sweep
     smoke = track.name.endswith("smoke")
     sizes, seeds = ((8, 16), track.seeds[:1]) if smoke else (ABLATION_SIZES, track.seeds)
     for seed in seeds:  # seed outermost: an interrupted ablation holds whole seeds of the table
