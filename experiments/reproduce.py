@@ -364,7 +364,10 @@ def run_sft(track: Track, paths: Paths, run_id: str, loss: str, seed: int, tau: 
     run_dir = paths.run_dir(run_id)
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished earlier attempt
     L.seed_everything(seed, workers=True, verbose=False)
-    loss_config = LossConfig(name=loss) if tau is None else LossConfig(name=loss, tau_tok=tau, tau_seq=tau)
+    # The CPU track was run with the first reading of AESL (whole-prefix subsequence gate, rho 0): keep it, so that a
+    # rerun reproduces the recorded results; the default AESL is a different loss (see the README).
+    loss_name = "aesl_v1" if loss == "aesl" else loss
+    loss_config = LossConfig(name=loss_name) if tau is None else LossConfig(name=loss_name, tau_tok=tau, tau_seq=tau)
     lora = LoRAConfig(r=track.lora_rank) if track.lora_rank else None
     module = SFTModule(name_or_path=_base_name(track, paths), loss=loss_config, lr=track.sft_lr, warmup_steps=0.05, scheduler="constant",
                        lora=lora, val_generation=_val_generation(track), histogram_every_n_steps=0)

@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import aesl_lightning.losses as losses
+import aesl_lightning.kernels as kernels
 from aesl_lightning.losses import LossConfig, aesl, ce, chunked_sft_loss, dft, sft_loss, token_entropy
 
 IGNORE = -100
 
 
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor, config: LossConfig) -> torch.Tensor:
-    """The equations walked token by token: gates from python floats (so detached), prefix as a list."""
+    """The equations walked token by token (ce, dft, aesl_v1): gates from python floats (so detached), prefix as a list."""
     batch, length, _ = logits.shape
     total, count = logits.new_zeros(()), 0
     for b in range(batch):
@@ -72,11 +73,11 @@ def loss_and_grad(fn, logits):
 
 
 AESL_CONFIGS = [
-    LossConfig(name="aesl", tau_tok=0.6, tau_seq=0.3, rho=0.0, gate="hard"),
-    LossConfig(name="aesl", tau_tok=0.8, tau_seq=0.2, rho=0.25, gate="hard"),
-    LossConfig(name="aesl", tau_tok=0.9, tau_seq=0.9, rho=0.0, gate="hard"),
-    LossConfig(name="aesl", tau_tok=0.6, tau_seq=0.3, rho=0.1, gate="soft", softness=0.1),
-    LossConfig(name="aesl", tau_tok=1.0, tau_seq=0.5, rho=0.5, gate="soft", softness=0.03),
+    LossConfig(name="aesl_v1", tau_tok=0.6, tau_seq=0.3, rho=0.0, gate="hard"),
+    LossConfig(name="aesl_v1", tau_tok=0.8, tau_seq=0.2, rho=0.25, gate="hard"),
+    LossConfig(name="aesl_v1", tau_tok=0.9, tau_seq=0.9, rho=0.0, gate="hard"),
+    LossConfig(name="aesl_v1", tau_tok=0.6, tau_seq=0.3, rho=0.1, gate="soft", softness=0.1),
+    LossConfig(name="aesl_v1", tau_tok=1.0, tau_seq=0.5, rho=0.5, gate="soft", softness=0.03),
 ]
 
 
@@ -103,7 +104,7 @@ def test_dft_matches_reference():
 @pytest.mark.parametrize("chunk_elems", [None, 25])  # 25 elements = 2 rows per chunk at V=11
 def test_aesl_matches_reference(config, chunk_elems, monkeypatch):
     if chunk_elems:
-        monkeypatch.setattr(losses, "_LOGITS_CHUNK_ELEMS", chunk_elems)
+        monkeypatch.setattr(kernels, "DEFAULT_CHUNK_ELEMS", chunk_elems)
     logits, labels = make_batch()
     ours = loss_and_grad(lambda x: sft_loss(x, labels, config).loss, logits)
     ref = loss_and_grad(lambda x: reference_loss(x, labels, config), logits)
@@ -115,7 +116,7 @@ def test_aesl_matches_reference(config, chunk_elems, monkeypatch):
 
 def test_aesl_large_vocab_matches_reference():
     logits, labels = make_batch(batch=2, length=7, vocab=1000, scale=4.0)
-    config = LossConfig(tau_tok=0.5, tau_seq=0.4, rho=0.2)
+    config = LossConfig(name="aesl_v1", tau_tok=0.5, tau_seq=0.4, rho=0.2)
     ours = loss_and_grad(lambda x: sft_loss(x, labels, config).loss, logits)
     ref = loss_and_grad(lambda x: reference_loss(x, labels, config), logits)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
@@ -123,7 +124,7 @@ def test_aesl_large_vocab_matches_reference():
 
 def test_gated_off_token_gets_exactly_zero_gradient():
     logits, labels = make_batch(dtype=torch.float32)
-    out = aesl(logits, labels, tau_tok=0.6, tau_seq=1.0)
+    out = aesl(logits, labels, name="aesl_v1", tau_tok=0.6, tau_seq=1.0)
     out.loss.backward()
     gated = out.mask & (out.token_gate == 0)
     learned = out.mask & (out.token_gate == 1)
@@ -146,7 +147,7 @@ def test_subsequence_gate_switches_where_prefix_confidence_crosses_tau_seq():
         logits[0, prompt - 1 + i, labels[0, prompt + i]] = math.log(p * (vocab - 1) / (1 - p))
     logits.requires_grad_()
 
-    out = aesl(logits, labels, tau_tok=1.0, tau_seq=0.85, rho=0.0)
+    out = aesl(logits, labels, name="aesl_v1", tau_tok=1.0, tau_seq=0.85, rho=0.0)
     cols = slice(prompt - 1, prompt - 1 + len(probs))
     expected_confidence = [0.0] + [math.exp(sum(map(math.log, probs[:i])) / i) for i in range(1, len(probs))]
     torch.testing.assert_close(out.prefix_confidence[0, cols], torch.tensor(expected_confidence, dtype=torch.float64))
@@ -162,10 +163,10 @@ def test_subsequence_gate_switches_where_prefix_confidence_crosses_tau_seq():
     torch.testing.assert_close(stats["seq_gate_mean"], torch.tensor(5 / 8, dtype=torch.float64))
     torch.testing.assert_close(stats["gated_off_fraction"], torch.tensor(3 / 8, dtype=torch.float64))
 
-    relaxed = aesl(logits, labels, tau_tok=1.0, tau_seq=0.85, rho=0.25)
+    relaxed = aesl(logits, labels, name="aesl_v1", tau_tok=1.0, tau_seq=0.85, rho=0.25)
     assert relaxed.seq_gate[0, cols].tolist() == [1, 1, 1, 1, 1, 0.25, 0.25, 0.25]
     # The first completion token is always learned, however low the threshold.
-    assert aesl(logits, labels, tau_tok=1.0, tau_seq=1e-6).seq_gate[0, prompt - 1] == 1
+    assert aesl(logits, labels, name="aesl_v1", tau_tok=1.0, tau_seq=1e-6).seq_gate[0, prompt - 1] == 1
 
 
 @pytest.mark.parametrize("config", [LossConfig(name="ce"), LossConfig(name="dft"), *AESL_CONFIGS[::2]])
@@ -189,7 +190,7 @@ def test_aesl_with_hard_thresholds_at_one_is_exactly_ce(dtype):
     with torch.no_grad():  # targets so confident that p_t rounds to exactly 1.0
         logits[0, 3, labels[0, 4]] = 200.0
         logits[1, 5, labels[1, 6]] = 200.0
-    config = LossConfig(name="aesl", tau_tok=1.0, tau_seq=1.0, gate="hard")
+    config = LossConfig(name="aesl_v1", tau_tok=1.0, tau_seq=1.0, gate="hard")
     assert sft_loss(logits, labels, config).token_logprob[0, 3] == 0  # p == 1.0 exactly
     a = loss_and_grad(lambda x: sft_loss(x, labels, config).loss, logits)
     c = loss_and_grad(lambda x: ce(x, labels).loss, logits)
@@ -278,7 +279,7 @@ def test_chunked_path_equals_unchunked(chunk_size, config, dtype):
     assert torch.equal(out.mask, ref.mask) and torch.equal(out.token_correct, ref.token_correct)
     for got, want, name in zip(grads, ref_grads, ("hidden", "weight", "bias")):
         torch.testing.assert_close(got, want, **tol, msg=f"grad {name}")
-    if config.name == "aesl" and config.gate == "hard":
+    if config.name == "aesl_v1" and config.gate == "hard":
         assert (out.loss_weight[out.mask] == 0).any(), "the test batch should gate some tokens off"
 
 
@@ -342,20 +343,10 @@ def test_bad_inputs_raise_errors_that_name_the_problem():
         sft_loss(logits, bad)
 
 
-def test_aesl_function_defaults_are_the_config_defaults():
-    import inspect
-
-    config = LossConfig()
-    for name, parameter in inspect.signature(aesl).parameters.items():
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
-            assert parameter.default == getattr(config, name), name
-    assert config.name == "aesl"
-
-
 def test_hard_token_gate_is_off_at_exactly_tau():
     logits = torch.zeros(1, 3, 2, dtype=torch.float64)  # p_t = 0.5 exactly
     logits[0, 1, 1] = 1.0  # p_t = e / (e + 1) = 0.731
     labels = torch.tensor([[IGNORE, 1, 1]])
-    assert aesl(logits, labels, tau_tok=0.5, tau_seq=1.0).token_gate[0].tolist() == [0.0, 0.0]
-    assert aesl(logits, labels, tau_tok=0.6, tau_seq=1.0).token_gate[0].tolist() == [1.0, 0.0]
-    assert aesl(logits, labels, tau_tok=0.75, tau_seq=1.0).token_gate[0].tolist() == [1.0, 1.0]
+    assert aesl(logits, labels, name="aesl_v1", tau_tok=0.5, tau_seq=1.0).token_gate[0].tolist() == [0.0, 0.0]
+    assert aesl(logits, labels, name="aesl_v1", tau_tok=0.6, tau_seq=1.0).token_gate[0].tolist() == [1.0, 0.0]
+    assert aesl(logits, labels, name="aesl_v1", tau_tok=0.75, tau_seq=1.0).token_gate[0].tolist() == [1.0, 1.0]
