@@ -1,9 +1,11 @@
 """GRPO as a LightningModule: rollouts, rewards, group advantages and mu clipped-surrogate steps per batch.
 
-Per batch of prompts: sample G completions each (`generate`, KV cache, stop at EOS), score them with a
-weighted list of TRL-style reward functions, turn rewards into group advantages, record the old and
-reference log-probs without gradient, then take `num_iterations` optimiser steps on the same rollouts.
-The maths are the pure functions of `aesl_lightning.grpo_loss`; FSDP helpers are in `aesl_lightning.fsdp`.
+Per batch of prompts: sample G completions each (`generate`, KV cache, stop at EOS; eval mode, LoRA adapters
+merged), score them with a weighted list of TRL-style reward functions, turn rewards into group advantages,
+record the old and reference log-probs without gradient (eval mode, completion positions only), then take
+`num_iterations` optimiser steps on the same rollouts. The maths are the pure functions of
+`aesl_lightning.grpo_loss`; rollout pieces are in `aesl_lightning.rollout`; FSDP helpers in `aesl_lightning.fsdp`.
+Each step logs where its time went under `train/time/<phase>` (seconds).
 Optimisation is manual (one batch, mu optimiser steps): clip gradients with `grpo.max_grad_norm`, not
 the Trainer's `gradient_clip_val`; `trainer.max_steps` counts optimiser steps.
 """
@@ -23,10 +25,12 @@ from torchmetrics import MeanMetric
 
 from aesl_lightning.fsdp import unsharded_for_generation, unwrap
 from aesl_lightning.generation import Generation, SamplingConfig, eos_ids, generate
-from aesl_lightning.grpo_loss import LossType, ScaleRewards, group_advantages, grpo_loss, token_log_probs
+from aesl_lightning.grpo_loss import LossType, ScaleRewards, group_advantages, grpo_loss
 from aesl_lightning.lm import CausalLMModule, Scheduler
 from aesl_lightning.lora import LoRAConfig, adapters_disabled, is_peft_model
-from aesl_lightning.losses import token_entropy
+from aesl_lightning.rollout import (PhaseTimer, Rollout, check_finite, completion_log_probs, disable_dropout, eval_mode,
+                                    global_std, reward_metrics, sampling_weights, score_completions,
+                                    warn_missing_groups)
 from aesl_lightning.sample_metrics import SampleMetrics
 
 log = logging.getLogger("aesl_lightning")
@@ -59,6 +63,8 @@ class GRPOConfig:
         log_completions_every_n_steps: Show a few rollouts with their rewards in TensorBoard's text panel
             every this many batches; 0 disables it.
         num_completions_to_print: Rollouts shown in the text panel.
+        disable_dropout: Switch off every dropout of the policy (LoRA's included) for training too, as TRL's
+            `disable_dropout`. Rollouts and their old / reference log-probs never use dropout either way.
     """
 
     num_generations: int = 4
@@ -78,6 +84,7 @@ class GRPOConfig:
     max_grad_norm: float | None = 1.0
     log_completions_every_n_steps: int = 10
     num_completions_to_print: int = 4
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -86,6 +93,8 @@ class GRPOConfig:
             raise ValueError(f"grpo.num_iterations must be >= 1, got {self.num_iterations}")
         if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high or 0) < 0:
             raise ValueError("grpo.beta, grpo.epsilon and grpo.epsilon_high must be >= 0")
+        if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
+            raise ValueError(f"grpo.reward_weights must be finite numbers, got {self.reward_weights}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"grpo.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs")
         self.sampling  # validates temperature, top_p, max_new_tokens
@@ -130,24 +139,13 @@ def load_reward_funcs(paths: list[str]) -> list:
     for i, path in enumerate(paths):
         module_name, _, name = path.replace(":", ".").rpartition(".")
         try:
-            funcs.append(getattr(importlib.import_module(module_name), name))
+            func = getattr(importlib.import_module(module_name), name)
         except (ImportError, AttributeError, ValueError) as err:
             raise ValueError(f"grpo.reward_funcs[{i}]: cannot import {path!r} (expected package.module.function): {err}") from err
+        if not callable(func):
+            raise ValueError(f"grpo.reward_funcs[{i}]: {path!r} is a {type(func).__name__}, not a function")
+        funcs.append(func)
     return funcs
-
-
-@dataclass
-class Rollout:
-    """One batch of rollouts: everything the mu optimisation steps need, no gradient attached."""
-
-    generation: Generation
-    input_ids: torch.Tensor  # [N, P + L] prompt then completion
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor  # [N, L] bool
-    advantages: torch.Tensor  # [N]
-    rewards: torch.Tensor  # [N, num reward funcs], NaN where a function gave None
-    old_logp: torch.Tensor | None  # [N, L]; None with mu == 1 (old = current, detached)
-    ref_logp: torch.Tensor | None  # [N, L]; None with beta == 0
 
 
 class GRPOModule(CausalLMModule):
@@ -204,6 +202,8 @@ class GRPOModule(CausalLMModule):
         if wanted not in self.reward_names:
             raise ValueError(f"grpo.correctness_reward {wanted!r} is not one of the reward functions {self.reward_names}")
         self.correctness_index = self.reward_names.index(wanted)
+        if grpo.disable_dropout:
+            disable_dropout(self.model)
         # The reference policy: none with beta 0, the adapter-disabled base under LoRA, else a frozen copy kept
         # outside the module's children (not trained, checkpointed or sharded; replicated on every rank).
         self._reference: list[torch.nn.Module] = []
@@ -221,51 +221,54 @@ class GRPOModule(CausalLMModule):
         return self._reference[0] if self._reference else None
 
     # ------------------------------------------------------------------------------------------- rollouts
-    def sequence_log_probs(self, model, input_ids, attention_mask, completion_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs [N, L] of the completion tokens at the sampling temperature, logits [N, L, V])."""
-        length = completion_ids.shape[1]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate does for left-padded prompts
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, logits_to_keep=length + 1).logits[:, :-1]
-        return token_log_probs(logits, completion_ids, self.grpo.temperature), logits
+    def sequence_log_probs(self, model, input_ids, attention_mask, completion_ids, completion_mask=None,
+                           return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probs [N, L] of the completion tokens at the sampling temperature, entropy [N, L] or None), 0
+        outside `completion_mask`; `aesl_lightning.rollout.completion_log_probs` in the model's current mode."""
+        return completion_log_probs(model, input_ids, attention_mask, completion_ids, completion_mask,
+                                    self.grpo.temperature, return_entropy)
 
     def score(self, prompts: list, texts: list[str], completion_ids: list[list[int]], columns: dict) -> torch.Tensor:
-        """Rewards [N, num funcs] of the completions; None from a reward function becomes NaN."""
-        scores = []
-        for name, func in zip(self.reward_names, self.reward_funcs):
-            values = func(prompts=prompts, completions=texts, completion_ids=completion_ids, **columns)
-            if len(values) != len(texts):
-                raise ValueError(f"reward function {name} returned {len(values)} rewards for {len(texts)} completions")
-            scores.append([float("nan") if v is None else float(v) for v in values])
-        return torch.tensor(scores, dtype=torch.float32).T.reshape(len(texts), len(self.reward_funcs))
+        """Rewards [N, num funcs] of the completions; None or NaN from a reward function becomes NaN (not
+        applicable); other non-finite or non-numeric rewards raise, naming the function."""
+        return score_completions(self.reward_funcs, self.reward_names, prompts, texts, completion_ids, columns)
 
     @torch.no_grad()
-    def make_rollout(self, batch: dict) -> Rollout:
-        """Sample G completions per prompt, score them, compute advantages and old / reference log-probs."""
+    def make_rollout(self, batch: dict, timer: PhaseTimer | None = None) -> Rollout:
+        """Sample G completions per prompt, score them, compute advantages and old / reference log-probs.
+
+        Everything here runs in eval mode (no dropout): the completions and both log-prob passes come from
+        the policy being optimised, so at the first inner iteration pi_theta / pi_old = 1."""
         cfg, g = self.grpo, self.grpo.num_generations
+        timer = timer or PhaseTimer(self.device)
         keep = batch["attention_mask"].any(dim=0)  # drop columns that are padding in every row
         ids, mask = batch["input_ids"][:, keep], batch["attention_mask"][:, keep]
-        with unsharded_for_generation(self.model):
+        with timer("sampling"), eval_mode(self.model), sampling_weights(self.model):
             gen = self.sample(ids, mask, cfg.sampling)
-        repeat = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
-        columns = {k: repeat(v) for k, v in batch.items() if k not in _PROMPT_KEYS and isinstance(v, list)}
-        completion_lists = [row[m].tolist() for row, m in zip(gen.completion_ids, gen.completion_mask)]
-        rewards = self.score(repeat(batch["prompt"]), gen.texts, completion_lists, columns)
-        total = (rewards * self.reward_weights).nansum(dim=1)
-        advantages = group_advantages(total.to(self.device), g, cfg.scale_rewards)
+        with timer("scoring"):
+            repeat = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
+            columns = {k: repeat(v) for k, v in batch.items() if k not in _PROMPT_KEYS and isinstance(v, list)}
+            completion_lists = [row[m].tolist() for row, m in zip(gen.completion_ids, gen.completion_mask)]
+            rewards = self.score(repeat(batch["prompt"]), gen.texts, completion_lists, columns)
+            warn_missing_groups(rewards, g)
+            total = (rewards * self.reward_weights).nansum(dim=1).to(self.device)
+            advantages = group_advantages(total, g, cfg.scale_rewards, batch_std=global_std(total) if cfg.scale_rewards == "batch" else None)
+            check_finite("advantages", advantages)
         loss_mask = gen.completion_mask & ~gen.truncated.unsqueeze(1) if cfg.mask_truncated_completions else gen.completion_mask
         input_ids = torch.cat([gen.prompt_ids, gen.completion_ids], dim=1)
         attention_mask = torch.cat([gen.prompt_mask, gen.completion_mask.long()], dim=1)
+        args = (input_ids, attention_mask, gen.completion_ids, gen.completion_mask)
         old_logp = ref_logp = None
         if cfg.num_iterations > 1:
-            old_logp = self.sequence_log_probs(self.model, input_ids, attention_mask, gen.completion_ids)[0]
+            with timer("old_logprobs"), eval_mode(self.model):
+                old_logp = self.sequence_log_probs(self.model, *args)[0]
         if cfg.beta > 0:
-            if is_peft_model(unwrap(self.model)):
-                with adapters_disabled(unwrap(self.model)):
-                    ref_logp = self.sequence_log_probs(self.model, input_ids, attention_mask, gen.completion_ids)[0]
-            else:
-                ref = self.reference_model.to(self.device)
-                ref_logp = self.sequence_log_probs(ref, input_ids, attention_mask, gen.completion_ids)[0]
+            with timer("ref_logprobs"), eval_mode(self.model):
+                if is_peft_model(unwrap(self.model)):
+                    with adapters_disabled(unwrap(self.model)):
+                        ref_logp = self.sequence_log_probs(self.model, *args)[0]
+                else:
+                    ref_logp = self.sequence_log_probs(self.reference_model.to(self.device), *args)[0]
         return Rollout(gen, input_ids, attention_mask, loss_mask, advantages, rewards, old_logp, ref_logp)
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig) -> Generation:
@@ -275,27 +278,35 @@ class GRPOModule(CausalLMModule):
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         cfg = self.grpo
-        rollout = self.make_rollout(batch)
-        optimizer, schedule = self.optimizers(), self.lr_schedulers()
-        num_tokens = self._mean_tokens_per_rank(rollout.loss_mask) if cfg.loss_type == "dapo" else None
-        completion_ids = rollout.generation.completion_ids
-        losses = []
-        for iteration in range(cfg.num_iterations):
-            logp, logits = self.sequence_log_probs(self.model, rollout.input_ids, rollout.attention_mask, completion_ids)
-            old = logp.detach() if rollout.old_logp is None else rollout.old_logp
-            out = grpo_loss(logp, old, rollout.advantages, rollout.loss_mask, rollout.ref_logp, cfg.beta, cfg.epsilon,
-                            cfg.epsilon_high, cfg.loss_type, cfg.max_new_tokens, num_tokens)
-            if iteration == 0:
-                entropy = token_entropy(logits.detach(), rollout.generation.completion_mask)
-            del logits
-            optimizer.zero_grad()
-            self.manual_backward(out.loss)
-            if cfg.max_grad_norm is not None:
-                self.configure_gradient_clipping(optimizer, cfg.max_grad_norm, "norm")  # FSDP1-aware
-            optimizer.step()
-            schedule.step()
-            losses.append(out.loss.detach())
+        timer = PhaseTimer(self.device)
+        with timer("step"):
+            rollout = self.make_rollout(batch, timer)
+            optimizer, schedule = self.optimizers(), self.lr_schedulers()
+            num_tokens = self._mean_tokens_per_rank(rollout.loss_mask) if cfg.loss_type == "dapo" else None
+            gen = rollout.generation
+            losses = []
+            for iteration in range(cfg.num_iterations):
+                with timer("policy"):  # forward + backward
+                    logp, entropy_map = self.sequence_log_probs(self.model, rollout.input_ids, rollout.attention_mask,
+                                                                gen.completion_ids, gen.completion_mask,
+                                                                return_entropy=iteration == 0)
+                    old = logp.detach() if rollout.old_logp is None else rollout.old_logp
+                    out = grpo_loss(logp, old, rollout.advantages, rollout.loss_mask, rollout.ref_logp, cfg.beta,
+                                    cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.max_new_tokens, num_tokens)
+                    if iteration == 0:
+                        entropy = entropy_map.sum() / gen.completion_mask.sum().clamp(min=1)
+                    check_finite("loss", out.loss.detach())
+                    optimizer.zero_grad()
+                    self.manual_backward(out.loss)
+                with timer("optimizer"):
+                    if cfg.max_grad_norm is not None:
+                        self.configure_gradient_clipping(optimizer, cfg.max_grad_norm, "norm")  # FSDP1-aware
+                    optimizer.step()
+                    schedule.step()
+                losses.append(out.loss.detach())
         self._log_training(rollout, out, torch.stack(losses).mean(), entropy)
+        self.log_dict({f"train/time/{phase}": torch.tensor(s) for phase, s in timer.seconds.items()},
+                      batch_size=len(gen.texts))
         return torch.stack(losses).mean()
 
     def _mean_tokens_per_rank(self, mask: torch.Tensor) -> torch.Tensor:
@@ -318,15 +329,7 @@ class GRPOModule(CausalLMModule):
                        "train/clip_ratio/total": out.clip_total, "train/entropy": entropy,
                        "train/accuracy": (correct[~correct.isnan()] >= 1).float().mean(),
                        "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"])})
-        weighted = (rewards * self.reward_weights).nansum(dim=1)
-        values["train/reward/mean"], values["train/reward/std"] = weighted.mean(), weighted.std()
-        groups = weighted.view(-1, self.grpo.num_generations)
-        values["train/frac_reward_zero_std"] = (groups.std(dim=1) == 0).float().mean()
-        for j, name in enumerate(self.reward_names):
-            column = rewards[:, j][~rewards[:, j].isnan()]
-            if column.numel():
-                values[f"train/rewards/{name}/mean"] = column.mean()
-                values[f"train/rewards/{name}/std"] = column.std() if column.numel() > 1 else column.new_zeros(())
+        values.update(reward_metrics(rewards, self.reward_weights, self.reward_names, self.grpo.num_generations))
         self.log_dict({k: v.float() for k, v in values.items()}, batch_size=n)
         every = self.grpo.log_completions_every_n_steps
         batch_idx = self.trainer.fit_loop.epoch_loop.batch_progress.total.completed

@@ -23,13 +23,15 @@ ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: ScaleRewards = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, scale: ScaleRewards = "group", eps: float = 1e-4,
+                     batch_std: Tensor | float | None = None) -> Tensor:
     """A_i = (r_i - mean_g(r)) / (std + eps) for rewards [N] in consecutive groups of `group_size`.
 
     mean_g is the mean of the group of completion i (the G completions of one prompt). std is the standard
     deviation (Bessel-corrected, as torch.std) of the group (`scale="group"`, GRPO), of the whole batch
     (`"batch"`), or 1 with eps = 0 (`"none"`, Dr. GRPO: no scaling). A group whose rewards are all equal gets
-    A = 0 exactly (its numerator is 0), never NaN; with group_size 1 every advantage is 0.
+    A = 0 exactly (its numerator is 0), never NaN; with group_size 1 every advantage is 0. `batch_std`, with
+    `"batch"`, is the std of the global batch when `rewards` is one rank's share of it (default: std(rewards)).
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"group_advantages: rewards must be 1-D with a multiple of group_size={group_size} entries, found shape {list(rewards.shape)}")
@@ -41,6 +43,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale: ScaleRewards = "gr
         return torch.zeros_like(rewards, dtype=torch.float32)
     if scale == "group":
         std = grouped.std(dim=1, keepdim=True)
+    elif scale == "batch" and batch_std is not None:
+        std = torch.as_tensor(batch_std, dtype=grouped.dtype, device=grouped.device)
     elif scale == "batch":
         std = grouped.reshape(-1).std() if grouped.numel() > 1 else grouped.new_zeros(())
     else:

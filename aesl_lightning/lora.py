@@ -3,7 +3,9 @@
 A LoRA layer replaces a frozen linear weight W (out x in) by W + (alpha / r) * B A, with A (r x in) and
 B (out x r) trainable and B initialised to zero, so the adapted model starts as the base model.
 Merging folds the product back into W; with the adapters switched off the model is the base model,
-which GRPO uses as its frozen reference policy at no extra memory.
+which GRPO uses as its frozen reference policy at no extra memory. `merged_adapters` folds them in for the
+length of a block (GRPO samples its rollouts that way: one matmul per linear instead of three) and restores
+the original weight tensors afterwards, bit for bit.
 """
 
 from __future__ import annotations
@@ -113,6 +115,40 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         )
     with model.disable_adapter():
         yield model
+
+
+@contextmanager
+def merged_adapters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block every LoRA layer of `model` computes with one merged weight W' = W + (alpha / r) * B A
+    (peft's own merge, `safe_merge`: into a new tensor, checked finite); on exit, also after an exception, each
+    layer gets back its original W tensor (bit-exact, no W' - (alpha / r) * B A round trip) and its adapters
+    unmerged. The parameters stay the same objects, so optimizer state and references are untouched.
+
+    For sampling, not training: gradients do not reach A and B inside the block. Costs one extra copy of the
+    adapted weights while it lasts. A model without adapters is yielded as is; a model whose adapters are
+    switched off (`adapters_disabled`) or already merged is left alone.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if is_peft_model(model) else []
+    if not layers or any(layer.merged or layer.disable_adapters for layer in layers):
+        yield model
+        return
+    saved = []
+    try:
+        for layer in layers:
+            base = layer.get_base_layer()
+            bias = getattr(base, "bias", None)
+            # registered before merging, so that a failure half-way still restores what was replaced
+            saved.append((layer, base.weight, base.weight.data, bias, bias.data if bias is not None else None))
+            layer.merge(safe_merge=True)
+        yield model
+    finally:
+        for layer, weight, original, bias, original_bias in saved:
+            weight.data = original
+            if bias is not None:
+                bias.data = original_bias
+            layer.merged_adapters.clear()
 
 
 _PEFT_PREFIX = "base_model.model."

@@ -172,3 +172,12 @@ def test_grpo_loss_adds_beta_times_kl():
     assert with_kl.kl.item() == pytest.approx(kl.mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_loss(logp, logp, adv, mask, beta=0.1)
+
+
+def test_batch_scale_with_the_global_std_matches_the_whole_batch():
+    # each rank holds whole groups; scaled by the global batch std, its advantages are its slice of the global ones
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.5, 3.0, 2.0, 0.0, 0.0, 5.0, 1.0, 1.0, 1.0])
+    whole = group_advantages(rewards, 2, "batch")
+    halves = [group_advantages(part, 2, "batch", batch_std=rewards.std()) for part in rewards.split(6)]
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)
+    assert not torch.allclose(group_advantages(rewards[:6], 2, "batch"), whole[:6])  # the local std differs

@@ -13,6 +13,7 @@ from aesl_lightning.lora import (
     is_peft_model,
     merge_lora,
     merge_lora_state_dict,
+    merged_adapters,
 )
 from aesl_lightning.tiny import tiny_model
 
@@ -127,3 +128,59 @@ def test_config_validation_and_docstring():
     for field in dataclasses.fields(LoRAConfig):
         assert f"{field.name}:" in args
     assert isinstance(apply_lora(tiny_model(), LoRAConfig(r=2)), PeftModel)
+
+
+def test_merged_adapters_compute_the_merged_model_and_restore_the_weights_bit_for_bit():
+    model = lora_model()
+    params = dict(model.named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    adapted = logits(model)
+    expected = logits(merge_lora(model))
+    with merged_adapters(model) as same:
+        assert same is model
+        inside = logits(model)
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, saved[n])]
+    assert torch.equal(inside, expected)  # the same W + (alpha / r) B A as peft's merge_and_unload
+    assert changed and all("base_layer.weight" in n for n in changed)  # the adapted weights were merged...
+    assert dict(model.named_parameters()) == params  # ...into the same parameter objects, now restored exactly
+    assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
+    assert torch.equal(logits(model), adapted)
+
+
+def test_merged_adapters_restore_after_an_exception_even_mid_merge(monkeypatch):
+    from peft.tuners.lora import LoraLayer
+
+    model = lora_model()
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapted = logits(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with merged_adapters(model):
+            raise RuntimeError("inside")
+    assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    calls = []
+    real = type(layers[0]).merge
+
+    def flaky(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 3:
+            raise RuntimeError("merge failed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(layers[0]), "merge", flaky)
+    with pytest.raises(RuntimeError, match="merge failed"):
+        with merged_adapters(model):
+            pass
+    assert len(calls) == 3 and not any(layer.merged for layer in layers)
+    assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
+    assert torch.equal(logits(model), adapted)
+
+
+def test_merged_adapters_leave_plain_and_disabled_models_alone():
+    plain = tiny_model()
+    with merged_adapters(plain) as same:
+        assert same is plain
+    model = lora_model()
+    base = logits(tiny_model("llama", seed=0).eval())
+    with adapters_disabled(model), merged_adapters(model):
+        torch.testing.assert_close(logits(model), base, atol=1e-6, rtol=0)
