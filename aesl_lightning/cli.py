@@ -55,12 +55,17 @@ def export_main(argv: list[str]) -> Path:
         description="Export a checkpoint written by aesl-lightning in Hugging Face format (model + tokenizer).",
     )
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by an aesl-lightning run.")
-    parser.add_argument("--out", required=True, help="Output folder; replaced atomically if it exists.")
+    parser.add_argument("--out", required=True, help="Output folder: new, empty or a previous export (replaced atomically).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace --out even if it holds files that are not a previous export (they are deleted).")
     parser.add_argument("--no-merge-lora", action="store_true", help="Save LoRA adapters separately instead of merging.")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="Allow a checkpoint whose model needs trust_remote_code (runs the model repository's code).")
     args = parser.parse_args(argv)
     from aesl_lightning.lm import export_checkpoint
 
-    out = export_checkpoint(args.ckpt, args.out, merge_lora=False if args.no_merge_lora else None)
+    out = export_checkpoint(args.ckpt, args.out, merge_lora=False if args.no_merge_lora else None,
+                            overwrite=True if args.overwrite else None, trust_remote_code=args.trust_remote_code)
     print(f"Exported {args.ckpt} -> {out}")
     return out
 

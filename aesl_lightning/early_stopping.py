@@ -315,7 +315,11 @@ class DiversityEarlyStopping(Callback):
     the peak, the rule's settings and the history). TensorBoard gets `diversity/score`,
     `diversity/score_smoothed`, once `diversity/turning_point_step` and a text note. In the JSON `step` is
     `trainer.global_step` (the checkpoint's), `log_step` the step the loggers put that validation's
-    metrics at (one less, during fit), which is also the value of `diversity/turning_point_step`.
+    metrics at (one less, during fit), which is also the value of `diversity/turning_point_step`; its
+    `peak_checkpoint` and `hf_model` are relative to the JSON's own folder.
+    Resuming: the checkpoint's state holds the peak's path relative to the run folder; the resumed run copies
+    that peak into its own `dirpath` (see `_adopt_peak`: only from beside the resumed checkpoint, and read
+    with `torch.load(weights_only=True)` like every checkpoint this callback reads).
 
     Args:
         monitor: Metric (or list of metrics) that measures diversity, as logged by the module.
@@ -355,10 +359,13 @@ class DiversityEarlyStopping(Callback):
         self.dirpath = dirpath
         self.export_hf = export_hf
         self.save_weights_only = save_weights_only
-        self.peak_checkpoint: str | None = None
+        self.peak_checkpoint: str | None = None  # set only by this run: a peak it saved or adopted, never a loaded path
         self.exported: Path | None = None
         self.stopped_at_step: int | None = None
         self._out: Path | None = None
+        self._run_dir: Path | None = None
+        self._restored_peak: str | None = None  # the peak path a resumed checkpoint records (not trusted as is)
+        self._resumed_from: str | None = None
         self._exported_index: int | None = None
         self._warned: set[str] = set()
 
@@ -379,6 +386,7 @@ class DiversityEarlyStopping(Callback):
 
         out = str(Path(self.dirpath) if self.dirpath else run_dir(trainer) / "turning_point")
         self._out = Path(trainer.strategy.broadcast(out))  # loggers may resolve their version per rank
+        self._run_dir = Path(trainer.strategy.broadcast(str(run_dir(trainer))))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -418,16 +426,28 @@ class DiversityEarlyStopping(Callback):
             self._finish(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
+        """The rule's history, where the peak checkpoint is (relative to the run folder when it lies inside it,
+        as by default), and the stop step."""
         return {
             "rule": self.rule.state_dict(),
-            "peak_checkpoint": self.peak_checkpoint,
+            "peak_checkpoint": self._portable(self.peak_checkpoint),
             "stopped_at_step": self.stopped_at_step,
         }
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Replay the rule's history. The recorded peak path is not used as is: `on_train_start` looks for it
+        only next to the resumed checkpoint and copies it into this run's folder (`_adopt_peak`)."""
         self.rule.load_state_dict(state_dict["rule"])
-        self.peak_checkpoint = state_dict.get("peak_checkpoint")
+        restored = state_dict.get("peak_checkpoint")
+        self._restored_peak = restored if isinstance(restored, str) and restored else None
         self.stopped_at_step = state_dict.get("stopped_at_step")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.rule.peak is not None and self.peak_checkpoint is None:
+            self._adopt_peak(trainer)
 
     # ---------------------------------------------------------------------------------------- helpers
     def _warn_unusable(self, trainer: L.Trainer, values: dict[str, float], unusable: dict[str, str]) -> None:
@@ -521,7 +541,9 @@ class DiversityEarlyStopping(Callback):
             log.warning("DiversityEarlyStopping: the model is sharded; export %s with aesl_lightning.lm.export_checkpoint",
                         path)
             return None
-        peak_state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+        from aesl_lightning.lm import load_checkpoint
+
+        peak_state = load_checkpoint(path)["state_dict"]  # weights_only=True: a crafted file cannot run code
         # The module may keep training (stop=False) or be exported again by another callback: load the
         # peak into it only for the export and put the current weights back.
         current = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
@@ -541,11 +563,88 @@ class DiversityEarlyStopping(Callback):
             "turning_point": rule.turning_point,
             "fired_at": None if rule.fired_at is None else {k: rule.fired_at[k] for k in ("index", "step", "epoch")},
             "peak": rule.peak,
-            "peak_checkpoint": self.peak_checkpoint,
-            "hf_model": str(self.exported) if self.exported else None,
+            "peak_checkpoint": self._relative_to_out(self.peak_checkpoint),
+            "hf_model": self._relative_to_out(self.exported),
             "rule": rule.config.to_dict(),
             "history": rule.history,
         }
+
+    def _relative_to_out(self, path: str | Path | None) -> str | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).resolve().relative_to(self.out_dir.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _portable(self, path: str | None) -> str | None:
+        """`path` relative to the run folder if it lies inside it (the default layout), else as is."""
+        if path is None or self._run_dir is None:
+            return path
+        try:
+            return Path(path).resolve().relative_to(self._run_dir.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _adopt_peak(self, trainer: L.Trainer) -> None:
+        """After resuming: make `<dirpath>/peak.ckpt` this run's own copy of the recorded peak.
+
+        The peak is this run's existing `peak.ckpt` if it holds the recorded peak step, else the file the
+        resumed checkpoint recorded, followed only if it lies inside the resumed checkpoint's folder or the one
+        above it (the run folder of `<run>/checkpoints/last.ckpt`) and holds the peak's global step when read
+        with `torch.load(weights_only=True)`. Anything else is refused with a warning: the peak is then known
+        (history, turning point) but has no checkpoint until a new peak is saved.
+        """
+        want = self.rule.peak["step"]
+        own = self.out_dir / PEAK_CHECKPOINT
+        adopted = None
+        if trainer.is_global_zero:
+            adopted = self._find_peak(own, want)
+            if adopted is not None and adopted != own:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                tmp = self.out_dir / f".{PEAK_CHECKPOINT}.tmp"
+                shutil.copyfile(adopted, tmp)
+                os.replace(tmp, own)
+                log.info("DiversityEarlyStopping: copied the peak checkpoint (step %s) of the resumed run from %s to %s",
+                         want, adopted, own)
+            adopted = str(own.resolve()) if adopted is not None else None
+        self.peak_checkpoint = trainer.strategy.broadcast(adopted)
+
+    def _find_peak(self, own: Path, want: int) -> Path | None:
+        if self._holds_step(own, want):
+            return own
+        recorded = self._restored_peak
+        if recorded is None or self._resumed_from is None:
+            log.warning("DiversityEarlyStopping: the resumed run's peak (step %s) has no checkpoint here; it is "
+                        "exported only if a new peak is found", want)
+            return None
+        ckpt = Path(self._resumed_from).resolve()
+        roots = [ckpt.parent, ckpt.parent.parent]
+        relative = not Path(recorded).is_absolute()
+        candidates = [(root / recorded, root) for root in roots] if relative else [(Path(recorded), root) for root in roots]
+        from aesl_lightning.callbacks import is_inside
+
+        for candidate, root in candidates:
+            if is_inside(candidate, root) and candidate.is_file() and self._holds_step(candidate, want):
+                return candidate
+        log.warning(
+            "DiversityEarlyStopping: the resumed checkpoint records the peak (step %s) at %r; not used: no file "
+            "holding that step inside %s or %s (a checkpoint is never followed outside its own run folder). The "
+            "peak is exported only if a new peak is found", want, recorded, roots[0], roots[1]
+        )
+        return None
+
+    @staticmethod
+    def _holds_step(path: Path, want: int) -> bool:
+        if not path.is_file():
+            return False
+        from aesl_lightning.lm import UnsafeCheckpointError, load_checkpoint
+
+        try:
+            return load_checkpoint(path).get("global_step") == want
+        except UnsafeCheckpointError as err:
+            log.warning("DiversityEarlyStopping: %s", err)
+            return False
 
     def _write_json(self, trainer: L.Trainer) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

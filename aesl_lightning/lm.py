@@ -8,6 +8,7 @@ from the hyper-parameters alone; everything a stage adds (its loss, its metrics)
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -174,13 +175,14 @@ class CausalLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------- export
-    def export_hf(self, out_dir: str | Path, merge_lora: bool | None = None) -> Path:
+    def export_hf(self, out_dir: str | Path, merge_lora: bool | None = None, overwrite: bool | None = None) -> Path:
         """Write the current weights and tokenizer in Hugging Face format (atomically) and return the folder.
 
         The result reloads with plain `AutoModelForCausalLM.from_pretrained(out_dir)`. LoRA adapters are
         merged unless `merge_lora=False` or the LoRA config says otherwise. Under FSDP (2 or 1) the shards are
         gathered first, which is collective: every rank must call this (rank 0 writes), and LoRA adapters are
-        always merged.
+        always merged. `overwrite`: None replaces only an empty folder or a previous export, True any folder
+        (see `aesl_lightning.export.check_export_target`).
         """
         from aesl_lightning.export import export_hf, export_state_dict
         from aesl_lightning.fsdp import full_state_dict, is_sharded, unwrap
@@ -190,13 +192,13 @@ class CausalLMModule(L.LightningModule):
         if merge_lora is None:
             merge_lora = True if lora is None else bool(getattr(lora, "merge_on_export", True))
         if not is_sharded(self.model):
-            return export_hf(self.model, self.tokenizer, out_dir, merge_lora=merge_lora)
+            return export_hf(self.model, self.tokenizer, out_dir, merge_lora=merge_lora, overwrite=overwrite)
         state = full_state_dict(self.model)
         if self.global_rank == 0:
             model = unwrap(self.model)
             base = model.get_base_model() if is_peft_model(model) else model
             export_state_dict(state, base.config, self.tokenizer, out_dir, generation_config=base.generation_config,
-                              lora_config=lora)  # gathered adapters are always merged
+                              lora_config=lora, overwrite=overwrite)  # gathered adapters are always merged
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         return Path(out_dir)
@@ -206,20 +208,91 @@ class CausalLMModule(L.LightningModule):
         checkpoint["aesl_lightning"] = {"module_class": f"{cls.__module__}.{cls.__qualname__}"}
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, merge_lora: bool | None = None) -> Path:
-    """Rebuild the module saved in a toolkit checkpoint and export its weights in Hugging Face format."""
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that `torch.load(weights_only=True)` refuses (it would run code) or that names code to run."""
+
+
+def register_safe_globals() -> None:
+    """Allow the toolkit's config dataclasses in `torch.load(weights_only=True)`: `sft` and `grpo` register the
+    classes their hyper-parameters hold when imported, so importing them is the registration."""
+    import aesl_lightning.grpo  # noqa: F401
+    import aesl_lightning.sft  # noqa: F401
+
+
+def load_checkpoint(path: str | Path, *, mmap: bool = True) -> dict:
+    """`torch.load(path, weights_only=True)` on CPU: tensors, containers, primitives and the toolkit's config
+    dataclasses only, so a crafted checkpoint cannot run code. Raises `FileNotFoundError` for a missing file and
+    `UnsafeCheckpointError` (naming the file and the refused object) for anything else the safe loader refuses.
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    register_safe_globals()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: torch.load(weights_only=True) rejects it ({reason[:300]}). aesl-lightning "
+            "never unpickles arbitrary objects; a checkpoint it wrote holds only tensors, numbers, strings and its "
+            "config dataclasses"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise UnsafeCheckpointError(f"{path}: expected a Lightning checkpoint (a dict), found {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def _module_class(meta: object, ckpt_path: Path) -> type[CausalLMModule]:
+    """The module class a checkpoint names, if it is one of the toolkit's (`aesl_lightning.*`, a CausalLMModule)."""
     import importlib
 
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    meta = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("aesl_lightning")
-    if not meta or "module_class" not in meta:
+    name = meta.get("module_class") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name:
         raise ValueError(
             f"{ckpt_path}: not written by aesl-lightning (no 'aesl_lightning.module_class' entry); "
             "export from Python with YourModule.load_from_checkpoint(path).export_hf(out_dir)"
         )
-    module_path, _, class_name = meta["module_class"].rpartition(".")
-    module_cls = getattr(importlib.import_module(module_path), class_name)
-    module = module_cls.load_from_checkpoint(ckpt_path, map_location="cpu")
-    return module.export_hf(out_dir, merge_lora=merge_lora)
+    module_path, _, class_name = name.rpartition(".")
+    # Importing a module runs its code: only the toolkit's own modules are imported on a checkpoint's word.
+    if not re.fullmatch(r"aesl_lightning(\.[A-Za-z_]\w*)+", module_path) or not class_name.isidentifier():
+        raise UnsafeCheckpointError(
+            f"{ckpt_path}: names module class {name!r}, outside aesl_lightning; the export subcommand imports only "
+            "the toolkit's modules. For your own subclass: YourModule.load_from_checkpoint(path).export_hf(out_dir)"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_path), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{ckpt_path}: module class {name!r} not found ({err})") from None
+    if not (isinstance(cls, type) and issubclass(cls, CausalLMModule)):
+        raise UnsafeCheckpointError(f"{ckpt_path}: module class {name!r} is not a CausalLMModule")
+    return cls
+
+
+def export_checkpoint(
+    ckpt_path: str | Path, out_dir: str | Path, merge_lora: bool | None = None, *,
+    overwrite: bool | None = None, trust_remote_code: bool = False,
+) -> Path:
+    """Rebuild the module saved in a toolkit checkpoint and export its weights in Hugging Face format.
+
+    The checkpoint is read with `torch.load(weights_only=True)` only (`load_checkpoint`); its module class
+    must be one of the toolkit's; a checkpoint whose hyper-parameters ask for `trust_remote_code` is refused
+    unless `trust_remote_code=True` is passed here too (it would run the hub repository's code).
+    `overwrite` as in `aesl_lightning.export.check_export_target`, checked before the model is built.
+    """
+    from aesl_lightning.export import check_export_target
+
+    ckpt_path = Path(ckpt_path)
+    check_export_target(out_dir, overwrite)
+    checkpoint = load_checkpoint(ckpt_path)
+    module_cls = _module_class(checkpoint.get("aesl_lightning"), ckpt_path)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if hparams.get("trust_remote_code") and not trust_remote_code:
+        raise UnsafeCheckpointError(
+            f"{ckpt_path}: its hyper-parameters set trust_remote_code=True for {hparams.get('name_or_path')!r}, which "
+            "runs code from that model repository; pass --trust-remote-code (trust_remote_code=True) if you trust it"
+        )
+    del checkpoint
+    module = module_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    return module.export_hf(out_dir, merge_lora=merge_lora, overwrite=overwrite)

@@ -147,7 +147,7 @@ def test_tiny_end_to_end_fit_logs_checkpoints_and_exports(tmp_path, capsys):
 def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
     run = _tiny_fit(tmp_path)
     ckpt = run / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 6 and state["aesl_lightning"]["module_class"] == "aesl_lightning.sft.SFTModule"
     assert state["lr_schedulers"] and state["optimizer_states"]
     main([
@@ -159,7 +159,7 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
         "--model.val_generation.max_new_tokens", "12", "--model.val_generation.num_prompts", "4",
     ])
     last = next((tmp_path / "resumed").rglob("last.ckpt"))
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 8
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 8
 
 
 def test_export_refuses_a_foreign_checkpoint(tmp_path):

@@ -240,7 +240,7 @@ def test_stops_at_the_turning_point_and_exports_the_peak(tmp_path):
     out = trainer.logger.log_dir + "/turning_point"
     assert str(callback.out_dir) == out
 
-    peak = torch.load(f"{out}/peak.ckpt", weights_only=False)
+    peak = torch.load(f"{out}/peak.ckpt", weights_only=True)
     assert peak["global_step"] == 12
     q_proj = "model.model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(peak["state_dict"][q_proj], module.weights_at[12])
@@ -262,7 +262,8 @@ def test_stops_at_the_turning_point_and_exports_the_peak(tmp_path):
     assert summary["fired_at"] == {"index": 4, "step": 20, "epoch": 4}
     assert summary["rule"]["monitor"] == [ENT] and summary["rule"]["patience"] == 2
     assert [e["values"][ENT] for e in summary["history"]] == [1.0, 2.0, 3.0, 2.5, 2.0]
-    assert summary["hf_model"].endswith("turning_point/hf_model")
+    # paths in the JSON are relative to its own folder, so the folder can be moved or copied whole
+    assert summary["hf_model"] == "hf_model" and summary["peak_checkpoint"] == "peak.ckpt"
 
     acc, logged = scalars(trainer.logger.log_dir)
     assert logged["diversity/turning_point_step"] == [(19, 11.0)]
@@ -291,7 +292,7 @@ def test_stop_false_without_a_turning_point_keeps_the_last_peak(tmp_path):
     summary = json.loads((tmp_path / "tp" / "turning_point.json").read_text())
     assert not summary["turning_point_detected"] and summary["turning_point"] is None
     assert summary["peak"]["step"] == 16 and summary["hf_model"] is None
-    assert torch.load(tmp_path / "tp" / "peak.ckpt", weights_only=False)["global_step"] == 16
+    assert torch.load(tmp_path / "tp" / "peak.ckpt", weights_only=True)["global_step"] == 16
     assert not (tmp_path / "tp" / "hf_model").exists()
 
 
@@ -334,10 +335,113 @@ def test_resumed_run_decides_like_an_uninterrupted_one(tmp_path):
     assert second.global_step == whole.global_step == 20
     assert second_cb.rule.history == whole_cb.rule.history
     assert second_cb.rule.turning_point["step"] == whole_cb.rule.turning_point["step"] == 12
-    # The peak checkpoint of the first run is the one exported after resuming.
-    assert second_cb.peak_checkpoint == str((tmp_path / "first" / "peak.ckpt").resolve())
+    # The resumed run carries its own copy of the first run's peak checkpoint, and exports it.
+    assert second_cb.peak_checkpoint == str((tmp_path / "second" / "peak.ckpt").resolve())
+    assert (tmp_path / "second" / "peak.ckpt").read_bytes() == (tmp_path / "first" / "peak.ckpt").read_bytes()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "second" / "hf_model")
     assert torch.equal(exported.model.layers[0].self_attn.q_proj.weight, first_module.weights_at[12])
+    summary = json.loads((tmp_path / "second" / "turning_point.json").read_text())
+    assert summary["peak_checkpoint"] == "peak.ckpt" and summary["hf_model"] == "hf_model"
+
+
+class Payload:
+    """Unpickling this calls open(path, "w"), which creates `path`: proof that a payload ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _interrupted_checkpoint(tmp_path):
+    """A genuine checkpoint after step 16 (peak at 12) of a run whose turning-point folder is `tmp_path/first`."""
+    first_cb = DiversityEarlyStopping(smoothing="ema", alpha=0.7, patience=2, dirpath=str(tmp_path / "first"))
+    first, module = fit(tmp_path, first_cb, max_epochs=4, name="first")
+    first.save_checkpoint(tmp_path / "interrupted.ckpt")
+    return torch.load(tmp_path / "interrupted.ckpt", weights_only=True), module
+
+
+def _with_peak_path(checkpoint, peak_path):
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("DiversityEarlyStopping")]
+    checkpoint["callbacks"][key]["peak_checkpoint"] = str(peak_path)
+    return checkpoint
+
+
+@pytest.mark.parametrize("where", ["outside", "beside"])
+def test_a_resumed_checkpoint_naming_a_crafted_peak_file_never_runs_it(tmp_path, caplog, where):
+    checkpoint, _ = _interrupted_checkpoint(tmp_path)
+    proof = tmp_path / "pwned"
+    # outside: a file outside the resumed checkpoint's folders is never even opened; beside: one next to the
+    # resumed checkpoint is read with weights_only=True, which refuses the payload
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    folder = tmp_path / "elsewhere" if where == "outside" else tmp_path / "run"
+    folder.mkdir(exist_ok=True)
+    evil = folder / "peak.ckpt"
+    torch.save({"global_step": 12, "state_dict": {}, "x": Payload(proof)}, evil)
+    resume_from = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    torch.save(_with_peak_path(checkpoint, evil), resume_from)
+
+    second_cb = DiversityEarlyStopping(smoothing="ema", alpha=0.7, patience=2, dirpath=str(tmp_path / "second"))
+    with caplog.at_level(logging.WARNING, logger="aesl_lightning"):
+        second, _ = fit(tmp_path, second_cb, max_epochs=10, ckpt_path=resume_from, name="second")
+    assert not proof.exists()
+    assert second.global_step == 20 and second_cb.rule.turning_point["step"] == 12  # the decision is unchanged
+    assert second_cb.peak_checkpoint is None and not (tmp_path / "second" / "hf_model").exists()
+    assert "never followed outside its own run folder" in caplog.text
+    assert ("refused to load" in caplog.text) == (where == "beside")  # outside: never even opened
+
+
+def test_a_relative_peak_path_cannot_climb_out_of_the_run_folder(tmp_path, caplog):
+    checkpoint, _ = _interrupted_checkpoint(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    proof = tmp_path / "pwned"
+    torch.save({"global_step": 12, "x": Payload(proof)}, outside / "peak.ckpt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    resume_from = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    torch.save(_with_peak_path(checkpoint, "../../outside/peak.ckpt"), resume_from)
+    second_cb = DiversityEarlyStopping(smoothing="ema", alpha=0.7, patience=2, dirpath=str(tmp_path / "second"))
+    with caplog.at_level(logging.WARNING, logger="aesl_lightning"):
+        fit(tmp_path, second_cb, max_epochs=10, ckpt_path=resume_from, name="second")
+    assert not proof.exists() and second_cb.peak_checkpoint is None
+    assert "never followed outside" in caplog.text
+
+
+def test_a_peak_file_holding_another_step_is_not_adopted(tmp_path, caplog):
+    checkpoint, _ = _interrupted_checkpoint(tmp_path)
+    torch.save({"global_step": 4, "state_dict": {}}, tmp_path / "other.ckpt")
+    torch.save(_with_peak_path(checkpoint, tmp_path / "other.ckpt"), tmp_path / "crafted.ckpt")
+    second_cb = DiversityEarlyStopping(smoothing="ema", alpha=0.7, patience=2, dirpath=str(tmp_path / "second"))
+    with caplog.at_level(logging.WARNING, logger="aesl_lightning"):
+        fit(tmp_path, second_cb, max_epochs=10, ckpt_path=tmp_path / "crafted.ckpt", name="second")
+    assert second_cb.peak_checkpoint is None and "not used" in caplog.text
+
+
+def test_a_crafted_resume_checkpoint_is_refused_by_the_safe_loader(tmp_path):
+    checkpoint, _ = _interrupted_checkpoint(tmp_path)
+    proof = tmp_path / "pwned"
+    checkpoint["extra"] = Payload(proof)
+    torch.save(checkpoint, tmp_path / "crafted.ckpt")
+    with pytest.raises(Exception, match="Weights only load failed|weights_only"):
+        fit(tmp_path, DiversityEarlyStopping(dirpath=str(tmp_path / "x")), max_epochs=5,
+            ckpt_path=tmp_path / "crafted.ckpt", name="second")
+    assert not proof.exists()
+
+
+def test_exporting_a_crafted_peak_checkpoint_refuses_it(tmp_path):
+    from types import SimpleNamespace
+
+    from aesl_lightning.lm import UnsafeCheckpointError
+
+    proof = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "x": Payload(proof)}, tmp_path / "peak.ckpt")
+    callback = DiversityEarlyStopping(dirpath=str(tmp_path))
+    callback.peak_checkpoint = str(tmp_path / "peak.ckpt")
+    module = SimpleNamespace(model=torch.nn.Linear(1, 1), export_hf=lambda out: pytest.fail("exported"))
+    with pytest.raises(UnsafeCheckpointError, match="peak.ckpt: refused to load"):
+        callback._export_peak(module)
+    assert not proof.exists()
 
 
 def test_a_sharded_model_is_not_exported_from_rank_zero_alone(tmp_path, monkeypatch, caplog):

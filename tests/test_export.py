@@ -9,7 +9,14 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aesl_lightning.export import EXPORT_INFO_FILE, export_hf, export_state_dict
+from aesl_lightning.export import (
+    EXPORT_INFO_FILE,
+    ExportTargetError,
+    check_export_target,
+    clean_stale_exports,
+    export_hf,
+    export_state_dict,
+)
 from aesl_lightning.lora import LoRAConfig, apply_lora, is_peft_model
 from aesl_lightning.models import load_causal_lm, load_tokenizer
 from aesl_lightning.tiny import char_tokenizer, tiny_model
@@ -245,10 +252,9 @@ def test_failed_export_keeps_previous_export(tmp_path):
 def test_export_replaces_previous_export_or_keeps_it(tmp_path):
     out = tmp_path / "export"
     export_hf(tiny_model(seed=1), char_tokenizer(), out)
-    (out / "stale.txt").write_text("from the old export")
     second = tiny_model(seed=2).eval()
-    export_hf(second, char_tokenizer(), out)
-    assert not (out / "stale.txt").exists() and siblings(out) == []
+    export_hf(second, char_tokenizer(), out)  # a previous export (its marker lists its files) is replaced
+    assert siblings(out) == []
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), logits(second), atol=0, rtol=0)
 
     export_hf(tiny_model(seed=3), char_tokenizer(), out, overwrite=False)
@@ -258,3 +264,117 @@ def test_export_replaces_previous_export_or_keeps_it(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
         export_hf(second, char_tokenizer(), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_file_added_to_a_previous_export_is_not_deleted_without_overwrite(tmp_path):
+    out = tmp_path / "export"
+    export_hf(tiny_model(seed=1), char_tokenizer(), out)
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(ExportTargetError, match="notes.txt"):
+        export_hf(tiny_model(seed=2), char_tokenizer(), out)
+    assert (out / "notes.txt").read_text() == "my notes" and siblings(out) == []
+    second = tiny_model(seed=2).eval()
+    export_hf(second, char_tokenizer(), out, overwrite=True)
+    assert not (out / "notes.txt").exists()
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), logits(second), atol=0, rtol=0)
+
+
+def test_a_users_folder_is_refused_before_any_work_and_left_intact(tmp_path, monkeypatch):
+    from aesl_lightning import export
+
+    out = tmp_path / "my_project"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "main.py").write_text("print('mine')")
+    (out / "data.csv").write_text("a,b\n")
+    before = sorted((p.relative_to(out).as_posix(), p.read_bytes() if p.is_file() else b"") for p in out.rglob("*"))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the export did work before refusing")
+
+    monkeypatch.setattr(export, "_cpu_state_dict", never)
+    for call in (lambda: export_hf(tiny_model(), char_tokenizer(), out),
+                 lambda: export_hf(lora_model(), char_tokenizer(), out, merge_lora=False),
+                 lambda: export_state_dict(tiny_model().state_dict(), tiny_model().config, None, out)):
+        with pytest.raises(ExportTargetError, match="not an aesl-lightning export.*data.csv.*--overwrite"):
+            call()
+    after = sorted((p.relative_to(out).as_posix(), p.read_bytes() if p.is_file() else b"") for p in out.rglob("*"))
+    assert after == before and siblings(out) == []
+
+    # a folder holding a forged marker that is not ours, or a symlink to a folder, is refused the same way
+    (out / EXPORT_INFO_FILE).write_text('{"exported_by": "someone else"}')
+    with pytest.raises(ExportTargetError):
+        check_export_target(out)
+    link = tmp_path / "link"
+    link.symlink_to(out, target_is_directory=True)
+    with pytest.raises(NotADirectoryError, match="symbolic link"):
+        check_export_target(link)
+
+
+def test_an_empty_folder_is_used_and_overwrite_true_replaces_anything(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model = tiny_model(seed=4).eval()
+    export_hf(model, char_tokenizer(), empty)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(empty)), logits(model), atol=0, rtol=0)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("x")
+    export_hf(model, char_tokenizer(), other, overwrite=True)
+    assert not (other / "x.txt").exists() and (other / "model.safetensors").is_file()
+    info = json.loads((other / EXPORT_INFO_FILE).read_text())
+    assert info["files"] == sorted(p.name for p in other.iterdir() if p.name != EXPORT_INFO_FILE)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_exported_files_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        out = export_hf(tiny_model(), char_tokenizer(), tmp_path / "export")
+    finally:
+        os.umask(previous)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes
+    assert modes == {name: 0o666 & ~umask for name in modes}, {k: oct(v) for k, v in modes.items()}
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_leftovers_of_killed_exports_are_cleaned_and_nothing_else(tmp_path):
+    out = tmp_path / "hf_model"
+    dead = _dead_pid()
+    killed = tmp_path / f".hf_model.tmp-{dead}-0123abcd"  # a killed export: name and marker are ours
+    killed.mkdir()
+    (killed / EXPORT_INFO_FILE).write_text('{"exported_by": "aesl-lightning 0.1.0", "status": "incomplete"}')
+    (killed / "model.safetensors").write_bytes(b"half")
+    empty = tmp_path / f".hf_model.tmp-{dead}-0123abce"  # killed right after mkdir
+    empty.mkdir()
+    unmarked = tmp_path / f".hf_model.tmp-{dead}-0123abcf"  # our name, but not our content
+    unmarked.mkdir()
+    (unmarked / "thesis.tex").write_text("mine")
+    alive = tmp_path / f".hf_model.tmp-{os.getppid()}-0123abc0"  # a running process's export
+    alive.mkdir()
+    (alive / EXPORT_INFO_FILE).write_text('{"exported_by": "aesl-lightning 0.1.0"}')
+    other_name = tmp_path / f".hf_model2.tmp-{dead}-0123abcd"
+    other_name.mkdir()
+    (other_name / EXPORT_INFO_FILE).write_text('{"exported_by": "aesl-lightning 0.1.0"}')
+    old_swapped = tmp_path / f".hf_model.old-{dead}-0123abcd"  # killed between the renames: the only copy
+    old_swapped.mkdir()
+    (old_swapped / EXPORT_INFO_FILE).write_text('{"exported_by": "aesl-lightning 0.1.0"}')
+
+    assert clean_stale_exports(out) == [killed, empty]
+    assert unmarked.exists() and alive.exists() and other_name.exists() and old_swapped.exists()
+    export_hf(tiny_model(), char_tokenizer(), out)
+    assert not old_swapped.exists()  # once the target exists again, the moved-aside copy is stale
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["hf_model", unmarked.name, alive.name, other_name.name]
+    )

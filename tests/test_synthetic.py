@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import operator
+import os
 import re
 import subprocess
 import sys
@@ -196,3 +197,15 @@ def test_module_entry_point_runs(tmp_path):
     assert "RuntimeWarning" not in result.stderr
     assert len(out.read_text().splitlines()) == 4
     assert json.loads(out.read_text().splitlines()[0])["completion"].endswith("}")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask_and_leave_no_temporary_file(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        write_jsonl([{"a": 1}], tmp_path / "out.jsonl")
+        write_jsonl([{"a": 2}], tmp_path / "out.jsonl")  # replacing keeps the mode too
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]

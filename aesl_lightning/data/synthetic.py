@@ -23,7 +23,7 @@ import json
 import os
 import random
 import sys
-import tempfile
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -314,11 +314,16 @@ def disjoint_splits(config: ArithmeticConfig, sizes: Mapping[str, int]) -> dict[
 
 
 def write_jsonl(records: Iterable[Mapping], path: str | os.PathLike) -> None:
-    """Write one JSON object per line, atomically: a reader sees the old file or the complete new one."""
+    """Write one JSON object per line, atomically: a reader sees the old file or the complete new one.
+
+    The file gets the mode a plain `open(path, "w")` would give it (0o666 minus the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file lives in the same folder so that os.replace is a rename on one filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary file lives in the same folder so that os.replace is a rename on one filesystem; it is
+    # created with os.open's 0o666 (the umask applies), not mkstemp's private 0o600.
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for record in records:
