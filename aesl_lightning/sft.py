@@ -8,10 +8,12 @@ completion tokens (from the logits already in memory), and the AESL gate statist
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from torchmetrics import MeanMetric
 
 from aesl_lightning.fsdp import is_sharded, unsharded_for_generation, unwrap
@@ -20,7 +22,7 @@ from aesl_lightning.metrics import KLToBase
 from aesl_lightning.sample_metrics import SampleMetrics
 from aesl_lightning.lm import CausalLMModule, Scheduler
 from aesl_lightning.lora import LoRAConfig
-from aesl_lightning.losses import LossConfig, LossOutput, chunked_sft_loss, sft_loss
+from aesl_lightning.losses import BaseStates, LossConfig, LossOutput, chunked_sft_loss, sft_loss
 
 log = logging.getLogger("aesl_lightning")
 
@@ -100,6 +102,11 @@ class SFTModule(CausalLMModule):
             match of the final \\boxed{} answer, via math-verify) and diversity of k samples per prompt.
         histogram_every_n_steps: Log a histogram of p_t (the model's probability of each target token) to
             TensorBoard every this many steps; 0 disables it.
+        gate_check_batches: Training batches on which the starting model's statistics are measured when training
+            starts: they resolve quantile thresholds and the share of tokens the gates keep is checked (a warning
+            under 5%); 0 skips the check (quantile thresholds then use 8 batches).
+        update_norm_every_n_steps: Log the norm of each optimiser step's parameter update (train/update_norm)
+            every this many steps; 0 disables it (it keeps a copy of the trainable parameters for the step).
     """
 
     def __init__(
@@ -120,6 +127,8 @@ class SFTModule(CausalLMModule):
         min_lr_ratio: float = 0.1,
         val_generation: ValidationGeneration = ValidationGeneration(),
         histogram_every_n_steps: int = 50,
+        gate_check_batches: int = 8,
+        update_norm_every_n_steps: int = 1,
     ) -> None:
         super().__init__(
             name_or_path=name_or_path,
@@ -146,17 +155,22 @@ class SFTModule(CausalLMModule):
         self.kl_to_base = KLToBase()
         self._base_model = None  # frozen copy of the starting weights, built on first use
         self._validations = 0
+        self._step_tokens = 0  # completion tokens of the optimiser step so far (this rank)
+        self._gates_checked = False
+        self._update_norm: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] of the wrapped causal LM."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def compute_loss(self, batch: dict) -> LossOutput:
-        """The configured SFT loss on a batch; with `loss.chunk_size` set, from hidden states chunk by chunk
-        so that the [tokens x vocab] logits never exist."""
-        if self.loss_config.chunk_size is None:
+    def compute_loss(self, batch: dict, config: LossConfig | None = None, num_tokens: float | None = None) -> LossOutput:
+        """The configured SFT loss (or `config`) on a batch; with `loss.chunk_size` set, from hidden states chunk by
+        chunk so that the [tokens x vocab] logits never exist. `num_tokens` is the normaliser (default: local count)."""
+        config = config or self.loss_config
+        base = self.base_states(batch) if config.spec.anchor == "base" else None
+        if config.chunk_size is None:
             logits = self(batch["input_ids"], batch.get("attention_mask"))
-            return sft_loss(logits, batch["labels"], self.loss_config, return_entropy=True)
+            return sft_loss(logits, batch["labels"], config, return_entropy=True, num_tokens=num_tokens, base=base)
         if is_sharded(self.model):
             # the decoder alone would skip the root unit's all-gather of the embeddings and the LM head
             raise ValueError("model.loss.chunk_size is not supported under FSDP sharding yet; set it to null")
@@ -165,33 +179,98 @@ class SFTModule(CausalLMModule):
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
         ).last_hidden_state
         head = lm.get_output_embeddings()
-        return chunked_sft_loss(
-            hidden, head.weight, batch["labels"], self.loss_config, lm_head_bias=head.bias, return_entropy=True
-        )
+        return chunked_sft_loss(hidden, head.weight, batch["labels"], config, lm_head_bias=head.bias, return_entropy=True,
+                                num_tokens=num_tokens, base=base)
 
-    def _log_loss(self, out: LossOutput, batch: dict, stage: str) -> None:
+    @torch.no_grad()
+    def base_states(self, batch: dict) -> BaseStates:
+        """The starting model's final hidden states and LM head on `batch`, for base-anchored losses: the
+        adapter-disabled model under LoRA (no second copy), else the frozen copy of the starting weights."""
+        from aesl_lightning.lora import adapters_disabled, is_peft_model
+
+        model = unwrap(self.model)
+        if is_sharded(self.model) and is_peft_model(model):
+            raise ValueError(f"model.loss.name={self.loss_config.name!r} (anchored to the base) is not supported with LoRA "
+                             "under FSDP yet: train without sharding, or fully fine-tune (the base is then a frozen copy)")
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+        if is_peft_model(model):
+            with adapters_disabled(model):
+                lm = model.get_base_model()
+                hidden = lm.get_decoder()(**inputs).last_hidden_state
+        else:
+            lm = self._frozen_base()
+            hidden = lm.get_decoder()(**inputs).last_hidden_state
+        head = lm.get_output_embeddings()
+        return BaseStates(hidden, head.weight, head.bias)
+
+    def _frozen_base(self) -> torch.nn.Module:
+        if self._base_model is None:
+            # kept outside the module's children: not trained, not checkpointed, not sharded
+            self._base_model = [self.load_frozen_start().to(self.device)]
+        return self._base_model[0]
+
+    def _log_loss(self, out: LossOutput, batch: dict, stage: str, loss: torch.Tensor) -> None:
         batch_size = batch["input_ids"].shape[0]
         sync = stage != "train"  # epoch-level validation numbers are averaged over ranks; step-level are not
-        self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=sync)
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=sync)
         stats = out.gate_stats()
         tokens = stats.pop("completion_tokens")
         self.log_dict({f"{stage}/{k}": v for k, v in stats.items()}, batch_size=batch_size, sync_dist=sync)
         self.log(f"{stage}/completion_tokens", tokens.float(), batch_size=1, reduce_fx="sum", sync_dist=sync)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.compute_loss(batch)
-        self._log_loss(out, batch, "train")
+        # The sum over this micro-batch's tokens; `on_before_optimizer_step` divides the accumulated gradient by the
+        # completion tokens of the whole optimiser step over all ranks, so L = sum m w l / N exactly as specified.
+        out = self.compute_loss(batch, num_tokens=1)
+        count = int(out.mask.sum())
+        self._step_tokens += count
+        self._log_loss(out, batch, "train", out.loss_sum / max(count, 1))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch["input_ids"].shape[0])
         every = self.hparams.histogram_every_n_steps
         if every and self.global_step % every == 0:
             self._log_histogram("train/p_t", out.token_logprob[out.mask].exp())
         return out.loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Rescale the accumulated gradient from sum-per-micro-batch to sum over the step's N completion tokens."""
+        tokens = torch.tensor(float(self._step_tokens), device=self.device, dtype=torch.float64)
+        self._step_tokens = 0
+        world = self._data_parallel_size()
+        if world > 1:
+            dist.all_reduce(tokens)
+        # Lightning divided each micro-batch loss by accumulate_grad_batches and the strategy averages over ranks
+        factor = float(self.trainer.accumulate_grad_batches * world / tokens.clamp(min=1))
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def _data_parallel_size(self) -> int:
+        if self.device_mesh is not None:
+            return self.device_mesh["data_parallel"].size()
+        return self.trainer.world_size if dist.is_available() and dist.is_initialized() else 1
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        every = self.hparams.update_norm_every_n_steps
+        params = [p for p in self.parameters() if p.requires_grad] if every and self.global_step % every == 0 else []
+        before = [_local(p).detach().clone() for p in params]
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if params:
+            squares = sum(((_local(p).detach() - b).double().pow(2).sum() for p, b in zip(params, before)), torch.zeros((), dtype=torch.float64, device=self.device))
+            if is_sharded(self.model) and dist.is_available() and dist.is_initialized():
+                dist.all_reduce(squares)
+            self._update_norm = squares.sqrt().float()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._update_norm is not None:
+            self.log("train/update_norm", self._update_norm, batch_size=1)
+            self._update_norm = None
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # validation needs no gradient, so the full logits are affordable even when training uses chunks
         logits = self(batch["input_ids"], batch.get("attention_mask"))
-        out = sft_loss(logits, batch["labels"], self.loss_config, return_entropy=True)
-        self._log_loss(out, batch, "val")
+        base = self.base_states(batch) if self.loss_config.spec.anchor == "base" else None
+        out = sft_loss(logits, batch["labels"], self.loss_config, return_entropy=True, base=base)
+        self._log_loss(out, batch, "val", out.loss)
         if self.val_generation.kl_to_base and not self.trainer.sanity_checking:
             self.kl_to_base.update(logits[:, :-1], self._base_logits(batch)[:, :-1], out.mask)
             self.log("val/kl_to_base", self.kl_to_base, batch_size=batch["input_ids"].shape[0])
@@ -204,12 +283,47 @@ class SFTModule(CausalLMModule):
         if is_peft_model(unwrap(self.model)):
             with adapters_disabled(unwrap(self.model)):
                 return self(batch["input_ids"], batch.get("attention_mask"))
-        if self._base_model is None:
-            # kept outside the module's children: not trained, not checkpointed, not sharded
-            self._base_model = [self.load_frozen_start().to(self.device)]
-        return self._base_model[0](
+        return self._frozen_base()(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
         ).logits
+
+    # ------------------------------------------------------------------------------ gates at step 0
+    def on_train_start(self) -> None:
+        """Measure the starting model on the first training batches: resolve quantile thresholds, check the gates."""
+        from itertools import islice
+
+        from aesl_lightning.calibration import MIN_LEARNED_SHARE, calibrate
+
+        cfg = self.loss_config
+        wants_quantiles = cfg.tau_tok_quantile is not None or cfg.tau_seq_quantile is not None
+        batches = self.hparams.gate_check_batches or (8 if wants_quantiles else 0)
+        if self._gates_checked or not batches:
+            return
+        self._gates_checked = True
+        loader = self.trainer.train_dataloader
+        resolved, share, total = calibrate(self, islice(iter(loader), batches), cfg)
+        if wants_quantiles:
+            log.info("loss thresholds from the starting model's quantiles: tau_tok %.4f, tau_seq %.4f", resolved.tau_tok, resolved.tau_seq)
+            self.loss_config = resolved
+        self.log("train/learned_share_step0", share, batch_size=1, rank_zero_only=True)
+        if share < MIN_LEARNED_SHARE and cfg.name != "ce":
+            log.warning("!!! loss %r keeps only %.1f%% of %d completion tokens at step 0 (weight > 0.5): its gates leave almost "
+                        "nothing to learn. Raise tau_tok / tau_seq, use rho > 0, or set thresholds by quantile "
+                        "(model.loss.tau_tok_quantile). See python -m aesl_lightning.calibration.", cfg.name, 100 * share, total)
+        else:
+            log.info("loss %r learns %.1f%% of %d completion tokens at step 0", cfg.name, 100 * share, total)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # thresholds resolved from quantiles at the start are part of the run: a resumed run must not re-resolve them
+        checkpoint["aesl_lightning"]["loss"] = asdict(self.loss_config)
+        checkpoint["aesl_lightning"]["gates_checked"] = self._gates_checked
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("aesl_lightning", {})
+        if "loss" in meta:
+            self.loss_config = LossConfig(**meta["loss"])
+            self._gates_checked = bool(meta.get("gates_checked", True))
 
     def _log_histogram(self, tag: str, values: torch.Tensor) -> None:
         experiment = getattr(self.logger, "experiment", None)
@@ -228,7 +342,12 @@ class SFTModule(CausalLMModule):
         if datamodule is None or not hasattr(datamodule, "val_prompts_dataloader"):
             log.warning("val_generation is on but the datamodule has no val_prompts_dataloader(); skipped")
             return
-        self.generate_on_validation_prompts(datamodule.val_prompts_dataloader(cfg.batch_size))
+        # sampling seeded from (seed, step, rank): a resumed run samples, measures and decides exactly as the original
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((seed * 1_000_003 + self.global_step * 7_919 + self.global_rank) % (2**63))
+            self.generate_on_validation_prompts(datamodule.val_prompts_dataloader(cfg.batch_size))
 
     def generate_on_validation_prompts(self, loader) -> dict[str, float]:
         """Generate for the first `val_generation.num_prompts` prompts of `loader` (split over ranks).
@@ -297,3 +416,8 @@ class SFTModule(CausalLMModule):
         if shown and experiment is not None and hasattr(experiment, "add_text"):
             experiment.add_text("val/samples", "\n\n---\n\n".join(shown), global_step=self.global_step)
         return {k: float(v) for k, v in values.items()}
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor parameter (FSDP2), else the parameter itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
