@@ -42,7 +42,7 @@ from aesl_lightning.kernels import IGNORE_INDEX, TokenStats, linear_token_stats,
 
 __all__ = [
     "IGNORE_INDEX", "LOSSES", "BaseStates", "LossConfig", "LossOutput", "LossSpec", "LossTerms", "TokenView",
-    "aesl", "ce", "chunked_sft_loss", "dft", "masked_rows", "prefix_confidence", "prefix_mean", "register_loss", "row_chunk",
+    "aesl", "ce", "chunked_sft_loss", "dft", "learned_share", "masked_rows", "prefix_confidence", "prefix_mean", "register_loss", "resolve_quantiles", "row_chunk",
     "sft_loss", "smooth_gate", "token_entropy",
 ]
 
@@ -184,6 +184,7 @@ class LossOutput:
         token_correct: argmax of the logits equals the target, computed with the entropy.
         kl_to_base: KL(p0 || p_theta) at each position, for base-anchored losses.
         loss_sum: Detached sum_t m_t [a (-log p) + b X + c H] (the numerator of `loss`).
+        view: The detached statistics the coefficients were computed from (for calibration and diagnostics).
     """
 
     loss: Tensor
@@ -195,6 +196,7 @@ class LossOutput:
     token_correct: Tensor | None = None
     kl_to_base: Tensor | None = None
     loss_sum: Tensor | None = None
+    view: TokenView | None = None
 
     @property
     def token_gate(self) -> Tensor | None:
@@ -325,25 +327,38 @@ def aesl(logits: Tensor, labels: Tensor, config: LossConfig | None = None, **kwa
     return sft_loss(logits, labels, config, **kwargs)
 
 
-def resolve_quantiles(config: LossConfig, logprob: Tensor, mask: Tensor) -> LossConfig:
-    """`config` with tau_tok / tau_seq set from the quantiles it asks for, over the starting model's log p_t.
+def resolve_quantiles(config: LossConfig, views: list[TokenView]) -> LossConfig:
+    """`config` with tau_tok / tau_seq set from the quantiles it asks for, over the starting model's statistics.
 
-    `logprob, mask [B, T-1]` hold the starting model's statistics on the training set (rows of completions).
-    tau_tok becomes the `tau_tok_quantile` quantile of p_t over completion tokens; tau_seq that of the subsequence
-    confidence P^W_t over the tokens that have a prefix. The quantile fields are cleared in the result.
+    `views` hold the starting model's detached statistics on the training set (one per batch). tau_tok becomes the
+    `tau_tok_quantile` quantile of p_t over completion tokens (of p0(y_t) for aesl_novelty); tau_seq that of the
+    subsequence confidence P^W_t over the tokens that have a prefix. The quantile fields are cleared in the result.
     """
     updates: dict = {"tau_tok_quantile": None, "tau_seq_quantile": None}
-    mask = mask.bool()
+    window = 0 if config.name == "aesl_v1" else config.window
     if config.tau_tok_quantile is not None:
-        updates["tau_tok"] = float(torch.quantile(logprob[mask].double().exp(), config.tau_tok_quantile))
+        source = [(v.base_logprob if config.name == "aesl_novelty" else v.logprob)[v.mask.bool()] for v in views]
+        updates["tau_tok"] = float(torch.quantile(torch.cat(source).double().exp(), config.tau_tok_quantile))
     if config.tau_seq_quantile is not None:
-        window = 0 if config.name == "aesl_v1" else config.window
-        confidence, count = prefix_confidence(logprob, mask, window), prefix_mean(logprob, mask, window)[1]
-        updates["tau_seq"] = float(torch.quantile(confidence[mask & (count > 0)].double(), config.tau_seq_quantile))
+        values = []
+        for v in views:
+            mean, count = prefix_mean(v.logprob, v.mask.bool(), window)
+            values.append(mean.exp()[v.mask.bool() & (count > 0)])
+        updates["tau_seq"] = float(torch.quantile(torch.cat(values).double(), config.tau_seq_quantile))
     for key in ("tau_tok", "tau_seq"):
         if key in updates:
             updates[key] = min(max(updates[key], 1e-6), 1.0)
     return replace(config, **updates)
+
+
+def learned_share(config: LossConfig, views: list[TokenView]) -> tuple[float, int]:
+    """(share of completion tokens whose weight a_t under `config` is > 0.5, number of completion tokens)."""
+    learned = total = 0
+    for view in views:
+        weight = config.spec.fn(view, config).nll
+        learned += int(((weight > 0.5) & view.mask.bool()).sum())
+        total += int(view.mask.sum())
+    return learned / max(total, 1), total
 
 
 def _anchor(config: LossConfig, base: BaseStates | None, rows: Tensor | None, grid: tuple[int, int], vocab: int):
@@ -422,6 +437,7 @@ def _assemble(stats: TokenStats, rows: Tensor | None, labels: Tensor, config: Lo
         token_correct=grid(stats.correct) if return_entropy or spec.needs_entropy else None,
         kl_to_base=kl,
         loss_sum=total.detach(),
+        view=view,
     )
 
 

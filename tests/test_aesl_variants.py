@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aesl_lightning.gates import prefix_mean
-from aesl_lightning.losses import LOSSES, BaseStates, LossConfig, aesl, ce, chunked_sft_loss, resolve_quantiles, sft_loss
+from aesl_lightning.losses import LOSSES, BaseStates, LossConfig, aesl, ce, chunked_sft_loss, learned_share, resolve_quantiles, sft_loss
 
 IGNORE = -100
 VARIANTS = ["aesl", "aesl_anchor", "aesl_novelty", "aesl_entropy_floor", "aesl_drift"]
@@ -215,10 +215,16 @@ def test_prefix_mean_counts_completion_tokens_not_positions(window):
 def test_quantile_calibration_sets_thresholds_from_the_start_models_statistics():
     logits, labels, _ = make()
     out = sft_loss(logits, labels, LossConfig(name="ce"))
-    config = resolve_quantiles(LossConfig(tau_tok_quantile=0.6, tau_seq_quantile=0.5), out.token_logprob, out.mask)
+    config = resolve_quantiles(LossConfig(tau_tok_quantile=0.6, tau_seq_quantile=0.5), [out.view])
     probs = out.token_logprob[out.mask].exp()
     assert config.tau_tok_quantile is None and config.tau_seq_quantile is None
     assert abs(config.tau_tok - float(torch.quantile(probs, 0.6))) < 1e-12
     gated = (probs >= config.tau_tok).double().mean()
     assert 0.3 <= gated <= 0.5  # about the 40% most confident tokens
+    confidence = prefix_mean(out.token_logprob, out.mask, config.window)
+    has_prefix = out.mask & (confidence[1] > 0)
+    assert abs(config.tau_seq - float(torch.quantile(confidence[0].exp()[has_prefix], 0.5))) < 1e-12
+    share, total = learned_share(config, [out.view])
+    weight = sft_loss(logits, labels, config).loss_weight
+    assert total == int(out.mask.sum()) and share == float((weight[out.mask] > 0.5).double().mean())
 
