@@ -112,3 +112,25 @@ def _best_checkpoint(trainer: L.Trainer) -> Path | None:
             "name any file)"
         )
     return Path(best)
+
+
+class RunSummary(Callback):
+    """Print, at the end of fit, where the TensorBoard logs, the checkpoints and the export are."""
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        lines = [f"Run finished at step {trainer.global_step}{' (interrupted)' if trainer.interrupted else ''}."]
+        if trainer.logger is not None and trainer.logger.log_dir is not None:
+            lines.append(f"  TensorBoard logs : {trainer.logger.log_dir}")
+            lines.append(f"  view them with   : tensorboard --logdir {Path(trainer.logger.log_dir).parent}")
+        for cb in trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                if cb.best_model_path:
+                    lines.append(f"  best checkpoint  : {cb.best_model_path}")
+                if cb.last_model_path:
+                    lines.append(f"  last checkpoint  : {cb.last_model_path}")
+            if isinstance(cb, HFExport) and cb.exported is not None:
+                lines.append(f"  Hugging Face model: {cb.exported}")
+            if type(cb).__name__ == "DiversityEarlyStopping" and getattr(cb, "exported", None) is not None:
+                lines.append(f"  diversity peak    : {cb.exported} (see turning_point.json beside it)")
+        print("\n".join(lines), flush=True)
