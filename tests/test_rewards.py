@@ -1,8 +1,20 @@
 """Reward functions: TRL signature, boxed extraction, symbolic answer checking."""
 
+import sys
+import time
+
 import pytest
 
-from aesl_lightning.rewards import answers_match, boxed_format, extract_boxed, math_accuracy
+from aesl_lightning.rewards import (
+    MAX_COMPLETION_CHARS,
+    VerifierPool,
+    answers_match,
+    boxed_format,
+    extract_boxed,
+    final_answers,
+    math_accuracy,
+    prefilter_reason,
+)
 
 
 @pytest.mark.parametrize(
@@ -12,6 +24,9 @@ from aesl_lightning.rewards import answers_match, boxed_format, extract_boxed, m
         ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
         ("no answer here", None),
         ("\\boxed{12", None),
+        ("\\boxed{1} and \\boxed{2", None),  # an unfinished box after the last complete one
+        ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),
+        ("\\boxed{\\boxed{7}}", "\\boxed{7}"),  # top level only
     ],
 )
 def test_extract_boxed_takes_the_last_balanced_box(text, expected):
@@ -40,3 +55,131 @@ def test_answers_match_negative_and_thousands():
 def test_boxed_format():
     rewards = boxed_format(["p"] * 3, ["a\n\\boxed{4}", "\\boxed{4} and more", "4"])
     assert rewards == [1.0, 0.0, 0.0]
+    deep = ["\\boxed{\\frac{\\sqrt{3}}{2}}.", "\\boxed{4} \\boxed{", "\\boxed{" * 20_000 + "}" * 19_999]
+    started = time.perf_counter()
+    assert boxed_format(["p"] * 3, deep) == [1.0, 0.0, 0.0]
+    assert time.perf_counter() - started < 0.5  # linear, however deep the nesting
+
+
+# ----------------------------------------------------------------------------------------------------
+# Only the final answer counts, and hedging scores 0
+
+
+@pytest.mark.parametrize(
+    "completion, gold, expected",
+    [
+        ("The answer is 42 or 43", "42", 0.0),
+        ("The answer is 42 or 43", "43", 0.0),
+        ("\\boxed{42} wait no \\boxed{43", "42", 0.0),
+        ("\\boxed{42} wait no \\boxed{43", "43", 0.0),
+        ("\\boxed{42} or \\boxed{43}", "42", 0.0),
+        ("\\boxed{42} or \\boxed{43}", "43", 0.0),
+        ("\\boxed{42 \\text{ or } 43}", "42", 0.0),
+        ("\\boxed{42 \\lor 43}", "43", 0.0),
+        ("\\boxed{42, 43}", "42", 0.0),
+        ("First \\boxed{0.5}, i.e. \\boxed{\\frac{1}{2}}", "1/2", 1.0),  # the same answer twice is one answer
+        ("So 6 x 7 = 42.\nThe answer is 42.", "42", 1.0),
+        ("The answer is $\\frac{1}{2}$", "1/2", 1.0),
+        ("The answer is $\\frac{1}{2}$ or $\\frac{1}{3}$", "1/2", 0.0),
+        ("12 + 35 = 47", "47", 0.0),  # no box and two numbers: ambiguous
+        ("It is 47.\nOr maybe 48", "47", 0.0),  # the last line is the fallback answer
+        ("\\boxed{47}" + " padding" * 10_000, "47", 1.0),
+    ],
+    ids=lambda value: repr(value)[:40] if isinstance(value, str) else str(value),
+)
+def test_only_the_final_committed_answer_counts(completion, gold, expected):
+    assert math_accuracy(["p"], [completion], answer=[gold]) == [expected]
+
+
+def test_pathological_answers_are_rejected_before_parsing():
+    hostile = {
+        "\\boxed{" + "{" * 50 + "1" + "}" * 50 + "}": "braces",
+        "\\boxed{10^{10^{10^{10}}}}": "tower",
+        "\\boxed{9^{99999999}}": "exponent above",
+        "\\boxed{" + "9" * 100 + "}": "digits",
+        "\\boxed{100000!}": "factorial",
+        "\\boxed{4\\x00 2}": "null byte",
+        "\\boxed{4\\ud8002}": "surrogate",
+        "\\boxed{" + "x+" * 200 + "1}": "longer than",
+    }
+    for completion, reason in hostile.items():
+        completion = completion.replace("\\x00", "\x00").replace("\\ud800", "\ud800")
+        answers, why = final_answers(completion)
+        assert why is None and len(answers) == 1
+        found = prefilter_reason(answers[0], "42")
+        assert found is not None and reason.split()[0] in found, (completion[:40], found)
+        started = time.perf_counter()
+        assert math_accuracy(["p"], [completion], answer=["42"]) == [0.0]
+        assert time.perf_counter() - started < 0.05  # decided without math-verify
+    assert final_answers("x" * (MAX_COMPLETION_CHARS + 1))[1] is not None
+    assert prefilter_reason("\\boxed{2^{10}}", "1024") is None and math_accuracy(["p"], ["\\boxed{2^{10}}"], answer=["1024"]) == [1.0]
+
+
+# A worker speaking the pool's protocol that hangs (ignoring SIGTERM and SIGALRM) on "HANG", like a sympy stall.
+HANGING_WORKER = """
+import json, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    task = json.loads(line)
+    while task["answer"] == "HANG":
+        time.sleep(1)
+    print(json.dumps({"id": task["id"], "ok": task["answer"] == task["gold"]}), flush=True)
+"""
+
+
+def test_a_stalled_check_is_cut_at_the_hard_limit_and_its_worker_replaced():
+    pool = VerifierPool(workers=2, command=[sys.executable, "-c", HANGING_WORKER])
+    try:
+        pool.start()
+        started = time.perf_counter()
+        results = pool.check([("HANG", "1"), ("7", "7"), ("HANG", "2"), ("8", "9"), ("5", "5")], time_limit=0.5)
+        elapsed = time.perf_counter() - started
+        assert results == [False, True, False, False, True]
+        assert pool.killed == 2 and elapsed < 3.0, elapsed  # two stalls of 0.5 s, plus restarting two workers
+        assert pool.check([("3", "3")], time_limit=5) == [True]  # the replacements answer
+    finally:
+        pool.close()
+    assert all(w.process.poll() is not None for w in pool.workers) and pool.workers == []
+
+
+def test_works_from_threads_and_in_parallel():
+    from concurrent.futures import ThreadPoolExecutor
+
+    completions = ["\\boxed{\\dfrac{14}{3}}", "\\boxed{4.5}", "\\boxed{\\sqrt{4}}", "\\boxed{85}"] * 4
+    golds = ["\\frac{14}{3}", "\\frac{14}{3}", "2", "85"] * 4
+    expected = [1.0, 0.0, 1.0, 1.0] * 4
+    with ThreadPoolExecutor(4) as executor:
+        results = list(executor.map(lambda i: math_accuracy(["p"], [completions[i]], answer=[golds[i]])[0], range(16)))
+    assert results == expected
+    assert math_accuracy(["p"] * 16, completions, answer=golds) == expected
+
+
+def _score_in_daemon(queue):
+    queue.put(math_accuracy(["p", "p"], ["\\boxed{\\frac{1}{2}}", "\\boxed{85}"], answer=["0.5", "86"]))
+
+
+def test_works_in_a_daemonic_worker_process():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_score_in_daemon, args=(queue,), daemon=True)
+    process.start()
+    try:
+        assert queue.get(timeout=120) == [1.0, 0.0]
+    finally:
+        process.join(timeout=30)
+
+
+def test_math_verify_log_messages_are_cut(caplog):
+    import logging
+
+    from aesl_lightning.rewards import LOG_CHARS, _quiet_math_verify
+
+    _quiet_math_verify()
+    logger = logging.getLogger("math_verify.parser")
+    with caplog.at_level(logging.WARNING, logger="math_verify"):
+        logger.setLevel(logging.WARNING)
+        logger.warning("Timeout during parsing: %s", "x" * 100_000)
+    assert caplog.records and len(caplog.records[-1].getMessage()) < LOG_CHARS + 40
