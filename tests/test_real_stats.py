@@ -1,0 +1,113 @@
+"""Statistics of the real-model track (experiments/real_stats.py) against slow, obvious references."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+import real_stats as S  # noqa: E402
+
+
+def _mcnemar_reference(n10: int, n01: int) -> float:
+    # sum of the Binomial(n, 1/2) probabilities of every split at most as likely as the observed one
+    n = n10 + n01
+    if n == 0:
+        return 1.0
+    probs = [math.comb(n, i) / 2**n for i in range(n + 1)]
+    observed = probs[n10]
+    return min(1.0, sum(p for p in probs if p <= observed * (1 + 1e-12)))
+
+
+@pytest.mark.parametrize("n10,n01", [(0, 0), (0, 1), (1, 0), (3, 3), (5, 0), (0, 6), (2, 9), (9, 2), (10, 15), (30, 12), (1, 40)])
+def test_mcnemar_exact_matches_the_binomial_sum(n10, n01):
+    assert S.mcnemar_exact(n10, n01) == pytest.approx(_mcnemar_reference(n10, n01), rel=1e-9, abs=1e-15)
+
+
+def test_mcnemar_known_values_and_large_counts():
+    assert S.mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # 2 * (1/2)^5
+    assert S.mcnemar_exact(7, 7) == 1.0
+    p = S.mcnemar_exact(400, 600)  # no overflow; a 40/60 split of 1000 is far from chance
+    assert 0 < p < 1e-9
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        S.mcnemar_exact(-1, 2)
+
+
+def test_discordant_pairs_and_paired_differences():
+    a, b = [1, 1, 0, 0, 1, 0], [1, 0, 1, 0, 0, 0]
+    assert S.discordant_pairs(a, b) == (2, 1)
+    d = S.paired_differences([a, b], [b, a])
+    assert d.tolist() == [[0, 1, -1, 0, 1, 0], [0, -1, 1, 0, -1, 0]]
+    with pytest.raises(ValueError, match="one shape"):
+        S.paired_differences([[1, 0]], [[1, 0, 1]])
+
+
+def test_align_names_the_first_mismatch():
+    rows = [{"source": "t:1"}, {"source": "t:2"}]
+    S.align(rows, list(rows))
+    with pytest.raises(ValueError, match="differ at problem 1"):
+        S.align(rows, [{"source": "t:1"}, {"source": "t:3"}])
+
+
+def test_bootstrap_means_against_a_loop():
+    rng = np.random.default_rng(1)
+    d = rng.normal(size=(3, 7))
+    seed_index = rng.integers(0, 3, size=(5, 3))
+    problem_index = rng.integers(0, 7, size=(5, 7))
+    loop = [sum(d[seed_index[b, s], problem_index[b, i]] for s in range(3) for i in range(7)) / 21 for b in range(5)]
+    np.testing.assert_allclose(S.bootstrap_means(d, seed_index, problem_index), loop, rtol=1e-12)
+
+
+def test_hierarchical_bootstrap_is_reproducible_and_centred():
+    rng = np.random.default_rng(2)
+    d = rng.integers(-1, 2, size=(3, 100))
+    first, again = S.hierarchical_bootstrap(d, 500, seed=7), S.hierarchical_bootstrap(d, 500, seed=7)
+    assert first == again
+    assert first.estimate == pytest.approx(d.mean())
+    assert first.low < first.estimate < first.high
+    assert S.hierarchical_bootstrap(d, 500, seed=8) != first
+    constant = S.hierarchical_bootstrap(np.full((3, 20), 0.25), 200)
+    assert (constant.low, constant.high) == pytest.approx((0.25, 0.25))
+
+
+def test_hierarchical_bootstrap_covers_a_known_mean():
+    # seeds x problems with a seed effect and per-problem noise around a known mean: the 90% interval should
+    # cover the truth about 90% of the time when there are enough seeds for the seed stage to work
+    rng = np.random.default_rng(3)
+    truth, hits, sims = 0.1, 0, 150
+    for _ in range(sims):
+        d = truth + rng.normal(0, 0.05, size=(12, 1)) + rng.normal(0, 0.5, size=(1, 60)) + rng.normal(0, 0.5, size=(12, 60))
+        interval = S.hierarchical_bootstrap(d, 300, seed=int(rng.integers(1 << 30)), level=0.9)
+        hits += interval.low <= truth <= interval.high
+    assert 0.8 <= hits / sims <= 0.97, hits / sims
+
+
+def test_ols_slope():
+    assert S.ols_slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
+    assert S.ols_slope([0, 1, 2], [0.5, 0.5, 0.5]) == 0.0
+    assert math.isnan(S.ols_slope([1, 1], [0, 1]))
+    xs = list(range(10))
+    ys = [0.3 * x + random.Random(x).uniform(-0.1, 0.1) for x in xs]
+    assert S.ols_slope(xs, ys) == pytest.approx(float(np.polyfit(xs, ys, 1)[0]))
+
+
+def test_minimum_detectable_effect_formula_and_power():
+    mde = S.minimum_detectable_effect(3, 256, 0.3, 0.03)
+    se = math.sqrt(0.03**2 / 3 + 0.3 / (3 * 256))
+    assert mde == pytest.approx((1.959964 + 0.841621) * se, rel=1e-5)
+    # simulated: a true effect of the MDE, estimated with that SE, is significant ~80% of the time
+    rng = np.random.default_rng(4)
+    z = rng.normal(mde, se, size=200_000) / se
+    assert np.mean(np.abs(z) > 1.959964) == pytest.approx(0.8, abs=0.01)
+    assert S.minimum_detectable_effect(6, 256, 0.3, 0.03) < mde  # more seeds, smaller MDE
+    with pytest.raises(ValueError, match="bad design"):
+        S.minimum_detectable_effect(0, 10, 0.3, 0.0)
+
+
+def test_seed_signs():
+    assert S.seed_signs([[1, 0, 0], [0, -1, 0], [0, 0, 0]]) == [1, -1, 0]
