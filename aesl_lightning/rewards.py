@@ -19,8 +19,10 @@ Which answer counts (`final_answers`), so that hedging cannot be rewarded:
 
 Cheap pre-filters (`prefilter_reason`) reject pathological answers in microseconds: longer than
 `MAX_ANSWER_CHARS`, braces nested deeper than `MAX_BRACE_DEPTH`, digit runs longer than `MAX_DIGITS` (or the
-gold's), exponent towers and exponents above `MAX_EXPONENT`, factorials of numbers above `MAX_FACTORIAL`,
-control characters, null bytes and lone surrogates; completions longer than `MAX_COMPLETION_CHARS` score 0.
+gold's), exponent towers, exponents above `MAX_EXPONENT` (or multiplying to more than
+`MAX_EXPONENT_PRODUCT`, `(10^{1000})^{9000}`), `1e...` above `MAX_SCIENTIFIC_EXPONENT`, binomials of numbers
+above 99999, factorials of numbers above `MAX_FACTORIAL` or of expressions (`(10!)!`),
+control characters, null bytes, lone surrogates and Python code (`__`, `import`, `eval`, `;`, ...); completions longer than `MAX_COMPLETION_CHARS` score 0.
 Plain numbers are compared in process (exactly, as fractions). Everything else goes to math-verify
 (LaTeX into sympy, never executed) in a pool of worker *processes* (`VerifierPool`, started with
 `subprocess`, so it works from any thread, from daemonic worker processes and without signals): each
@@ -57,6 +59,8 @@ MAX_BRACE_DEPTH = 6
 MAX_DIGITS = 40
 MAX_EXPONENT = 10_000
 MAX_FACTORIAL = 1_000
+MAX_EXPONENT_PRODUCT = 1_000_000
+MAX_SCIENTIFIC_EXPONENT = 100
 MAX_BOXED = 16
 LOG_CHARS = 200
 DEFAULT_TIME_LIMIT = 1.0
@@ -71,6 +75,11 @@ _DIGIT_RUN = re.compile(r"\d+")
 _OR = re.compile(r"\\lor\b|\\vee\b|(?<![A-Za-z])or(?![A-Za-z])")
 _EXPONENT_TOKEN = re.compile(r"-?\s*\d+(?:\.\d+)?|\\?[A-Za-z]+")
 _FACTORIAL = re.compile(r"(\d+)\s*!|\\factorial\s*\{?\s*(\d+)")
+# Python, not maths: math-verify's plain-expression fallback hands text to sympy's parser, which evaluates it.
+_CODE = re.compile(r"__|\b(?:import|exec|eval|lambda|getattr|setattr|globals|locals|compile|open|system|subprocess)\b|[;`@]")
+_SCIENTIFIC = re.compile(r"\d\s*[eE]\s*([+-]?\d+)")
+_BINOMIAL = re.compile(r"\\[dt]?binom\s*\{[^{}]*\}\s*\{[^{}]*\}|\\choose")
+_GROUP_FACTORIAL = re.compile(r"[)}\]|!]\s*!")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
 
 
@@ -147,7 +156,7 @@ def final_answers(text: str) -> tuple[list[str], str | None]:
         return [], "several different maths answers"
     if segments:
         return [f"${segments[0]}$"], None
-    numbers = {_as_fraction(n) for n in _NUMBER.findall(region)}
+    numbers = {_as_fraction(n) for n in set(_NUMBER.findall(region))}
     numbers.discard(None)
     if len(numbers) > 1:
         return [], "several different numbers in the final answer"
@@ -175,6 +184,8 @@ def prefilter_reason(answer: str, gold: str = "") -> str | None:
         return f"answer longer than {MAX_ANSWER_CHARS} characters"
     if _CONTROL.search(answer):
         return "control character, null byte or lone surrogate"
+    if _CODE.search(answer):
+        return "Python code, not a mathematical answer"
     depth = deepest = 0
     for char in answer:
         if char == "{":
@@ -195,26 +206,41 @@ def prefilter_reason(answer: str, gold: str = "") -> str | None:
             return f"an exponent above {MAX_EXPONENT}"
     if answer.count("^") > 8:
         return "more than 8 exponents"
+    product = 1
+    for exponent, _ in _exponents(answer):
+        value = _as_fraction(exponent.replace(" ", "")) if _PLAIN_NUMBER.match(exponent) else None
+        product *= max(1, abs(int(value))) if value is not None else 1
+    if product > MAX_EXPONENT_PRODUCT:
+        return f"powers of powers above {MAX_EXPONENT_PRODUCT}"
+    for m in _SCIENTIFIC.finditer(answer):
+        if abs(int(m.group(1))) > MAX_SCIENTIFIC_EXPONENT:
+            return f"a number written with an exponent above e{MAX_SCIENTIFIC_EXPONENT}"
+    for m in _BINOMIAL.finditer(answer):
+        if any(len(n) > 5 for n in _DIGIT_RUN.findall(m.group(0))):
+            return "a binomial coefficient of a number above 99999"
     for m in _FACTORIAL.finditer(answer):
         if int(m.group(1) or m.group(2)) > MAX_FACTORIAL:
             return f"a factorial of a number above {MAX_FACTORIAL}"
     if answer.count("!") > 4 or "\\uparrow" in answer:
         return "factorial or arrow chains"
+    if _GROUP_FACTORIAL.search(answer):
+        return "a factorial of an expression (e.g. (10!)!)"
     return None
 
 
 def _exponents(answer: str) -> list[tuple[str, bool]]:
-    """(exponent text, whether another `^` follows it directly) for every `^` in `answer`; braced exponents
-    are matched with nesting (`10^{10^{10}}` gives `10^{10}`)."""
+    """(exponent text, whether another `^` follows it directly) for every `^` in `answer`; braced and
+    parenthesised exponents are matched with nesting (`10^{10^{10}}` gives `10^{10}`)."""
     found = []
     for m in re.finditer(r"\^", answer):
         i = m.end()
         while i < len(answer) and answer[i] == " ":
             i += 1
-        if i < len(answer) and answer[i] == "{":
+        if i < len(answer) and answer[i] in "{(":
+            pair = {"{": "}", "(": ")"}[answer[i]]
             depth, j = 0, i
             while j < len(answer):
-                depth += {"{": 1, "}": -1}.get(answer[j], 0)
+                depth += 1 if answer[j] == answer[i] else -1 if answer[j] == pair else 0
                 if depth == 0:
                     break
                 j += 1
@@ -222,7 +248,7 @@ def _exponents(answer: str) -> list[tuple[str, bool]]:
         else:
             token = _EXPONENT_TOKEN.match(answer, i)
             exponent, end = (token.group(), token.end()) if token else ("", i)
-        rest = answer[end:].lstrip(" }")
+        rest = answer[end:].lstrip(" })")
         found.append((exponent.strip(), rest.startswith("^")))
     return found
 
@@ -411,6 +437,7 @@ class VerifierPool:
                         worker.kill()
                         self.workers.remove(worker)
                         self.killed += 1
+                        self._fill()  # the replacement starts importing now, not at the next call
                 if now - started > self.startup_timeout + time_limit * len(pairs):
                     raise RuntimeError("math-verify workers stopped answering")
         return [results[i] for i in range(len(pairs))]
