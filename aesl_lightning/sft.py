@@ -158,6 +158,7 @@ class SFTModule(CausalLMModule):
         self._step_tokens = 0  # completion tokens of the optimiser step so far (this rank)
         self._gates_checked = False
         self._update_norm: torch.Tensor | None = None
+        self._before_step: tuple[list, list] | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] of the wrapped causal LM."""
@@ -243,6 +244,7 @@ class SFTModule(CausalLMModule):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor)
+        self._snapshot_for_update_norm()  # the weights as the optimiser is about to change them
 
     def _data_parallel_size(self) -> int:
         if self.device_mesh is not None:
@@ -250,15 +252,24 @@ class SFTModule(CausalLMModule):
         return self.trainer.world_size if dist.is_available() and dist.is_initialized() else 1
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        every = self.hparams.update_norm_every_n_steps
-        params = [p for p in self.parameters() if p.requires_grad] if every and self.global_step % every == 0 else []
-        before = [_local(p).detach().clone() for p in params]
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if params:
-            squares = sum(((_local(p).detach() - b).double().pow(2).sum() for p, b in zip(params, before)), torch.zeros((), dtype=torch.float64, device=self.device))
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # closure -> on_before_optimizer_step -> step
+        if self._before_step is not None:
+            params, before = self._before_step
+            self._before_step = None
+            with torch.no_grad():
+                squares = torch.zeros((), dtype=torch.float64, device=self.device)
+                for p, b in zip(params, before):
+                    squares += (_local(p).double() - b.double()).pow(2).sum()
             if is_sharded(self.model) and dist.is_available() and dist.is_initialized():
                 dist.all_reduce(squares)
             self._update_norm = squares.sqrt().float()
+
+    def _snapshot_for_update_norm(self) -> None:
+        every = self.hparams.update_norm_every_n_steps
+        if every and self.global_step % every == 0:
+            params = [p for p in self.parameters() if p.requires_grad]
+            with torch.no_grad():
+                self._before_step = (params, [_local(p).detach().clone() for p in params])
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self._update_norm is not None:
