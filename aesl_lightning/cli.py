@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -25,6 +27,17 @@ def make_cli(args: list[str] | None, run: bool = True):
 
     class AESLCLI(LightningCLI):
         """LightningCLI with the toolkit's defaults: SFT model and data, seed 0, TensorBoard in lightning_logs/."""
+
+        def before_instantiate_classes(self) -> None:
+            """Check the data files and the model path before anything is built (loading a large model first
+            would make a typo in the data cost minutes)."""
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            with _clean_errors():
+                check_config_sources(config)
+
+        def instantiate_classes(self) -> None:
+            with _clean_errors():
+                super().instantiate_classes()
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.set_defaults(
@@ -46,6 +59,72 @@ def make_cli(args: list[str] | None, run: bool = True):
         args=args,
         run=run,
     )
+
+
+class ConfigError(SystemExit):
+    """A configuration or input error, already printed as one line; exits with status 2 like argparse."""
+
+
+def _first_error_line(error: BaseException) -> str:
+    """The user's error out of jsonargparse's wrapping ("Does not validate against any of the Union subtypes
+    ... Errors: - <ours> - Expected a <class 'NoneType'> ... Given value: Namespace(...)")."""
+    text = str(error)
+    if "Errors:" in text:
+        lines = text.split("Errors:", 1)[1].split("\nGiven value", 1)[0].splitlines()
+        errors = [line.strip()[2:] for line in lines if line.strip().startswith("- ")]
+        errors = [e for e in errors if not e.startswith("Expected a <class 'NoneType'>")]
+        if errors:
+            return "; ".join(errors)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+@contextmanager
+def _clean_errors():
+    """Turn a configuration or input error into one line on stderr and exit status 2 (no traceback, no
+    Namespace dump); `AESL_DEBUG=1` re-raises it with the traceback."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError) as error:
+        if os.environ.get("AESL_DEBUG"):
+            raise
+        message = _first_error_line(error)
+        print(f"error: {message}\n(set AESL_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+        raise ConfigError(2) from None
+
+
+def check_config_sources(config) -> None:
+    """Validate the data sources (`validate_sources` of the data class, if it has one) and then the model path of
+    a parsed LightningCLI config, before any class is instantiated."""
+    import importlib
+
+    for group, check in (("data", _check_data), ("model", _check_model)):
+        node = config.get(group) if config is not None else None
+        if node is None or not hasattr(node, "get") or not node.get("class_path"):
+            continue
+        module, _, name = str(node["class_path"]).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue  # jsonargparse reports an unknown class itself
+        init_args = node.get("init_args")
+        check(cls, dict(init_args.items()) if init_args is not None else {})
+
+
+def _check_data(cls, init_args: dict) -> None:
+    validate = getattr(cls, "validate_sources", None)
+    if callable(validate):
+        validate(**init_args)
+
+
+def _check_model(cls, init_args: dict) -> None:
+    from aesl_lightning.models import check_model_source
+
+    name = init_args.get("name_or_path")
+    if isinstance(name, str):
+        try:
+            check_model_source(name, init_args.get("gguf_file"))
+        except OSError as error:
+            raise OSError(f"model.name_or_path: {error}") from None
 
 
 def export_main(argv: list[str]) -> Path:
@@ -70,11 +149,27 @@ def export_main(argv: list[str]) -> Path:
     return out
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (a handler bound to the stream of its creation breaks when
+    the stream is swapped, as by pytest's capture or a redirected stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging() -> None:
     """Show the toolkit's INFO messages (examples loaded, dropped, exported) without touching other loggers."""
     logger = logging.getLogger("aesl_lightning")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s aesl_lightning: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

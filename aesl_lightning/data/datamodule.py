@@ -28,6 +28,7 @@ from aesl_lightning.data.encode import (
     encode_sft_examples,
 )
 from aesl_lightning.data.formats import (
+    LOCAL_FORMATS,
     SYNTHETIC,
     DataFormatError,
     PromptExample,
@@ -131,6 +132,23 @@ def _load_splits(
         elif source is not None:
             splits[name] = (normalise(load_records(source, hf_split, synthetic), source), source)
     return splits
+
+
+def validate_local_sources(sources: dict[str, str | None], normalise: Callable, owner: str = "data") -> None:
+    """Read and normalise every local-file source now, so that a malformed file (bad JSON, a missing field, no
+    records) is reported at once, before any model is built. `sources` maps option names to sources; the error
+    is `DataFormatError("<owner>.<option>: <file:line>: ...")`. Hugging Face names and "synthetic" are checked
+    at `setup` (they need the network or a generator)."""
+    for option, source in sources.items():
+        if source is None or source == SYNTHETIC:
+            continue
+        path = Path(source)
+        if path.suffix.lower() not in LOCAL_FORMATS and not path.exists():
+            continue  # a Hugging Face dataset name
+        try:
+            normalise(load_records(source), source)
+        except DataFormatError as error:
+            raise DataFormatError(f"{owner}.{option}: {error}") from None
 
 
 def _report(kind: str, name: str, origin: str, kept: int, dropped: int, limit_name: str, limit: int) -> None:
@@ -242,6 +260,7 @@ class SFTDataModule(L.LightningDataModule):
         self.seed = seed
         self.split = split
         self.val_split = val_split
+        self.validate_sources(train=train, val=val)
 
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_data: list[EncodedSFT] = []
@@ -249,6 +268,12 @@ class SFTDataModule(L.LightningDataModule):
         self.val_examples: list[SFTExample] = []
         self.val_prompt_data: list[EncodedPrompt] = []
         self.num_dropped: dict[str, int] = {}
+
+    @staticmethod
+    def validate_sources(train: str | None = SYNTHETIC, val: str | None = None, **_) -> None:
+        """Check the local files of `train` and `val` as SFT data now (see `validate_local_sources`); the
+        constructor calls it, and the CLI before it builds the model."""
+        validate_local_sources({"train": train, "val": val}, sft_examples)
 
     def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Use this tokenizer object (takes precedence over `tokenizer` and the LightningModule's)."""
@@ -369,11 +394,18 @@ class PromptDataModule(L.LightningDataModule):
         self.split = split
         self.val_split = val_split
         self.test_split = test_split
+        self.validate_sources(train=train, val=val, test=test)
 
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.data: dict[str, list[EncodedPrompt]] = {}
         self.examples: dict[str, list[PromptExample]] = {}
         self.num_dropped: dict[str, int] = {}
+
+    @staticmethod
+    def validate_sources(train: str | None = SYNTHETIC, val: str | None = None, test: str | None = None, **_) -> None:
+        """Check the local files of `train`, `val` and `test` as prompt data now (see `validate_local_sources`);
+        the constructor calls it, and the CLI before it builds the model."""
+        validate_local_sources({"train": train, "val": val, "test": test}, prompt_examples)
 
     def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Use this tokenizer object (takes precedence over `tokenizer` and the LightningModule's)."""
