@@ -39,6 +39,14 @@ def make_cli(args: list[str] | None, run: bool = True):
             with _clean_errors():
                 super().instantiate_classes()
 
+        def before_fit(self) -> None:
+            """`--ckpt_path last`: the newest last.ckpt of this run's earlier versions, or a clear stop (Lightning
+            alone looks only in the new version folder, warns, and trains from scratch)."""
+            config = self.config_init[self.subcommand]
+            if config.get("ckpt_path") == "last":
+                with _clean_errors():
+                    config["ckpt_path"] = str(resolve_last_checkpoint(self.trainer))
+
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.set_defaults(
                 {
@@ -125,6 +133,39 @@ def _check_model(cls, init_args: dict) -> None:
             check_model_source(name, init_args.get("gguf_file"))
         except OSError as error:
             raise OSError(f"model.name_or_path: {error}") from None
+
+
+def last_checkpoint_places(trainer) -> list[Path]:
+    """Where `last.ckpt` files of this run live: each ModelCheckpoint's own `dirpath` if set, else every
+    version folder of the logger (`<save_dir>/<name>/version_*/checkpoints`), else `<default_root_dir>/checkpoints`."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    places: list[Path] = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            places.append(Path(callback.dirpath))
+    logger = trainer.logger
+    root = getattr(logger, "root_dir", None) if logger is not None else None
+    if root is not None:
+        places += sorted(Path(root).glob("version_*/checkpoints"))
+        places.append(Path(root) / "checkpoints")
+    places.append(Path(trainer.default_root_dir) / "checkpoints")
+    return list(dict.fromkeys(places))
+
+
+def resolve_last_checkpoint(trainer) -> Path:
+    """The most recently written `last*.ckpt` among `last_checkpoint_places(trainer)`; `FileNotFoundError`
+    naming the places searched when there is none (never a silent fresh start)."""
+    found = [p for place in last_checkpoint_places(trainer) if place.is_dir() for p in place.glob("last*.ckpt") if p.is_file()]
+    if not found:
+        searched = ", ".join(str(p) for p in last_checkpoint_places(trainer))
+        raise FileNotFoundError(
+            f"--ckpt_path last: no last.ckpt in {searched}; give the checkpoint's path, or leave --ckpt_path out "
+            "to train from the start"
+        )
+    newest = max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+    logging.getLogger("aesl_lightning").info("--ckpt_path last: resuming from %s", newest)
+    return newest
 
 
 def export_main(argv: list[str]) -> Path:

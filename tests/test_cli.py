@@ -162,6 +162,28 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
     last = next((tmp_path / "resumed").rglob("last.ckpt"))
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 8
 
+    # `--ckpt_path last` in the same log folder: the newest last.ckpt of the run's versions, here version_0's
+    main([
+        "fit", "--config", QUICKSTART, "--model.name_or_path", "tiny-llama", "--trainer.max_steps", "9",
+        "--trainer.val_check_interval", "3", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+        "--data.synthetic.num_examples", "24", "--data.val_size", "8", "--data.batch_size", "4",
+        "--data.max_length", "400", "--ckpt_path", "last",
+        "--model.val_generation.max_new_tokens", "12", "--model.val_generation.num_prompts", "4",
+    ])
+    resumed = run.parent / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, map_location="cpu", weights_only=True)["global_step"] == 9  # 6 + 3, not 9 from scratch
+
+
+def test_ckpt_path_last_without_a_checkpoint_stops_with_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--model.name_or_path", "tiny-llama", "--trainer.max_steps", "2",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--ckpt_path", "last"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path last: no last.ckpt in" in err and str(tmp_path / "logs") in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
 
 def test_export_refuses_a_foreign_checkpoint(tmp_path):
     foreign = tmp_path / "foreign.ckpt"
