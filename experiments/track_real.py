@@ -196,8 +196,8 @@ def _evaluate_batch(model, tokenizer, chunk: list, pad: int, eos: list[int], set
     g_boxed = boxed_format(prompts, greedy.texts)
     # `id`: the problem's key (word problems) or its line in the file: stable across work folders, for pairing
     batch_rows = [{"id": str(item.extra.get("key", Path(item.source).name)), "source": item.source, "answer": item.answer, "greedy_correct": int(c or 0), "greedy_boxed": int(b),
-                   "greedy_tokens": int(n), "greedy_text": t}
-                  for item, c, b, n, t in zip(chunk, g_correct, g_boxed, greedy.lengths.tolist(), greedy.texts)]
+                   "greedy_tokens": int(n), "greedy_truncated": int(cut), "greedy_text": t}
+                  for item, c, b, n, cut, t in zip(chunk, g_correct, g_boxed, greedy.lengths.tolist(), greedy.truncated.tolist(), greedy.texts)]
     if k > 0 and settings.temperature > 0:
         began = time.perf_counter()
         sampled = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"],
@@ -238,6 +238,8 @@ def summarise_rows(rows: list[dict], k: int) -> dict:
     mean = lambda key: sum(r[key] for r in rows) / n  # noqa: E731
     out = {"problems": n, "greedy_accuracy": mean("greedy_correct"), "greedy_boxed_rate": mean("greedy_boxed"),
            "greedy_tokens": mean("greedy_tokens")}
+    if "greedy_truncated" in rows[0]:
+        out["greedy_truncated_rate"] = mean("greedy_truncated")
     if k > 0 and rows and "correct" in rows[0]:
         pass1 = sum(r["correct"] / k for r in rows) / n
         passk = sum(pass_at_k(k, r["correct"], k) for r in rows) / n
@@ -320,10 +322,12 @@ def sft_module(config: dict, start: str, loss: dict, lora_rank: int | None):
     from aesl_lightning import SFTModule
     from aesl_lightning.lora import LoRAConfig
     from aesl_lightning.losses import LossConfig
+    from aesl_lightning.sft import ValidationGeneration
 
     s = config["sft"]
+    off = ValidationGeneration(num_prompts=0, num_samples=0, kl_to_base=False)  # GridEval evaluates instead
     return SFTModule(name_or_path=start, loss=LossConfig(**loss), lr=s["lr"], warmup_steps=s["warmup_steps"], scheduler=s["scheduler"],
-                     lora=LoRAConfig(r=lora_rank) if lora_rank else None, val_generation=None, histogram_every_n_steps=0)
+                     lora=LoRAConfig(r=lora_rank) if lora_rank else None, val_generation=off, histogram_every_n_steps=0)
 
 
 def sft_data(config: dict, paths: Paths, seed: int):
@@ -785,7 +789,65 @@ def analyse(config: dict, paths: Paths) -> dict:
                    "refuted" if any(v == "refuted" for v in primary) else "inconclusive")
         summary["claims"]["C3"] = {"comparisons": c3, "verdict": overall}
     summary["design_mde"] = mde
+    summary["curves"] = {str(r["seed"]): [{k: v for k, v in row.items() if k != "val/correct_by_problem"} for row in r["history"]]
+                         for r in ce}
+    summary["turning_points"] = {str(r["seed"]): r["turning_point"]["step"] for r in ce}
+    summary["best_accuracy_steps"] = {str(r["seed"]): r["best_accuracy_step"] for r in ce}
+    summary["before_rl"] = {arm: {"greedy_accuracy": [r["eval"]["test"]["summary"]["greedy_accuracy"] for r in recs],
+                                  "distinct_answers": [r["eval"]["test"]["summary"].get("distinct_answers") for r in recs],
+                                  "pass@k_minus_pass@1": [r["eval"]["test"]["summary"].get("pass@k_minus_pass@1") for r in recs]}
+                            for arm, recs in start.items()}
+    summary["sweep"] = sweep_summary(config, paths, ce)
     return summary
+
+
+SWEEP_PREDICTORS = ("val/greedy_accuracy", "val/entropy", "val/self_bleu", "val/distinct_answers", "val/pass@k_minus_pass@1")
+
+
+def sweep_summary(config: dict, paths: Paths, ce: list[dict]) -> dict:
+    """Post-RL test accuracy of every finished sweep run beside its snapshot's validation row, and the Spearman
+    correlation of each SFT predictor with it (exploratory: one seed)."""
+    first = config["seeds"][0]
+    history = next((r["history"] for r in ce if r["seed"] == first), [])
+    points = []
+    for row in history:
+        path = paths.result(f"sweep/step{row['step']:05d}")
+        if path.is_file():
+            post = read_json(path)["eval"]["test"]["summary"]
+            points.append({"step": row["step"], **{k: row.get(k) for k in SWEEP_PREDICTORS}, "post_rl_greedy": post["greedy_accuracy"],
+                           "post_rl_pass@1": post.get("pass@1")})
+    correlations = {}
+    if len(points) >= 3:
+        for key in SWEEP_PREDICTORS:
+            pairs = [(p[key], p["post_rl_greedy"]) for p in points if p[key] is not None]
+            correlations[key] = cpu_track.spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= 3 else float("nan")
+    return {"points": points, "spearman_with_post_rl_greedy": correlations}
+
+
+CURVE_COLUMNS = (("val/greedy_accuracy", "val acc"), ("val/greedy_boxed_rate", "boxed"), ("val/entropy", "entropy"),
+                 ("val/self_bleu", "self-BLEU"), ("val/distinct_answers", "distinct answers"), ("val/pass@k_minus_pass@1", "pass@k - pass@1"),
+                 ("val/zero_variance_share", "zero-variance share"), ("val/sample_tokens", "tokens"))
+
+
+def write_curve_figure(summary: dict, out: Path) -> None:
+    """diversity_curve.png: each grid measure against step (log scale, step 0 drawn at 0.5), one line per seed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 6))
+    for i, (key, label) in enumerate(CURVE_COLUMNS):
+        ax = fig.add_subplot(2, 4, i + 1)
+        for seed, rows in summary["curves"].items():
+            xs = [max(r["step"], 0.5) for r in rows]
+            ax.plot(xs, [r.get(key, float("nan")) for r in rows], marker="o", markersize=3, label=f"seed {seed}")
+            tp = summary["turning_points"][seed]
+            ax.axvline(max(tp, 0.5), linestyle="--", linewidth=0.8, color=ax.lines[-1].get_color())
+        ax.set_xscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("SFT step (0 drawn at 0.5)", fontsize=8)
+    fig.axes[0].legend(fontsize=7)
+    fig.suptitle("CE cold start on the validation grid (dashed: turning point of each seed)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def minimum_design_mde(config: dict) -> float:
@@ -821,6 +883,35 @@ def write_results(config: dict, paths: Paths, command: str) -> Path:
         iv = m["gain"]["difference"]
         lines.append(f"| {ARM_LABELS[arm]} | {iv['estimate']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}] | {_f(m['reward_slope'], 4)} | "
                      f"{m['reward_change']:+.3f} | {'yes' if m['moved'] else 'NO'} |")
+    preflight_file = paths.out / "preflight.json"
+    if preflight_file.is_file():
+        rules = read_json(preflight_file)["go_no_go"]
+        lines[6:6] = ["## Pre-flight (preflight.md)", ""] + [
+            f"- {r['rule']}: {_f(r['value'])}: {'not measured' if r['passes'] is None else 'pass' if r['passes'] else 'FAIL'}" for r in rules] + [""]
+    if summary["before_rl"]:
+        lines += ["", "## Starting points before RL (test split, mean over seeds)", "", "| arm | greedy acc | distinct answers | pass@k - pass@1 |",
+                  "|---|---|---|---|"]
+        for arm, b in summary["before_rl"].items():
+            lines.append(f"| {ARM_LABELS[arm]} | {_f(_mean(b['greedy_accuracy']))} | {_f(_mean(b['distinct_answers']), 2)} | "
+                         f"{_f(_mean(b['pass@k_minus_pass@1']))} |")
+    for seed, rows in summary["curves"].items():
+        lines += ["", f"## CE validation grid, seed {seed} (turning point: step {summary['turning_points'][seed]}, best accuracy: step "
+                  f"{summary['best_accuracy_steps'][seed]})", "", "| step | " + " | ".join(label for _, label in CURVE_COLUMNS) + " |",
+                  "|---" * (len(CURVE_COLUMNS) + 1) + "|"]
+        lines += [f"| {r['step']} | " + " | ".join(_f(r.get(key)) for key, _ in CURVE_COLUMNS) + " |" for r in rows]
+    if summary["curves"]:
+        write_curve_figure(summary, paths.out / "diversity_curve.png")
+        lines += ["", "Figure: `diversity_curve.png`."]
+    sweep = summary["sweep"]
+    if sweep["points"]:
+        lines += ["", f"## Checkpoint sweep (CE seed {config['seeds'][0]}, {config['grpo']['sweep_steps']} GRPO steps from each grid snapshot; "
+                  "exploratory)", "", "| step | val acc | entropy | self-BLEU | distinct answers | pass@k - pass@1 | post-RL greedy | post-RL pass@1 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['step']} | " + " | ".join(_f(p[k]) for k in SWEEP_PREDICTORS) + f" | {_f(p['post_rl_greedy'])} | {_f(p['post_rl_pass@1'])} |"
+                  for p in sweep["points"]]
+        if sweep["spearman_with_post_rl_greedy"]:
+            lines += ["", "Spearman correlation with post-RL greedy accuracy: " + ", ".join(
+                f"{k.removeprefix('val/')} {v:+.2f}" for k, v in sweep["spearman_with_post_rl_greedy"].items())]
     lines += ["", f"## Verdicts (design MDE {summary['design_mde']:.3f})", ""]
     claims = summary["claims"]
     if "C1" in claims:
@@ -848,8 +939,8 @@ BASE_ACCURACY_RANGE = (0.02, 0.50)
 GRPO_MIN_GAIN = 0.05
 
 
-def go_no_go(records: dict) -> list[dict]:
-    """Each pre-flight rule with its measured number and pass / fail / not measured."""
+def go_no_go(records: dict, budget: dict | None = None) -> list[dict]:
+    """Each pre-flight rule with its measured number and pass / fail / not measured (`budget`: projected_seconds)."""
     rules = []
     base = records.get("preflight/base")
     if base:
@@ -866,7 +957,33 @@ def go_no_go(records: dict) -> list[dict]:
                   "value": check["reward_gain_halves"] if check else None, "passes": check["passes"] if check else None})
     timed = all(k in records for k in ("preflight/sft_timing_full", "preflight/sft_timing_lora")) and base is not None
     rules.append({"rule": "SFT step time and sampling throughput measured", "value": None, "passes": timed})
+    if budget is not None:
+        hours = budget["total"] / 3600
+        rules.append({"rule": f"projected wall time of --run (hours) <= {BUDGET_HOURS} x 1.1 on this machine", "value": hours,
+                      "passes": hours <= BUDGET_HOURS * 1.1})
     return rules
+
+
+BUDGET_HOURS = 3.0
+
+
+def measured_costs(config: dict, paths: Paths, records: dict) -> dict | None:
+    """Unit costs for `projected_seconds` from the pre-flight records (None until base and SFT timing exist);
+    the completion length after SFT is the cold-start solutions' mean token count (+ EOS)."""
+    from aesl_lightning.data.synthetic import read_jsonl
+    from aesl_lightning.models import load_tokenizer
+
+    base, full = records.get("preflight/base"), records.get("preflight/sft_timing_full")
+    if not base or not full:
+        return None
+    tokenizer = load_tokenizer(config["model"])
+    completions = [r["completion"] for r in read_jsonl(paths.data / "coldstart.jsonl")]
+    tokens = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in completions) / len(completions)
+    t = base["test"]["timing"]
+    check = records.get("preflight/grpo_check")
+    return {"sft_step": full["median_after_first"], "greedy_tps": t["greedy_tokens_per_second"], "sample_tps": t["sample_tokens_per_second"],
+            "tokens": tokens, "base_tokens": base["test"]["summary"]["greedy_tokens"],
+            "grpo_step": check["median_step_seconds"] if check else None}
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -874,8 +991,9 @@ def _f(x: Any, digits: int = 3) -> str:
 
 
 def write_preflight_report(config: dict, paths: Paths, records: dict, command: str) -> Path:
-    """`<out>/preflight_measured.md` and `preflight.json`: the measured numbers and the go/no-go table."""
-    lines = ["# Pre-flight measurements (written by `experiments/track_real.py --preflight`)", "", f"Command: `{command}`  ",
+    """`<out>/preflight.md` and `preflight.json`: the measured numbers, the go/no-go table and the projected
+    budget, followed by `<out>/preflight_notes.md` (hand-written) when it exists."""
+    lines = ["# Pre-flight (generated by `experiments/track_real.py --preflight`; rules in plan.md)", "", f"Command: `{command}`  ",
              f"Machine: {cpu_track.machine()}", ""]
     base = records.get("preflight/base")
     if base:
@@ -908,16 +1026,27 @@ def write_preflight_report(config: dict, paths: Paths, records: dict, command: s
         lines += ["", f"GRPO check: {check['steps']} steps, median {_f(check['median_step_seconds'], 1)} s/step; training reward per step "
                   f"{', '.join(_f(r, 2) for r in rewards)}; gain (last half - first half) {_f(check['reward_gain_halves'])}, "
                   f"OLS slope {_f(check['reward_slope_per_step'], 4)}/step."]
+    costs = measured_costs(config, paths, records)
+    budget = projected_seconds(config, costs) if costs else None
+    if budget:
+        lines += ["", f"Projected wall time of `--run` at this configuration from these unit costs (`projected_seconds`; completion length "
+                  f"after SFT {costs['tokens']:.1f} tokens, GRPO step {budget['grpo_step_used']:.1f} s"
+                  f"{' measured' if costs['grpo_step'] else ' estimated (no GRPO check yet)'}): SFT {budget['sft'] / 3600:.2f} h, "
+                  f"evaluation before RL {budget['start_eval'] / 3600:.2f} h, GRPO + evaluation {budget['grpo'] / 3600:.2f} h, "
+                  f"checkpoint sweep {budget['sweep'] / 3600:.2f} h: **total {budget['total'] / 3600:.1f} h**."]
     lines += ["", "## Go / no-go (rules of plan.md)", "", "| rule | measured | outcome |", "|---|---|---|"]
-    rules = go_no_go(records)
+    rules = go_no_go(records, budget)
     for r in rules:
         outcome = "not measured yet" if r["passes"] is None else ("pass" if r["passes"] else "FAIL")
         lines.append(f"| {r['rule']} | {_f(r['value'])} | {outcome} |")
     slim = {k: {kk: vv for kk, vv in v.items() if kk not in ("test", "test_hard")} | (
         {split: {"summary": v[split]["summary"], "timing": v[split]["timing"]} for split in ("test", "test_hard")} if "test" in v else {})
         for k, v in records.items()}
-    atomic_write_json(paths.out / "preflight.json", {"records": slim, "go_no_go": rules, "command": command})
-    out = paths.out / "preflight_measured.md"
+    atomic_write_json(paths.out / "preflight.json", {"records": slim, "go_no_go": rules, "costs": costs, "budget": budget, "command": command})
+    notes = paths.out / "preflight_notes.md"
+    if notes.is_file():  # the engineer's reading of these numbers (hand-written), kept under the generated part
+        lines += ["", notes.read_text().rstrip()]
+    out = paths.out / "preflight.md"
     out.write_text("\n".join(lines) + "\n")
     return out
 

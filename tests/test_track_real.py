@@ -191,3 +191,32 @@ def test_base_model_evaluation_on_two_word_problems(tmp_path):
     result = T.evaluate_problems(model, tokenizer, tmp_path / "test.jsonl", T.EvalSettings(samples=2, max_new_tokens=48, batch_size=2))
     assert result["summary"]["problems"] == 2 and result["timing"]["greedy_tokens"] > 0
     assert all(r["greedy_text"] for r in result["rows"])
+
+
+def test_projected_seconds_by_hand():
+    config = copy.deepcopy(CONFIG)
+    config["seeds"] = [0, 1, 2]
+    config["sft"].update(max_steps=10, grid=[0, 5, 10], batch_size=8, aesl_anchored=None)
+    config["grpo"].update(steps=4, prompts=2, num_generations=4, sweep_steps=2)
+    config["eval"].update(samples=4, val_problems=10, test_problems=20, test_hard_problems=10)
+    costs = {"sft_step": 2.0, "greedy_tps": 10.0, "sample_tps": 40.0, "tokens": 20.0, "base_tokens": 50.0, "grpo_step": 30.0}
+    per_problem = 20.0 * (1 / 10 + 4 / 40)  # one greedy + 4 samples of 20 tokens: 4 s
+    test_eval = 20 * per_problem + 10 * per_problem * 1.3
+    b = T.projected_seconds(config, costs)
+    assert b["sft"] == pytest.approx(3 * 3 * (10 * 2.0 + 3 * 10 * per_problem))
+    assert b["start_eval"] == pytest.approx(3 * 6 * test_eval)
+    assert b["grpo"] == pytest.approx(3 * 6 * (4 * 30.0 + test_eval))
+    assert b["sweep"] == pytest.approx(3 * (2 * 30.0 + 20 * per_problem))
+    assert b["total"] == pytest.approx(b["sft"] + b["start_eval"] + b["grpo"] + b["sweep"])
+    estimated = T.projected_seconds(config, {**costs, "grpo_step": None})["grpo_step_used"]
+    assert estimated == pytest.approx(2 * 4 * 20 / 40 + 1.5 * 2.0 * 8 / 8)
+
+
+def test_go_no_go_rules():
+    base = {"test": {"summary": {"greedy_boxed_rate": 0.05, "greedy_accuracy": 0.2}}}
+    rules = T.go_no_go({"preflight/base": base}, budget={"total": 2.5 * 3600})
+    assert [r["passes"] for r in rules] == [True, True, None, False, True]
+    base["test"]["summary"]["greedy_accuracy"] = 0.6
+    assert T.go_no_go({"preflight/base": base})[1]["passes"] is False
+    check = {"reward_gain_halves": 0.01, "passes": False}
+    assert T.go_no_go({"preflight/base": base, "preflight/grpo_check": check})[2]["passes"] is False
