@@ -29,9 +29,11 @@ def completion_token_groups(generation: Generation, num_samples: int, eos_token_
 
 class SampleMetrics(torch.nn.Module):
     """Metrics of k samples per prompt: entropy of the sampling model at the sampled positions, self-BLEU,
-    distinct-2, mean length, truncation rate, sample accuracy and pass@k.
+    distinct-2, distinct final answers (the number of different `\\boxed{}` answers among a prompt's k samples,
+    unanswered samples left out: what RL can explore), mean length, truncation rate, sample accuracy and pass@k.
 
-    `compute(prefix)` returns `{prefix + "gen_entropy": ..., prefix + "self_bleu": ..., ...}`.
+    `compute(prefix)` returns `{prefix + "gen_entropy": ..., prefix + "self_bleu": ..., ...}`; every rank must
+    call it (metrics that some rank updated are synced).
     """
 
     def __init__(self, ks: Sequence[int] = (1,)) -> None:
@@ -43,6 +45,7 @@ class SampleMetrics(torch.nn.Module):
         self.gen_truncated = MeanMetric()
         self.sample_accuracy = MeanMetric()
         self.pass_at = PassAtK(ks=tuple(sorted(set(ks))))
+        self.distinct_answers = MeanMetric()
 
     def update(
         self,
@@ -60,6 +63,12 @@ class SampleMetrics(torch.nn.Module):
         self.distinct_2.update(groups)
         self.gen_length.update(generation.lengths.float())
         self.gen_truncated.update(generation.truncated.float())
+        from aesl_lightning.rewards import extract_boxed
+
+        boxed = [extract_boxed(text) for text in generation.texts]
+        for i in range(0, len(boxed), num_samples):
+            found = {" ".join(a.split()) for a in boxed[i : i + num_samples] if a}
+            self.distinct_answers.update(float(len(found)))
         if scores is not None:
             counted = [s for s in scores if s is not None]
             if counted:
@@ -73,17 +82,21 @@ class SampleMetrics(torch.nn.Module):
             if ns:
                 self.pass_at.update(ns, cs)
 
-    def compute(self, prefix: str = "") -> dict[str, torch.Tensor]:
+    def compute(self, prefix: str = "", device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        from aesl_lightning.evaluation import any_rank
+
         values = {
             "gen_entropy": self.gen_entropy.compute(),
             "self_bleu": self.self_bleu.compute(),
             "distinct_2": self.distinct_2.compute(),
+            "distinct_answers": self.distinct_answers.compute(),
             "gen_length": self.gen_length.compute(),
             "gen_truncated": self.gen_truncated.compute(),
         }
-        if self.sample_accuracy.update_called:
+        # decided on every rank alike: compute() is a collective, and a rank without scored samples must still enter it
+        if any_rank(self.sample_accuracy.update_called, device):
             values["sample_accuracy"] = self.sample_accuracy.compute()
-        if self.pass_at.update_called:
+        if any_rank(self.pass_at.update_called, device):
             values.update(self.pass_at.compute())
         return {prefix + k: v.float() for k, v in values.items() if not torch.isnan(v)}
 

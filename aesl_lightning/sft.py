@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from torchmetrics import MeanMetric
 
 from aesl_lightning.fsdp import is_sharded, unsharded_for_generation, unwrap
-from aesl_lightning.generation import SamplingConfig, eos_ids, generate
+from aesl_lightning.evaluation import GenerationEval
+from aesl_lightning.generation import SamplingConfig
 from aesl_lightning.metrics import KLToBase
-from aesl_lightning.sample_metrics import SampleMetrics
 from aesl_lightning.lm import CausalLMModule, Scheduler
 from aesl_lightning.lora import LoRAConfig
 from aesl_lightning.losses import BaseStates, LossConfig, LossOutput, chunked_sft_loss, sft_loss
@@ -148,10 +147,7 @@ class SFTModule(CausalLMModule):
         self.save_hyperparameters()
         self.loss_config = loss
         self.val_generation = val_generation
-        self.answer_accuracy = MeanMetric()
-        self.greedy_length = MeanMetric()
-        sampling = val_generation.sampling
-        self.sample_metrics = SampleMetrics(ks=(1, sampling.num_samples) if sampling else (1,))
+        self.evaluator = GenerationEval(val_generation.sampling, val_generation.max_new_tokens, greedy_name="answer_accuracy")
         self.kl_to_base = KLToBase()
         self._base_model = None  # frozen copy of the starting weights, built on first use
         self._validations = 0
@@ -363,22 +359,17 @@ class SFTModule(CausalLMModule):
     def generate_on_validation_prompts(self, loader) -> dict[str, float]:
         """Generate for the first `val_generation.num_prompts` prompts of `loader` (split over ranks).
 
-        Greedy completions give `val/answer_accuracy` (math-verify on the final boxed answer) and
-        `val/greedy_length`; with `num_samples >= 2`, k samples per prompt give `val/gen_entropy`,
-        `val/self_bleu`, `val/distinct_2`, `val/gen_length`, `val/gen_truncated`, `val/sample_accuracy`,
+        Greedy completions give `val/answer_accuracy` (the final answer checked symbolically) and
+        `val/greedy_length`; with `num_samples >= 2`, k samples per prompt give `val/gen_entropy`, `val/self_bleu`,
+        `val/distinct_2`, `val/distinct_answers`, `val/gen_length`, `val/gen_truncated`, `val/sample_accuracy`,
         `val/pass@1` and `val/pass@k`. Also a TensorBoard text panel. Returns the logged values.
         """
-        from aesl_lightning.rewards import math_accuracy
-
         started = time.perf_counter()
         cfg = self.val_generation
-        sampling = cfg.sampling
         rank, world = self.global_rank, self.trainer.world_size
-        greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-        eos = eos_ids(self.model, self.tokenizer)
         shown: list[str] = []
         seen = 0
-        # every rank enters (unsharding is collective); inside, ranks may generate different lengths
+        # every rank enters (unsharding is collective); inside, ranks may generate different lengths or nothing
         with unsharded_for_generation(self.model):
             for batch in loader:
                 if seen >= cfg.num_prompts:
@@ -388,40 +379,14 @@ class SFTModule(CausalLMModule):
                 seen += take
                 if not rows:
                     continue
-                ids = batch["input_ids"][rows].to(self.device)
-                mask = batch["attention_mask"][rows].to(self.device)
-                keep = mask.any(dim=0)  # drop columns that are padding in every kept row
-                ids, mask = ids[:, keep], mask[:, keep]
-                answers = [batch["answer"][i] for i in rows]
-                prompts = [batch["prompt"][i] for i in rows]
-
-                out = generate(self.model, self.tokenizer, ids, mask, greedy)
-                scores = math_accuracy(prompts, out.texts, answer=answers)
-                for score in scores:
-                    if score is not None:
-                        self.answer_accuracy.update(score)
-                self.greedy_length.update(out.lengths.float())
-                samples: list[list[str]] = [[] for _ in rows]
-                if sampling is not None:
-                    sampled = generate(self.model, self.tokenizer, ids, mask, sampling, record_entropy=True)
-                    k = sampling.num_samples
-                    repeated = [a for a in answers for _ in range(k)]
-                    sample_scores = math_accuracy([p for p in prompts for _ in range(k)], sampled.texts, answer=repeated)
-                    self.sample_metrics.update(sampled, k, eos, sample_scores)
-                    samples = [sampled.texts[i * k : (i + 1) * k] for i in range(len(rows))]
-                for prompt, text, answer, score, group in zip(prompts, out.texts, answers, scores, samples):
-                    if len(shown) < cfg.num_text_samples:
-                        block = f"**prompt**: {prompt}\n\n**greedy** (score {score}): {text}\n\n**answer**: {answer}"
-                        block += "".join(f"\n\n**sample {j + 1}**: {t}" for j, t in enumerate(group))
-                        shown.append(block)
-        values = {"val/answer_accuracy": self.answer_accuracy.compute(), "val/greedy_length": self.greedy_length.compute()}
+                result = self.evaluator.update(self.model, self.tokenizer, batch["input_ids"][rows].to(self.device),
+                                               batch["attention_mask"][rows].to(self.device), [batch["prompt"][i] for i in rows],
+                                               [batch["answer"][i] for i in rows])
+                shown += result.text_blocks(cfg.num_text_samples - len(shown))
+        values = self.evaluator.compute(prefix="val/", device=self.device)  # every rank: a collective
         # wall time of this rank's generation: the price of the diversity signal, to weigh against training
         values["val/generation_seconds"] = torch.tensor(time.perf_counter() - started)
-        if sampling is not None:
-            values.update(self.sample_metrics.compute(prefix="val/"))
-        self.answer_accuracy.reset()
-        self.greedy_length.reset()
-        self.sample_metrics.reset()
+        self.evaluator.reset()
         self.log_dict(values)  # torchmetrics already synced the sums over ranks
         experiment = getattr(self.logger, "experiment", None)
         if shown and experiment is not None and hasattr(experiment, "add_text"):

@@ -33,10 +33,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--fsdp1", action="store_true", help="FSDP1 (Lightning's FSDPStrategy) instead of FSDP2")
+    parser.add_argument("--num-prompts", type=int, default=4, help="validation prompts (1: rank 1 generates nothing)")
     args = parser.parse_args()
     L.seed_everything(0)
     module = SFTModule("tiny-llama", lr=3e-3, warmup_steps=0,
-                       val_generation=ValidationGeneration(num_prompts=4, num_samples=2, max_new_tokens=8))
+                       val_generation=ValidationGeneration(num_prompts=args.num_prompts, num_samples=2, max_new_tokens=8))
     # FSDP1 without an auto_wrap_policy: configure_model makes each decoder layer a unit
     strategy = CPUFSDPStrategy() if args.fsdp1 else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = L.Trainer(

@@ -29,6 +29,14 @@ def test_sft_trains_validates_and_exports_under_fsdp1_with_norm_clipping(tmp_pat
     assert result["model_class"] == "FullyShardedDataParallel" and not result["lightning_module_wrapped"]
 
 
+@pytest.mark.distributed
+def test_validation_with_fewer_prompts_than_ranks_does_not_hang(tmp_path):
+    """One prompt on two ranks: rank 1 generates nothing and has no scored samples, yet must enter every metric
+    sync that rank 0 enters (before the fix the ranks disagreed on which metrics to compute and waited forever)."""
+    result = _check_sft_run(tmp_path, "--num-prompts", "1")
+    assert "val/answer_accuracy" in result["metrics"] and "val/pass@2" in result["metrics"]
+
+
 def _check_sft_run(tmp_path, *args) -> dict:
     from transformers import AutoModelForCausalLM
 

@@ -104,7 +104,7 @@ def test_validate_before_fit_with_inference_mode(tmp_path):
 
 def test_answer_accuracy_counts_correct_completions(monkeypatch):
     """Scoring path with a stubbed generator: 2 of 3 completions carry the right boxed answer."""
-    import aesl_lightning.sft as sft
+    import aesl_lightning.evaluation as evaluation
     from aesl_lightning.generation import Generation
 
     module = SFTModule("tiny-llama", val_generation=ValidationGeneration(num_prompts=3, num_samples=0))
@@ -117,7 +117,7 @@ def test_answer_accuracy_counts_correct_completions(monkeypatch):
         return Generation(ids, mask, torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.bool),
                           torch.zeros(n, dtype=torch.bool), texts[:n])
 
-    monkeypatch.setattr(sft, "generate", fake_generate)
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
 
     class _T:
         world_size = 1
