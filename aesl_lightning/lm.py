@@ -206,6 +206,36 @@ class CausalLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         cls = type(self)
         checkpoint["aesl_lightning"] = {"module_class": f"{cls.__module__}.{cls.__qualname__}"}
+        if self._trainer is not None:
+            mark_validation_pending(self.trainer, checkpoint)
+
+
+def mark_validation_pending(trainer: L.Trainer, checkpoint: dict) -> bool:
+    """Make a checkpoint saved after a training step that a validation follows resume *into* that validation.
+
+    Lightning, resuming from a checkpoint written at the end of a training batch (e.g.
+    `ModelCheckpoint(every_n_train_steps=...)`), fast-forwards past the validation due at that step, so a kill
+    during it loses that validation (its metrics, and the turning-point decision it feeds). Here the saved
+    progress of the validation loop is marked as started and not finished (started = ready = processed + 1,
+    completed = processed; Lightning's "restarted mid-evaluation" state, from its first batch), and the
+    resumed run runs it. Returns whether it marked; does nothing if Lightning's internals are not as expected.
+    """
+    try:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        progress = epoch_loop.batch_progress.total
+        at_batch_end = trainer.training and progress.processed == progress.completed + 1
+        if not at_batch_end or not epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            return False
+        if trainer.fit_loop.epoch_loop.val_loop.skip:
+            return False
+        state = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+        total, current = state["total"], state["current"]
+    except (AttributeError, KeyError, TypeError):
+        return False
+    total["ready"] = total["started"] = total["processed"] + 1
+    total["completed"] = total["processed"]
+    current.update(ready=1, started=1, processed=0, completed=0)
+    return True
 
 
 class UnsafeCheckpointError(ValueError):

@@ -97,3 +97,51 @@ def test_the_loader_state_holds_the_trainers_position_and_skips_on_load():
     changed.load_state_dict(state)  # different data: no skip (and a warning)
     changed.sampler.set_epoch(2)
     assert len([x for batch in changed for x in batch]) == 9
+
+
+class RecordValidation(Callback):
+    """The global step of every validation that finished, and a crash as the one at `kill_at` starts."""
+
+    def __init__(self, kill_at: int | None = None):
+        self.steps: list[int] = []
+        self.kill_at = kill_at
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking and trainer.global_step == self.kill_at:
+            raise Killed(f"killed in the validation at step {trainer.global_step}")
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+
+
+def fit_validating(tmp_path, name, record, ckpt_path=None):
+    torch.manual_seed(0)
+    module = SFTModule("tiny-llama", lr=1e-2, warmup_steps=0, scheduler="linear",
+                       val_generation=ValidationGeneration(num_prompts=0, kl_to_base=False))
+    data = SFTDataModule(train="synthetic", synthetic=ArithmeticConfig(num_examples=20), val_size=4, batch_size=4,
+                         max_length=400, seed=3)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=EPOCHS, callbacks=[record, checkpoints], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        val_check_interval=2, limit_val_batches=1)
+    try:
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+    except Killed:
+        pass
+    return trainer, module
+
+
+def test_a_validation_interrupted_by_a_kill_is_run_again_after_resuming(tmp_path):
+    whole_record = RecordValidation()
+    whole, whole_module = fit_validating(tmp_path, "whole", whole_record)
+    assert whole_record.steps == [2, 4, 7, 9]
+
+    first_record = RecordValidation(kill_at=4)
+    fit_validating(tmp_path, "first", first_record)
+    assert first_record.steps == [2]
+    second_record = RecordValidation()
+    _, second_module = fit_validating(tmp_path, "second", second_record, ckpt_path=tmp_path / "first" / "step=4.ckpt")
+    assert first_record.steps + second_record.steps == whole_record.steps
+    whole_state, second_state = whole_module.state_dict(), second_module.state_dict()
+    assert all(torch.equal(second_state[k], v) for k, v in whole_state.items())
