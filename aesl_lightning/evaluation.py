@@ -70,8 +70,12 @@ class GenerationEval(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts: Sequence[str],
-               answers: Sequence) -> EvalBatch:
-        """Generate for one batch of left-padded prompts (columns that are padding in every row are dropped)."""
+               answers: Sequence, record: bool = True) -> EvalBatch:
+        """Generate for one batch of left-padded prompts (columns that are padding in every row are dropped).
+
+        `record=False` generates and counts nothing: under FSDP, `generate` synchronises the ranks at every token,
+        so a rank without prompts of its own must still generate (a stand-in prompt) as often as the others.
+        """
         from aesl_lightning.rewards import math_accuracy
 
         keep = attention_mask.any(dim=0)
@@ -80,19 +84,24 @@ class GenerationEval(torch.nn.Module):
         greedy_texts = greedy_scores = None
         if self.greedy:
             out = generate(model, tokenizer, ids, mask, SamplingConfig(1, 0.0, 1.0, self.max_new_tokens))
-            greedy_texts = out.texts
-            greedy_scores = math_accuracy(prompts, out.texts, answer=answers)
-            for score in greedy_scores:
-                if score is not None:
-                    self.greedy_accuracy.update(score)
-            self.greedy_length.update(out.lengths.float())
+            if record:
+                greedy_texts = out.texts
+                greedy_scores = math_accuracy(prompts, out.texts, answer=answers)
+                for score in greedy_scores:
+                    if score is not None:
+                        self.greedy_accuracy.update(score)
+                self.greedy_length.update(out.lengths.float())
         samples: list[list[str]] = [[] for _ in prompts]
         if self.sampling is not None:
             k = self.sampling.num_samples
             sampled = generate(model, tokenizer, ids, mask, self.sampling, record_entropy=True)
+            if not record:
+                return EvalBatch([], [], None, None, [])
             scores = math_accuracy([p for p in prompts for _ in range(k)], sampled.texts, answer=[a for a in answers for _ in range(k)])
             self.samples.update(sampled, k, eos_ids(model, tokenizer), scores)
             samples = [sampled.texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+        if not record:
+            return EvalBatch([], [], None, None, [])
         return EvalBatch(prompts, answers, greedy_texts, greedy_scores, samples)
 
     def compute(self, prefix: str = "", device: torch.device | None = None) -> dict[str, torch.Tensor]:

@@ -377,11 +377,14 @@ class SFTModule(CausalLMModule):
                 take = min(len(batch["prompt"]), cfg.num_prompts - seen)
                 rows = [i for i in range(take) if (seen + i) % world == rank]
                 seen += take
-                if not rows:
-                    continue
+                record = bool(rows)
+                if not record:
+                    if not is_sharded(self.model):
+                        continue
+                    rows = [0]  # generate() syncs FSDP ranks per token: generate a stand-in, count nothing
                 result = self.evaluator.update(self.model, self.tokenizer, batch["input_ids"][rows].to(self.device),
                                                batch["attention_mask"][rows].to(self.device), [batch["prompt"][i] for i in rows],
-                                               [batch["answer"][i] for i in rows])
+                                               [batch["answer"][i] for i in rows], record=record)
                 shown += result.text_blocks(cfg.num_text_samples - len(shown))
         values = self.evaluator.compute(prefix="val/", device=self.device)  # every rank: a collective
         # wall time of this rank's generation: the price of the diversity signal, to weigh against training
