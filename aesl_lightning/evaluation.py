@@ -20,6 +20,53 @@ from aesl_lightning.generation import SamplingConfig, eos_ids, generate
 from aesl_lightning.sample_metrics import SampleMetrics
 
 
+@dataclass
+class ValidationGeneration:
+    """Generation on held-out prompts at validation: the "SFT score" and the diversity of the model's samples.
+
+    Args:
+        num_prompts: Held-out prompts to generate for at each validation; 0 turns generation off.
+        max_new_tokens: Longest completion in tokens (greedy and sampled).
+        num_samples: Completions sampled per prompt (k) for entropy, self-BLEU, distinct-2 and pass@k;
+            below 2 turns sampling off (greedy answer accuracy only).
+        temperature: Sampling temperature of the k samples.
+        top_p: Nucleus mass of the k samples; 1.0 disables it.
+        batch_size: Prompts per `generate` call (the call samples batch_size x num_samples sequences).
+        every_n_validations: Generate at every n-th validation only (generation is the slow part).
+        num_text_samples: Prompts whose completions are shown in TensorBoard's text panel.
+        kl_to_base: Also log KL(p_theta || p_base) on the reference completions (distributional forgetting);
+            keeps a frozen copy of the starting model (or disables the LoRA adapters) for it.
+    """
+
+    num_prompts: int = 32
+    max_new_tokens: int = 192
+    num_samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    every_n_validations: int = 1
+    num_text_samples: int = 3
+    kl_to_base: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "num_text_samples", "num_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"val_generation.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_new_tokens", "batch_size", "every_n_validations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"val_generation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"val_generation.temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"val_generation.top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def sampling(self) -> SamplingConfig | None:
+        if self.num_samples < 2:
+            return None
+        return SamplingConfig(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
+
+
 def any_rank(flag: bool, device: torch.device | None = None) -> bool:
     """Whether `flag` is true on any rank (every rank must call this: it is a collective when distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -7,7 +7,7 @@ Pure functions (no state, no Lightning):
 - `distinct_n`, `distinct_n_batch`: unique n-grams / total n-grams of a group of samples.
 - `pass_at_k`: the unbiased pass@k estimator of Chen et al. (2021).
 - `kl_divergence`: KL(p_theta || p_base) per token, chunked over tokens.
-  (Token entropy is `aesl_lightning.losses.token_entropy`.)
+  (Token entropy is `aesl_lightning.kernels.token_entropy`.)
 
 Metrics (states are sums and counts with `dist_reduce_fx="sum"`, so a DDP sync is exact):
 `TokenEntropy`, `SelfBLEU`, `DistinctN`, `PassAtK`, `KLToBase`. A metric that has counted nothing computes NaN.
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from aesl_lightning.losses import masked_rows, row_chunk, token_entropy
+from aesl_lightning.kernels import masked_rows, row_chunk, token_entropy
 
 __all__ = [
     "tokenize_text",

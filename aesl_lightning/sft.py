@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
 from aesl_lightning.fsdp import is_sharded, unsharded_for_generation, unwrap
-from aesl_lightning.evaluation import GenerationEval
+from aesl_lightning.evaluation import GenerationEval, ValidationGeneration
 from aesl_lightning.generation import SamplingConfig
 from aesl_lightning.metrics import KLToBase
 from aesl_lightning.lm import CausalLMModule, Scheduler
@@ -24,53 +24,6 @@ from aesl_lightning.lora import LoRAConfig
 from aesl_lightning.losses import BaseStates, LossConfig, LossOutput, chunked_sft_loss, sft_loss
 
 log = logging.getLogger("aesl_lightning")
-
-
-@dataclass
-class ValidationGeneration:
-    """Generation on held-out prompts at validation: the "SFT score" and the diversity of the model's samples.
-
-    Args:
-        num_prompts: Held-out prompts to generate for at each validation; 0 turns generation off.
-        max_new_tokens: Longest completion in tokens (greedy and sampled).
-        num_samples: Completions sampled per prompt (k) for entropy, self-BLEU, distinct-2 and pass@k;
-            below 2 turns sampling off (greedy answer accuracy only).
-        temperature: Sampling temperature of the k samples.
-        top_p: Nucleus mass of the k samples; 1.0 disables it.
-        batch_size: Prompts per `generate` call (the call samples batch_size x num_samples sequences).
-        every_n_validations: Generate at every n-th validation only (generation is the slow part).
-        num_text_samples: Prompts whose completions are shown in TensorBoard's text panel.
-        kl_to_base: Also log KL(p_theta || p_base) on the reference completions (distributional forgetting);
-            keeps a frozen copy of the starting model (or disables the LoRA adapters) for it.
-    """
-
-    num_prompts: int = 32
-    max_new_tokens: int = 192
-    num_samples: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 16
-    every_n_validations: int = 1
-    num_text_samples: int = 3
-    kl_to_base: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("num_prompts", "num_text_samples", "num_samples"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"val_generation.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_new_tokens", "batch_size", "every_n_validations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"val_generation.{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"val_generation.temperature must be > 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"val_generation.top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def sampling(self) -> SamplingConfig | None:
-        if self.num_samples < 2:
-            return None
-        return SamplingConfig(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
 
 
 # Hyper-parameters hold these config objects; allow them in `torch.load(weights_only=True)` (Lightning's
@@ -172,6 +125,7 @@ class SFTModule(CausalLMModule):
             # the decoder alone would skip the root unit's all-gather of the embeddings and the LM head
             raise ValueError("model.loss.chunk_size is not supported under FSDP sharding yet; set it to null")
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        _check_plain_head(lm)
         hidden = lm.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
         ).last_hidden_state
@@ -395,6 +349,19 @@ class SFTModule(CausalLMModule):
         if shown and experiment is not None and hasattr(experiment, "add_text"):
             experiment.add_text("val/samples", "\n\n---\n\n".join(shown), global_step=self.global_step)
         return {k: float(v) for k, v in values.items()}
+
+
+def _check_plain_head(lm: torch.nn.Module) -> None:
+    """The chunked loss computes hidden @ W.T + b itself: refuse models whose forward does more than that."""
+    config = lm.config
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ValueError(f"model.loss.chunk_size: {type(lm).__name__} applies config.{name}={getattr(config, name)} to its "
+                             "logits, which the chunked loss (hidden @ W.T + b) would skip; set chunk_size to null")
+    head = lm.get_output_embeddings()
+    if head is None or not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
+        raise ValueError(f"model.loss.chunk_size: the LM head is {type(head).__name__} (adapted or not a plain Linear), which the "
+                         "chunked loss cannot reproduce; set chunk_size to null")
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

@@ -179,3 +179,13 @@ def test_training_logs_aesl_gate_statistics(tmp_path):
     # a random model over a 102-token vocabulary puts p ~ 0.01 < 0.02 on most targets: the gate is mostly open
     assert 0.5 < metrics["train/token_gate_mean"].item() <= 1.0
     assert trainer.global_step == 2  # 4 batches with accumulation 2
+
+
+def test_chunked_loss_refuses_heads_it_cannot_reproduce():
+    module = SFTModule("tiny-llama", loss=LossConfig(name="ce", chunk_size=4), val_generation=ValidationGeneration(num_prompts=0))
+    batch = {"input_ids": torch.ones(1, 5, dtype=torch.long), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "labels": torch.tensor([[-100, 1, 2, 3, 4]])}
+    module.compute_loss(batch)  # a plain Llama head works
+    module.model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        module.compute_loss(batch)
