@@ -364,7 +364,7 @@ class DiversityEarlyStopping(Callback):
         self.stopped_at_step: int | None = None
         self._out: Path | None = None
         self._run_dir: Path | None = None
-        self._restored_peak: str | None = None  # the peak path a resumed checkpoint records (not trusted as is)
+        self._restored_peaks: list[str] = []  # the peak paths a resumed checkpoint records (not trusted as is)
         self._resumed_from: str | None = None
         self._exported_index: int | None = None
         self._warned: set[str] = set()
@@ -431,6 +431,7 @@ class DiversityEarlyStopping(Callback):
         return {
             "rule": self.rule.state_dict(),
             "peak_checkpoint": self._portable(self.peak_checkpoint),
+            "peak_checkpoint_absolute": self.peak_checkpoint,
             "stopped_at_step": self.stopped_at_step,
         }
 
@@ -441,8 +442,8 @@ class DiversityEarlyStopping(Callback):
         """Replay the rule's history. The recorded peak path is not used as is: `on_train_start` looks for it
         only next to the resumed checkpoint and copies it into this run's folder (`_adopt_peak`)."""
         self.rule.load_state_dict(state_dict["rule"])
-        restored = state_dict.get("peak_checkpoint")
-        self._restored_peak = restored if isinstance(restored, str) and restored else None
+        recorded = [state_dict.get("peak_checkpoint"), state_dict.get("peak_checkpoint_absolute")]
+        self._restored_peaks = list(dict.fromkeys(p for p in recorded if isinstance(p, str) and p))
         self.stopped_at_step = state_dict.get("stopped_at_step")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -613,24 +614,27 @@ class DiversityEarlyStopping(Callback):
     def _find_peak(self, own: Path, want: int) -> Path | None:
         if self._holds_step(own, want):
             return own
-        recorded = self._restored_peak
-        if recorded is None or self._resumed_from is None:
+        if not self._restored_peaks or self._resumed_from is None:
             log.warning("DiversityEarlyStopping: the resumed run's peak (step %s) has no checkpoint here; it is "
                         "exported only if a new peak is found", want)
             return None
         ckpt = Path(self._resumed_from).resolve()
         roots = [ckpt.parent, ckpt.parent.parent]
-        relative = not Path(recorded).is_absolute()
-        candidates = [(root / recorded, root) for root in roots] if relative else [(Path(recorded), root) for root in roots]
         from aesl_lightning.callbacks import is_inside
+        from aesl_lightning.export import clean_stale_exports
 
-        for candidate, root in candidates:
-            if is_inside(candidate, root) and candidate.is_file() and self._holds_step(candidate, want):
-                return candidate
+        for recorded in self._restored_peaks:
+            relative = not Path(recorded).is_absolute()
+            for root in roots:
+                candidate = root / recorded if relative else Path(recorded)
+                if is_inside(candidate, root) and candidate.is_file() and self._holds_step(candidate, want):
+                    clean_stale_exports(candidate.parent / HF_MODEL_DIR)  # a killed export of that run's peak
+                    return candidate
         log.warning(
-            "DiversityEarlyStopping: the resumed checkpoint records the peak (step %s) at %r; not used: no file "
+            "DiversityEarlyStopping: the resumed checkpoint records the peak (step %s) at %s; not used: no file "
             "holding that step inside %s or %s (a checkpoint is never followed outside its own run folder). The "
-            "peak is exported only if a new peak is found", want, recorded, roots[0], roots[1]
+            "peak is exported only if a new peak is found", want, " and ".join(map(repr, self._restored_peaks)),
+            roots[0], roots[1]
         )
         return None
 

@@ -217,8 +217,9 @@ def mark_validation_pending(trainer: L.Trainer, checkpoint: dict) -> bool:
     `ModelCheckpoint(every_n_train_steps=...)`), fast-forwards past the validation due at that step, so a kill
     during it loses that validation (its metrics, and the turning-point decision it feeds). Here the saved
     progress of the validation loop is marked as started and not finished (started = ready = processed + 1,
-    completed = processed; Lightning's "restarted mid-evaluation" state, from its first batch), and the
-    resumed run runs it. Returns whether it marked; does nothing if Lightning's internals are not as expected.
+    completed = processed; Lightning's "restarted mid-evaluation" state, from its first batch) and the training
+    batch as completed (as in a checkpoint Lightning writes during validation), and the resumed run runs the
+    validation. Returns whether it marked; does nothing if Lightning's internals are not as expected.
     """
     try:
         epoch_loop = trainer.fit_loop.epoch_loop
@@ -228,13 +229,18 @@ def mark_validation_pending(trainer: L.Trainer, checkpoint: dict) -> bool:
             return False
         if trainer.fit_loop.epoch_loop.val_loop.skip:
             return False
-        state = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
-        total, current = state["total"], state["current"]
+        loops = checkpoint["loops"]["fit_loop"]
+        train, val = loops["epoch_loop.batch_progress"], loops["epoch_loop.val_loop.batch_progress"]
     except (AttributeError, KeyError, TypeError):
         return False
+    # the training batch counts as completed, as in a checkpoint Lightning writes during validation (else the
+    # restart would count the batch twice in the loggers' step)
+    for progress in (train["total"], train["current"]):
+        progress["completed"] = progress["processed"]
+    total = val["total"]
     total["ready"] = total["started"] = total["processed"] + 1
     total["completed"] = total["processed"]
-    current.update(ready=1, started=1, processed=0, completed=0)
+    val["current"].update(ready=1, started=1, processed=0, completed=0)
     return True
 
 

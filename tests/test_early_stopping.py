@@ -365,6 +365,7 @@ def _interrupted_checkpoint(tmp_path):
 def _with_peak_path(checkpoint, peak_path):
     (key,) = [k for k in checkpoint["callbacks"] if k.startswith("DiversityEarlyStopping")]
     checkpoint["callbacks"][key]["peak_checkpoint"] = str(peak_path)
+    checkpoint["callbacks"][key]["peak_checkpoint_absolute"] = str(peak_path)
     return checkpoint
 
 
