@@ -370,6 +370,7 @@ class VerifierPool:
 
     def __init__(self, workers: int | None = None, startup_timeout: float = 120.0,
                  command: Sequence[str] = _WORKER_COMMAND) -> None:
+        workers = workers or int(os.environ.get("AESL_REWARD_WORKERS", "0") or 0)
         self.size = max(1, workers or min(4, os.cpu_count() or 1))
         self.command = tuple(command)  # the worker program (the protocol of `_worker_main`)
         self.startup_timeout = startup_timeout
@@ -454,7 +455,8 @@ _POOL_LOCK = threading.Lock()
 
 
 def verifier_pool(workers: int | None = None) -> VerifierPool:
-    """The shared pool (created on first use; `workers` only sets its size then, default min(4, CPUs))."""
+    """The shared pool (created on first use; `workers` only sets its size then, default `$AESL_REWARD_WORKERS`,
+    else min(4, CPUs))."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
