@@ -562,8 +562,8 @@ def starting_point(config: dict, paths: Paths, arm: str, seed: int) -> tuple[str
     sft_id = f"sft/{SFT_LOSS_OF_ARM[arm]}-s{seed}"
     record = read_json(paths.result(sft_id))
     step = {"ce_best_acc": record["best_accuracy_step"], "ce_turning_point": record["turning_point"]["step"]}.get(arm)
-    if step is None:
-        return record["final"], config["sft"]["max_steps"]
+    if step is None:  # the folder from this work directory, not the recorded path: a moved or fresh checkout resumes
+        return str(paths.run_dir(sft_id) / "final"), config["sft"]["max_steps"]
     if step == 0:
         return config["model"], 0  # a peak at step 0 is the base model itself
     return str(paths.run_dir(sft_id) / "snapshots" / f"step{step:05d}"), step

@@ -121,7 +121,7 @@ def test_starting_points(tmp_path):
     T.atomic_write_json(paths.result("sft/ce-s1"), {"history": history, "final": "FINAL", "best_accuracy_step": 4,
                                                      "turning_point": {"step": 0}})
     assert T.starting_point(CONFIG, paths, "rl_only", 1) == (CONFIG["model"], None)
-    assert T.starting_point(CONFIG, paths, "ce_end", 1) == ("FINAL", CONFIG["sft"]["max_steps"])
+    assert T.starting_point(CONFIG, paths, "ce_end", 1) == (str(paths.run_dir("sft/ce-s1") / "final"), CONFIG["sft"]["max_steps"])
     assert T.starting_point(CONFIG, paths, "ce_best_acc", 1) == (str(paths.run_dir("sft/ce-s1") / "snapshots" / "step00004"), 4)
     assert T.starting_point(CONFIG, paths, "ce_turning_point", 1) == (CONFIG["model"], 0)  # a peak at step 0 is the base
 
