@@ -45,8 +45,9 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_ELEMS = 1 << 22
-"""Float32 elements per chunk (16 MiB): a few such temporaries per chunk stay far below one [rows x V] copy."""
+DEFAULT_CHUNK_ELEMS = 1 << 24
+"""Float32 elements per chunk (64 MiB): few enough chunks that a loaded CPU or a GPU is not slowed by many small
+kernels, and far below one [rows x V] copy at training sizes."""
 
 Anchor = Callable[[Tensor, Tensor], Tensor]
 """`anchor(rows, scaled_logits_chunk) -> log r [chunk, V]`, computed without gradient. `rows` are the flat row
@@ -217,10 +218,15 @@ def _scaled(logits_chunk: Tensor, temperature: float) -> Tensor:
 
 
 def _chunk_forward(z: Tensor, targets: Tensor, rows: Tensor, with_entropy: bool, anchor: Anchor | None) -> list[Tensor | None]:
-    """[log p_y, H, X, correct, log r_y, H(r)] of one chunk of scaled logits z (None where not asked)."""
+    """[log p_y, H, X, correct, log r_y, H(r), logsumexp z] of one chunk of scaled logits z (None where not asked)."""
+    entropy = correct = soft_ce = anchor_logp = anchor_entropy = None
+    z_target = z.gather(1, targets[:, None]).squeeze(1)
+    if not with_entropy and anchor is None:
+        # log p_y = z_y - logsumexp(z): one pass over the chunk, no [chunk x V] temporary
+        lse = torch.logsumexp(z, dim=-1)
+        return [z_target - lse, None, None, None, None, None, lse]
     logp = torch.log_softmax(z, dim=-1)
     picked = logp.gather(1, targets[:, None]).squeeze(1)
-    entropy = correct = soft_ce = anchor_logp = anchor_entropy = None
     if with_entropy:
         entropy = _entropy(logp)
         correct = logp.argmax(dim=-1) == targets
@@ -230,27 +236,30 @@ def _chunk_forward(z: Tensor, targets: Tensor, rows: Tensor, with_entropy: bool,
         soft_ce = torch.where(r > 0, r * logp, 0.0).sum(dim=-1).neg_()
         anchor_logp = log_r.gather(1, targets[:, None]).squeeze(1)
         anchor_entropy = _entropy(log_r)
-    return [picked, entropy, soft_ce, correct, anchor_logp, anchor_entropy]
+    return [picked, entropy, soft_ce, correct, anchor_logp, anchor_entropy, z_target - picked]
 
 
 def _chunk_grad(
-    z: Tensor, targets: Tensor, rows: Tensor, temperature: float,
+    z: Tensor, targets: Tensor, rows: Tensor, temperature: float, lse: Tensor,
     g_logp: Tensor | None, g_entropy: Tensor | None, entropy: Tensor | None, g_soft: Tensor | None, anchor: Anchor | None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """d(sum_rows g_logp log p_y + g_entropy H + g_soft X) / d logits for one chunk (z = logits / T)."""
-    logp = torch.log_softmax(z, dim=-1)
-    p = logp.exp()
+    """d(sum_rows g_logp log p_y + g_entropy H + g_soft X) / d logits for one chunk (z = logits / T, lse its logsumexp).
+
+    Written into `out` when given (same shape and dtype as z), else into a new tensor.
+    """
     coeff = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     if g_logp is not None:
         coeff -= g_logp
     if g_soft is not None:
         coeff += g_soft
+    p = torch.sub(z, lse[:, None], out=out) if out is not None else z - lse[:, None]
     if g_entropy is not None:
-        # -g_H * p * (log p + H): written as p * (coeff - g_H (log p + H)); p = 0 rows of -inf logits give 0
-        term = logp.add_(entropy[:, None]).mul_(-g_entropy[:, None]).add_(coeff[:, None])
-        grad = p.mul_(term).nan_to_num_(0.0, 0.0, 0.0)
+        # -g_H * p * (log p + H) + coeff * p = p * (coeff - g_H (log p + H)); p = 0 rows of -inf logits give 0
+        term = (p + entropy[:, None]).mul_(-g_entropy[:, None]).add_(coeff[:, None])
+        grad = p.exp_().mul_(term).nan_to_num_(0.0, 0.0, 0.0)
     else:
-        grad = p.mul_(coeff[:, None])
+        grad = p.exp_().mul_(coeff[:, None])
     if g_logp is not None:
         grad.scatter_add_(1, targets[:, None], g_logp[:, None])
     if g_soft is not None:
@@ -265,6 +274,7 @@ def _forward_loop(num_rows, targets, rows_per_chunk, with_entropy, anchor, dtype
     outs.append(torch.zeros(num_rows if with_entropy else 0, dtype=torch.bool, device=device))
     outs.append(torch.zeros(num_rows if anchor is not None else 0, dtype=dtype, device=device))
     outs.append(torch.zeros(num_rows if anchor is not None else 0, dtype=dtype, device=device))
+    outs.append(torch.zeros(num_rows, dtype=dtype, device=device))  # logsumexp, kept for the backward pass
     for rows in (targets != IGNORE_INDEX).nonzero().squeeze(1).split(rows_per_chunk):
         chunk_targets = _take(targets, rows)
         for out, value in zip(outs, _chunk_forward(chunk_logits(rows), chunk_targets, rows, with_entropy, anchor)):
@@ -286,14 +296,15 @@ def _grad_slices(grad: Tensor | None, rows: Tensor) -> Tensor | None:
 
 
 class _LogitStats(torch.autograd.Function):
-    """Per-row statistics of [N, V] logits; see the module docstring. Saves only the logits."""
+    """Per-row statistics of [N, V] logits; see the module docstring. Saves only the logits and [N] vectors."""
 
     @staticmethod
     def forward(ctx, logits, targets, rows_per_chunk, temperature, with_entropy, anchor):
         acc = _acc_dtype(logits.dtype)
         outs = _forward_loop(logits.shape[0], targets, rows_per_chunk, with_entropy, anchor, acc, logits.device,
                              lambda rows: _scaled(_take(logits, rows), temperature))
-        ctx.save_for_backward(logits, targets, outs[1])
+        lse = outs.pop()
+        ctx.save_for_backward(logits, targets, outs[1], lse)
         ctx.rows_per_chunk, ctx.temperature, ctx.anchor = rows_per_chunk, temperature, anchor
         ctx.mark_non_differentiable(outs[3], outs[4], outs[5])
         ctx.set_materialize_grads(False)
@@ -302,14 +313,22 @@ class _LogitStats(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_entropy, g_soft, *_):
-        logits, targets, entropy = ctx.saved_tensors
-        grad_logits = torch.zeros_like(logits)
-        for rows in _active_rows(targets, g_logp, g_entropy, g_soft).split(ctx.rows_per_chunk):
+        logits, targets, entropy, lse = ctx.saved_tensors
+        active = _active_rows(targets, g_logp, g_entropy, g_soft)
+        grad_logits = torch.empty_like(logits)
+        idle = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        idle[active] = False
+        grad_logits.index_fill_(0, idle.nonzero().squeeze(1), 0)
+        direct = logits.dtype == _acc_dtype(logits.dtype)  # float32 / float64: write the chunk's gradient in place
+        for rows in active.split(ctx.rows_per_chunk) if active.numel() else ():
             z = _scaled(_take(logits, rows), ctx.temperature)
-            grad = _chunk_grad(z, _take(targets, rows), rows, ctx.temperature, _grad_slices(g_logp, rows),
+            contiguous = int(rows[-1]) - int(rows[0]) == rows.numel() - 1
+            out = grad_logits.narrow(0, int(rows[0]), rows.numel()) if direct and contiguous else None
+            grad = _chunk_grad(z, _take(targets, rows), rows, ctx.temperature, _take(lse, rows), _grad_slices(g_logp, rows),
                                _grad_slices(g_entropy, rows), _grad_slices(entropy, rows) if g_entropy is not None else None,
-                               _grad_slices(g_soft, rows), ctx.anchor)
-            _put(grad_logits, rows, grad.to(logits.dtype))
+                               _grad_slices(g_soft, rows), ctx.anchor, out=out)
+            if out is None:
+                _put(grad_logits, rows, grad.to(logits.dtype))
         return grad_logits, None, None, None, None, None
 
 
@@ -321,7 +340,8 @@ class _LinearStats(torch.autograd.Function):
         acc = _acc_dtype(hidden.dtype)
         outs = _forward_loop(hidden.shape[0], targets, rows_per_chunk, with_entropy, anchor, acc, hidden.device,
                              lambda rows: _project(_take(hidden, rows), weight, bias).to(acc))
-        ctx.save_for_backward(hidden, weight, bias, targets, outs[1])
+        lse = outs.pop()
+        ctx.save_for_backward(hidden, weight, bias, targets, outs[1], lse)
         ctx.rows_per_chunk, ctx.anchor = rows_per_chunk, anchor
         ctx.mark_non_differentiable(outs[3], outs[4], outs[5])
         ctx.set_materialize_grads(False)
@@ -330,7 +350,7 @@ class _LinearStats(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_entropy, g_soft, *_):
-        hidden, weight, bias, targets, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, entropy, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         acc = _acc_dtype(hidden.dtype)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
@@ -339,7 +359,7 @@ class _LinearStats(torch.autograd.Function):
         for rows in _active_rows(targets, g_logp, g_entropy, g_soft).split(ctx.rows_per_chunk):
             chunk_hidden = _take(hidden, rows)
             z = _project(chunk_hidden, weight, bias).to(acc)
-            grad = _chunk_grad(z, _take(targets, rows), rows, 1.0, _grad_slices(g_logp, rows), _grad_slices(g_entropy, rows),
+            grad = _chunk_grad(z, _take(targets, rows), rows, 1.0, _take(lse, rows), _grad_slices(g_logp, rows), _grad_slices(g_entropy, rows),
                                _grad_slices(entropy, rows) if g_entropy is not None else None, _grad_slices(g_soft, rows), ctx.anchor)
             if need_bias:
                 grad_bias += grad.sum(dim=0)

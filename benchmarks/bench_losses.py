@@ -2,6 +2,7 @@
 
     python benchmarks/bench_losses.py                    # [8 x 512] tokens, vocab 49152, H 576, fp32
     python benchmarks/bench_losses.py --repeats 3 --batch 2 --append-results
+    python benchmarks/bench_losses.py --batch 1 --seq 2048 --vocab 151936 --load      # beside a busy torch process
 
 Time: median over `--repeats` forward+backward calls after `--warmup` calls, all paths interleaved in one
 process so they share the machine's state. Peak memory: each path runs once in a fresh subprocess;
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import aesl_lightning.kernels as kernels  # noqa: E402
 from aesl_lightning.losses import IGNORE_INDEX, LossConfig, chunked_sft_loss, sft_loss  # noqa: E402
 
 PATHS = {
@@ -93,10 +95,20 @@ def measure_memory(path: str, args: argparse.Namespace) -> int:
     cmd = [sys.executable, __file__, "--memory-child", path] + [
         f"--{k}={v}" for k, v in (("batch", args.batch), ("seq", args.seq), ("vocab", args.vocab), ("hidden", args.hidden))
     ]
+    if args.chunk_elems:
+        cmd.append(f"--chunk-elems={args.chunk_elems}")
     if args.chunk_size:
         cmd.append(f"--chunk-size={args.chunk_size}")
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+LOAD = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
+
+
+def start_load() -> subprocess.Popen:
+    """Another torch (OpenMP) process keeping one core busy: the load that exposes loops of tiny kernels."""
+    return subprocess.Popen([sys.executable, "-c", LOAD])
 
 
 def measure_time(paths: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
@@ -123,8 +135,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
     parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--load", action="store_true", help="time beside another torch process that keeps a core busy")
+    parser.add_argument("--chunk-elems", type=int, default=None, help="kernel chunk budget in elements (default: kernels.DEFAULT_CHUNK_ELEMS)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.chunk_elems:
+        kernels.DEFAULT_CHUNK_ELEMS = args.chunk_elems
     if args.memory_child:
         measure_memory_child(args.memory_child, args)
         return
@@ -136,7 +152,14 @@ def main() -> None:
     print(f"[{args.batch} x {args.seq}] tokens, vocab {args.vocab}, fp32; one [tokens x vocab] fp32 tensor = {full / 2**20:.0f} MiB")
     print("memory: peak ru_maxrss minus RSS after creating inputs, one fresh subprocess per path (MALLOC_MMAP_THRESHOLD_=65536)")
     memory = {path: measure_memory(path, args) for path in paths}
-    times = measure_time(paths, args)
+    load = start_load() if args.load else None
+    try:
+        times = measure_time(paths, args)
+    finally:
+        if load is not None:
+            load.kill()
+            load.wait()
+    print(f"load average after timing: {os.getloadavg()[0]:.2f}; competing torch process: {'yes' if args.load else 'no'}")
     median = {path: statistics.median(values) for path, values in times.items()}
     fastest = {path: min(values) for path, values in times.items()}
 
@@ -174,7 +197,9 @@ def main() -> None:
         command = "python benchmarks/bench_losses.py " + " ".join(sys.argv[1:]).replace("--append-results", "").strip()
         section = (
             f"\n## SFT losses ({datetime.date.today().isoformat()})\n\n"
-            f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU.  \n"
+            f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU; "
+            f"{'beside a competing torch process (one core busy)' if args.load else 'no competing process started'}, load average {os.getloadavg()[0]:.1f}; "
+            f"kernel chunk budget {kernels.DEFAULT_CHUNK_ELEMS} elements.  \n"
             f"Command: `{command.strip()}`  \n"
             f"[{args.batch} x {args.seq}] tokens, vocab {args.vocab}, hidden {args.hidden}, fp32, all positions are completion tokens, "
             f"random logits (no AESL gate fires: worst case). Time: median of {args.repeats} after {args.warmup} warmup, paths interleaved. "
