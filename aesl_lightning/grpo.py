@@ -261,7 +261,9 @@ class GRPOModule(CausalLMModule):
         old_logp = ref_logp = None
         if cfg.num_iterations > 1:
             with timer("old_logprobs"), eval_mode(self.model):
-                old_logp = self.sequence_log_probs(self.model, *args)[0]
+                # the very call of the first policy pass (entropy included: the kernel may take another
+                # route without it), so that pi_theta / pi_old = 1 bit for bit at the first iteration
+                old_logp = self.sequence_log_probs(self.model, *args, return_entropy=True)[0]
         if cfg.beta > 0:
             with timer("ref_logprobs"), eval_mode(self.model):
                 if is_peft_model(unwrap(self.model)):

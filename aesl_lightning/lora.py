@@ -141,7 +141,8 @@ def merged_adapters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             bias = getattr(base, "bias", None)
             # registered before merging, so that a failure half-way still restores what was replaced
             saved.append((layer, base.weight, base.weight.data, bias, bias.data if bias is not None else None))
-            layer.merge(safe_merge=True)
+            with torch.no_grad():  # B A of trainable factors: no graph into the merged weight
+                layer.merge(safe_merge=True)
         yield model
     finally:
         for layer, weight, original, bias, original_bias in saved:

@@ -119,7 +119,7 @@ def test_old_and_reference_log_probs_are_eval_mode_passes():
     args = (rollout.input_ids, rollout.attention_mask, gen.completion_ids, gen.completion_mask)
     module.model.eval()
     with torch.no_grad():
-        expected, _ = module.sequence_log_probs(module.model, *args)
+        expected, _ = module.sequence_log_probs(module.model, *args, return_entropy=True)
     assert torch.equal(rollout.old_logp, expected)
     module.model.train()  # dropout 0.5 on the adapters: a train-mode pass is a different, random policy
     with torch.no_grad():

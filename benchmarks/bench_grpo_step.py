@@ -1,0 +1,322 @@
+"""One GRPO step on the real model, taken apart: rollouts, log-prob passes, the whole step, and TRL's step.
+
+Configuration (issue 15): SmolLM2-135M-Instruct (the built-in `smollm2-135m-instruct`, i.e. the base model:
+no quickstart SFT export exists on the benchmark machine), fp32 on CPU, the built-in synthetic arithmetic
+prompts, 8 prompts x G = 4 completions per step, max_new_tokens 64, temperature 1, beta 0.04, epsilon 0.2,
+loss_type grpo, mu = 1, rewards math_accuracy + 0.1 x boxed_format, AdamW lr 1e-6 constant, max_grad_norm 1,
+dropout disabled (ours by default, TRL's `disable_dropout=True`), with LoRA r 16 / alpha 32 / dropout 0.05 on
+all linear layers (`--mode lora`) and with full fine-tuning (`--mode full`). Reported side by side, one run:
+
+1. rollout tokens/s: `GRPOModule`'s sampling (eval mode, adapters merged, entropies recorded) against a bare
+   `model.generate` of the merged model, same prompts, same seed (so the same tokens; target >= 0.9x);
+2. each no-grad log-prob pass (old policy, reference) against a plain no-grad forward of the same tokens and
+   model, with all logits (what a user would call) and with only the completion positions' logits
+   (`logits_to_keep`, the strict comparison); target <= 1.3x;
+3. the whole training step (median; first step dropped) against the time the bare merged model needs to
+   generate that step's tokens (its tokens / the bare rate of 1.); target <= 3x; with our phase breakdown;
+4. the step time against TRL's `GRPOTrainer` (same model, LoRA, batch, generation, loss; first step dropped);
+   target <= 1.0x.
+
+    python benchmarks/bench_grpo_step.py                          # both modes, TRL included
+    python benchmarks/bench_grpo_step.py --mode lora --steps 4 --rounds 3
+    python benchmarks/bench_grpo_step.py --competing-load         # beside another torch (OpenMP) process
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(key, value)
+
+import lightning as L
+import torch
+
+from aesl_lightning import PromptDataModule
+from aesl_lightning.data.synthetic import ArithmeticConfig, generate_arithmetic
+from aesl_lightning.generation import eos_ids
+from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
+from aesl_lightning.lora import LoRAConfig, adapters_disabled, merge_lora
+from aesl_lightning.models import smollm2_cache_dir
+from aesl_lightning.rewards import boxed_format, math_accuracy
+from aesl_lightning.rollout import eval_mode, sampling_weights
+
+MODEL = "smollm2-135m-instruct"
+DATA = ArithmeticConfig(num_examples=64, seed=3)
+PROMPTS, G, MAX_NEW, TEMPERATURE, BETA, EPSILON, LR, MAX_GRAD_NORM = 8, 4, 64, 1.0, 0.04, 0.2, 1e-6, 1.0
+REWARDS, WEIGHTS = ["aesl_lightning.rewards.math_accuracy", "aesl_lightning.rewards.boxed_format"], [1.0, 0.1]
+LORA = LoRAConfig(r=16, alpha=32.0, dropout=0.05, target_modules="all-linear")
+LOAD = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
+
+
+class TimedGRPO(GRPOModule):
+    """Records each step's sampled tokens and phase times (from the step's own `train/time/*` logs)."""
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.records: list[dict] = []
+
+    def make_rollout(self, batch, timer=None):
+        rollout = super().make_rollout(batch, timer)
+        self._tokens = int(rollout.generation.lengths.sum())
+        return rollout
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        metrics = self.trainer.callback_metrics
+        record = {k.split("/")[-1]: float(v) for k, v in metrics.items() if k.startswith("train/time/")}
+        self.records.append({**record, "tokens": self._tokens})
+
+
+def build(mode: str, seed: int) -> tuple[TimedGRPO, PromptDataModule]:
+    L.seed_everything(seed, verbose=False)
+    grpo = GRPOConfig(num_generations=G, temperature=TEMPERATURE, top_p=1.0, max_new_tokens=MAX_NEW, beta=BETA,
+                      epsilon=EPSILON, loss_type="grpo", scale_rewards="group", num_iterations=1, reward_funcs=REWARDS,
+                      reward_weights=WEIGHTS, max_grad_norm=MAX_GRAD_NORM, log_completions_every_n_steps=0)
+    module = TimedGRPO(MODEL, dtype="float32", lora=LORA if mode == "lora" else None, grpo=grpo,
+                       evaluation=GRPOEvaluation(num_samples=0), lr=LR, warmup_steps=0, scheduler="constant")
+    data = PromptDataModule(train="synthetic", synthetic=DATA, val_size=0, test_size=0, batch_size=PROMPTS,
+                            num_workers=0, shuffle=True, seed=seed, max_prompt_length=256)
+    return module, data
+
+
+# ------------------------------------------------------------------------------------ 1. and 2.: the parts
+WARMUP = 1
+
+
+def median_seconds(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Each fn timed `rounds` times after WARMUP untimed rounds, the order alternating per round."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds + WARMUP):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name](r)
+            if r >= WARMUP:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def parts(module: TimedGRPO, data: PromptDataModule, mode: str, rounds: int) -> dict:
+    data.attach_tokenizer(module.tokenizer)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    keep = batch["attention_mask"].any(dim=0)
+    ids, mask = batch["input_ids"][:, keep], batch["attention_mask"][:, keep]
+    sampling, tokenizer, model = module.grpo.sampling, module.tokenizer, module.model
+    bare_model = merge_lora(model).eval() if mode == "lora" else model
+    eos = eos_ids(model, tokenizer)
+    tokens: dict[str, list[int]] = {"ours": [], "bare": []}
+    generations = []
+
+    def ours(r):
+        torch.manual_seed(100 + r)
+        with eval_mode(model), sampling_weights(model):
+            generations.append(module.sample(ids, mask, sampling))
+        tokens["ours"].append(int(generations[-1].lengths.sum()))
+
+    def bare(r):
+        torch.manual_seed(100 + r)
+        with torch.no_grad(), eval_mode(bare_model):
+            out = bare_model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE,
+                                      top_p=1.0, top_k=None, num_return_sequences=G, max_new_tokens=MAX_NEW,
+                                      eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        completion = out[:, ids.shape[1]:]
+        is_eos = torch.isin(completion, torch.tensor(eos))
+        tokens["bare"].append(int(((is_eos.cumsum(1) - is_eos.long()) == 0).sum()))
+
+    sample_times = median_seconds({"ours": ours, "bare": bare}, rounds)
+    rates = {k: statistics.median(n / t for n, t in zip(tokens[k][WARMUP:], sample_times[k])) for k in tokens}
+
+    gen = generations[-1]  # the log-prob passes score the last rollout, as make_rollout would
+    input_ids = torch.cat([gen.prompt_ids, gen.completion_ids], dim=1)
+    attention_mask = torch.cat([gen.prompt_mask, gen.completion_mask.long()], dim=1)
+    args = (input_ids, attention_mask, gen.completion_ids, gen.completion_mask)
+    keep_logits = gen.completion_ids.shape[1] + 1
+    reference = module.reference_model
+
+    def logp_pass(kind):
+        def run(_):
+            with torch.no_grad(), eval_mode(model):
+                if kind == "old":  # as make_rollout: the entropy too (the first policy pass's exact call)
+                    module.sequence_log_probs(model, *args, return_entropy=True)
+                elif reference is not None:
+                    module.sequence_log_probs(reference, *args)
+                else:
+                    with adapters_disabled(model):
+                        module.sequence_log_probs(model, *args)
+        return run
+
+    def plain(kind, logits_to_keep):
+        def run(_):
+            target = reference if kind == "ref" and reference is not None else model
+            kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+            with torch.no_grad(), eval_mode(model):
+                if kind == "ref" and reference is None:
+                    with adapters_disabled(model):
+                        target(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                else:
+                    target(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return run
+
+    passes = {}
+    for kind in ("old", "ref"):
+        t = median_seconds({"ours": logp_pass(kind), "plain_all": plain(kind, 0), "plain_keep": plain(kind, keep_logits)},
+                           rounds)
+        passes[kind] = {k: statistics.median(v) for k, v in t.items()}
+    return {"rates": rates, "tokens": tokens, "same_tokens": tokens["ours"] == tokens["bare"], "passes": passes,
+            "shape": list(input_ids.shape), "completion_len": gen.completion_ids.shape[1],
+            "completion_tokens": int(gen.completion_mask.sum())}
+
+
+# -------------------------------------------------------------------------------------- 3. and 4.: steps
+def our_steps(module: TimedGRPO, data: PromptDataModule, steps: int) -> list[dict]:
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    return module.records
+
+
+def trl_steps(mode: str, steps: int, seed: int, out_dir: str) -> list[float]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._start)
+
+    # TRL hands conversational completions to reward functions as message lists
+    def accuracy(prompts, completions, answer, **_):
+        return math_accuracy(prompts, [c[-1]["content"] for c in completions], answer=answer)
+
+    def fmt(prompts, completions, **_):
+        return boxed_format(prompts, [c[-1]["content"] for c in completions])
+
+    model_dir = str(smollm2_cache_dir())
+    records = generate_arithmetic(DATA)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in records])
+    args = TRLConfig(
+        output_dir=out_dir, report_to="none", use_cpu=True, bf16=False, fp16=False, seed=seed, max_steps=steps,
+        per_device_train_batch_size=PROMPTS * G, gradient_accumulation_steps=1, num_generations=G,
+        max_completion_length=MAX_NEW, temperature=TEMPERATURE, top_p=1.0, top_k=0, beta=BETA, epsilon=EPSILON,
+        loss_type="grpo", scale_rewards="group", num_iterations=1, reward_weights=WEIGHTS, learning_rate=LR,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
+        gradient_checkpointing=False, max_grad_norm=MAX_GRAD_NORM, disable_dropout=True, use_vllm=False,
+        log_completions=False, logging_strategy="no", save_strategy="no", eval_strategy="no",
+        dataloader_num_workers=0, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
+    )
+    peft_config = None
+    if mode == "lora":
+        peft_config = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
+                                 target_modules=LORA.target_modules, task_type="CAUSAL_LM")
+    timer = Timer()
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=[accuracy, fmt], args=args, train_dataset=dataset,
+                          processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer],
+                          peft_config=peft_config)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return timer.times
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def run_mode(mode: str, opts, order_trl_first: bool) -> None:
+    module, data = build(mode, opts.seed)
+    p = parts(module, data, mode, opts.rounds)
+    print(f"\n=== {mode}: {PROMPTS} prompts x G={G}, max_new_tokens {MAX_NEW}, beta {BETA}; rollout batch "
+          f"{p['shape']} (completion width {p['completion_len']}, {p['completion_tokens']} completion tokens)", flush=True)
+    ratio = p["rates"]["ours"] / p["rates"]["bare"]
+    print(f"1. rollout: ours {p['rates']['ours']:.1f} tokens/s, bare merged generate {p['rates']['bare']:.1f} tokens/s, "
+          f"ratio {ratio:.3f} (target >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'}); same tokens: {p['same_tokens']} "
+          f"{p['tokens']['ours'][WARMUP:]}", flush=True)
+    for kind, t in p["passes"].items():
+        r_all, r_keep = t["ours"] / t["plain_all"], t["ours"] / t["plain_keep"]
+        print(f"2. {kind} log-prob pass: {t['ours'] * 1e3:.0f} ms; plain forward all logits {t['plain_all'] * 1e3:.0f} ms "
+              f"(ratio {r_all:.2f}), completion logits only {t['plain_keep'] * 1e3:.0f} ms (ratio {r_keep:.2f}); "
+              f"target <= 1.3: {'met' if r_keep <= 1.3 else ('met vs all logits only' if r_all <= 1.3 else 'MISSED')}",
+              flush=True)
+
+    def ours():
+        return our_steps(module, data, opts.steps)[opts.drop_first:]
+
+    def trl():
+        with tempfile.TemporaryDirectory() as tmp:
+            return trl_steps(mode, opts.steps, opts.seed, tmp)[opts.drop_first:]
+
+    results = {}
+    for side in (("trl", "ours") if order_trl_first else ("ours", "trl")):
+        if side == "trl" and opts.no_trl:
+            continue
+        results[side] = ours() if side == "ours" else trl()
+    records = results["ours"]
+    step = statistics.median(r["step"] for r in records)
+    bare_ratio = statistics.median(r["step"] / (r["tokens"] / p["rates"]["bare"]) for r in records)
+    phases = {k: statistics.median(r.get(k, 0.0) for r in records)
+              for k in ("sampling", "scoring", "old_logprobs", "ref_logprobs", "policy", "optimizer")}
+    print(f"3. step: median {step:.2f} s over {len(records)} steps (first {opts.drop_first} dropped) ({[round(r['step'], 2) for r in records]}), tokens "
+          f"{[r['tokens'] for r in records]}; step / bare generate of its tokens: {bare_ratio:.2f} (target <= 3: "
+          f"{'met' if bare_ratio <= 3 else 'MISSED'})")
+    print("   phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items() if v))
+    if "trl" in results:
+        trl_median = statistics.median(results["trl"])
+        print(f"4. TRL {__import__('trl').__version__} GRPOTrainer: median {trl_median:.2f} s over {len(results['trl'])} steps "
+              f"({[round(t, 2) for t in results['trl']]}); ours / TRL {step / trl_median:.3f} (target <= 1.0: "
+              f"{'met' if step <= trl_median else 'MISSED'})", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["lora", "full", "both"], default="both")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per side (the first is dropped)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the rollout and log-prob comparisons")
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds before the timed ones")
+    parser.add_argument("--drop-first", type=int, default=1, help="training steps dropped as warm-up (per side)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-trl", action="store_true", help="skip TRL's GRPOTrainer")
+    parser.add_argument("--competing-load", action="store_true", help="run beside a torch matmul loop (OpenMP)")
+    opts = parser.parse_args()
+    global WARMUP
+    WARMUP = opts.warmup_rounds
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "trl", "aesl_lightning", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    load = subprocess.Popen([sys.executable, "-c", LOAD]) if opts.competing_load else None
+    try:
+        if load is not None:
+            time.sleep(5)
+        print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"lightning {L.__version__}; {torch.get_num_threads()} torch threads, {os.cpu_count()} cores; competing "
+              f"torch process: {'yes' if load else 'no'}; load average at start {os.getloadavg()}")
+        modes = ["lora", "full"] if opts.mode == "both" else [opts.mode]
+        for i, mode in enumerate(modes):
+            run_mode(mode, opts, order_trl_first=bool(i % 2))
+        print(f"\nload average at end {os.getloadavg()}")
+    finally:
+        if load is not None:
+            load.kill()
+            load.wait()
+
+
+if __name__ == "__main__":
+    main()
