@@ -303,12 +303,16 @@ class SFTModule(CausalLMModule):
         if datamodule is None or not hasattr(datamodule, "val_prompts_dataloader"):
             log.warning("val_generation is on but the datamodule has no val_prompts_dataloader(); skipped")
             return
-        # sampling seeded from (seed, step, rank): a resumed run samples, measures and decides exactly as the original
+        self.seeded_generation(datamodule.val_prompts_dataloader(cfg.batch_size))
+
+    def seeded_generation(self, loader) -> dict[str, float]:
+        """`generate_on_validation_prompts` with sampling seeded from (seed, step, rank) and the global RNG left as it
+        was: a resumed run samples, measures and decides exactly as the uninterrupted one."""
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed((seed * 1_000_003 + self.global_step * 7_919 + self.global_rank) % (2**63))
-            self.generate_on_validation_prompts(datamodule.val_prompts_dataloader(cfg.batch_size))
+            return self.generate_on_validation_prompts(loader)
 
     def generate_on_validation_prompts(self, loader) -> dict[str, float]:
         """Generate for the first `val_generation.num_prompts` prompts of `loader` (split over ranks).

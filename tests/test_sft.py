@@ -189,3 +189,31 @@ def test_chunked_loss_refuses_heads_it_cannot_reproduce():
     module.model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
         module.compute_loss(batch)
+
+
+def test_validation_sampling_is_seeded_by_step_and_leaves_the_global_rng_alone(tmp_path):
+    """Same (seed, step): the same samples and diversity numbers whatever the global RNG did before; another step
+    samples differently; the training RNG stream is not consumed."""
+    module = SFTModule("tiny-llama", val_generation=ValidationGeneration(num_prompts=4, num_samples=3, max_new_tokens=12))
+    module.log_dict = lambda *a, **k: None
+    data = _data()
+    data.attach_tokenizer(module.tokenizer)
+    data.setup("fit")
+
+    class _T:
+        world_size, global_rank, logger, global_step = 1, 0, None, 5
+
+    module._trainer = _T()
+    torch.manual_seed(123)
+    first = module.seeded_generation(data.val_prompts_dataloader(4))
+    after_first = torch.rand(1)
+    torch.manual_seed(999)
+    second = module.seeded_generation(data.val_prompts_dataloader(4))
+    first.pop("val/generation_seconds"), second.pop("val/generation_seconds")
+    assert first == second and "val/self_bleu" in first
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after_first)  # the global stream was not advanced by validation sampling
+    _T.global_step = 6
+    third = module.seeded_generation(data.val_prompts_dataloader(4))
+    third.pop("val/generation_seconds")
+    assert third != first
