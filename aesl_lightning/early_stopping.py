@@ -511,6 +511,12 @@ class DiversityEarlyStopping(Callback):
             os.replace(tmp, final)
         trainer.strategy.barrier("DiversityEarlyStopping.save_peak")
         self.peak_checkpoint = str(final.resolve())
+        model = getattr(trainer.lightning_module, "model", None)
+        if self.export_hf and model is not None and is_sharded(model) and hasattr(trainer.lightning_module, "export_hf"):
+            # A sharded checkpoint cannot be exported by rank 0 alone later: export the peak now, from the live
+            # weights (gathering is collective: every rank calls, rank 0 writes), replacing the previous peak's export.
+            self.exported = trainer.lightning_module.export_hf(self.out_dir / HF_MODEL_DIR)
+            self._exported_index = self.rule.peak["index"] if self.rule.peak is not None else None
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Export the peak (once per peak) and write turning_point.json, on rank 0."""

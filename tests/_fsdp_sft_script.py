@@ -23,6 +23,7 @@ from _fsdp_script import CPUFSDPStrategy  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from aesl_lightning.callbacks import HFExport  # noqa: E402
+from aesl_lightning.early_stopping import DiversityEarlyStopping  # noqa: E402
 from aesl_lightning.data import SFTDataModule  # noqa: E402
 from aesl_lightning.data.synthetic import ArithmeticConfig  # noqa: E402
 from aesl_lightning.fsdp import is_sharded  # noqa: E402
@@ -44,7 +45,9 @@ def main() -> None:
         accelerator="cpu", devices=2, strategy=strategy, gradient_clip_val=1.0 if args.fsdp1 else None,
         max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[HFExport(dirpath=str(args.out / "hf_model"))],
+        # FSDP1 on CPU cannot write the full checkpoints the peak needs (torch 2.13 segfaults): the peak is tested on FSDP2
+        callbacks=[HFExport(dirpath=str(args.out / "hf_model"))] + ([] if args.fsdp1 else [
+            DiversityEarlyStopping(monitor="val/gen_entropy", stop=False, dirpath=str(args.out / "turning_point"))]),
     )
     data = SFTDataModule(train="synthetic", synthetic=ArithmeticConfig(num_examples=16, seed=1, max_steps=1),
                          val_size=4, batch_size=2, max_length=400)

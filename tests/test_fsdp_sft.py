@@ -37,6 +37,12 @@ def test_validation_with_fewer_prompts_than_ranks_does_not_hang(tmp_path):
     assert "val/answer_accuracy" in result["metrics"] and "val/pass@2" in result["metrics"]
 
 
+def load_causal_lm_state(name: str) -> dict:
+    from aesl_lightning.models import load_causal_lm
+
+    return load_causal_lm(name).state_dict()
+
+
 def _check_sft_run(tmp_path, *args) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -52,6 +58,11 @@ def _check_sft_run(tmp_path, *args) -> dict:
     assert metrics["val/kl_to_base"] > 0  # the weights moved away from the start
     from aesl_lightning.models import load_causal_lm
 
+    if "--fsdp1" not in args:
+        # the diversity peak is exported in Hugging Face format in the sharded case too (the RL stage's input)
+        peak = AutoModelForCausalLM.from_pretrained(tmp_path / "turning_point" / "hf_model")
+        assert json.loads((tmp_path / "turning_point" / "turning_point.json").read_text())["peak"] is not None
+        assert set(peak.state_dict()) == set(load_causal_lm_state("tiny-llama"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model")
     start = load_causal_lm("tiny-llama")
     exported, initial = model.state_dict(), start.state_dict()
