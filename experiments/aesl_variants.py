@@ -39,7 +39,7 @@ def overrides(loss: str) -> list[str]:
     return args
 
 
-def run(loss: str, work: Path) -> dict:
+def run(loss: str, work: Path, threads: int | None = None) -> dict:
     record = work / f"{loss}.json"
     if record.exists():
         return json.loads(record.read_text())
@@ -47,7 +47,8 @@ def run(loss: str, work: Path) -> dict:
     command = [sys.executable, "-m", "aesl_lightning", stage, "--config", "experiments/quickstart.yaml",
                f"--trainer.logger.init_args.save_dir={work / 'logs'}", *overrides(loss)]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
     (work / f"{loss}.log").write_text(done.stdout[-20000:] + "\n" + done.stderr[-20000:])
     if done.returncode != 0:
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=["base", *LOSSES], help="Which runs (base = validate the starting model).")
     parser.add_argument("--work", type=Path, default=OUT / "runs", help="Run records, logs and TensorBoard folders.")
     parser.add_argument("--report-only", action="store_true", help="Only rewrite the table from finished runs.")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (1 is faster on a machine shared with other jobs).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -124,7 +126,7 @@ def main() -> None:
                 results.append(json.loads(record.read_text()))
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {loss}", flush=True)
-        results.append(run(loss, args.work))
+        results.append(run(loss, args.work, args.threads))
     write_report(results, started)
 
 
