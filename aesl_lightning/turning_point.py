@@ -1,0 +1,263 @@
+"""The SFT "turning point" rule: where output diversity starts to collapse. Pure Python, no Lightning, no I/O.
+
+`TurningPointRule` Per validation i it receives the
+monitored metrics x_k(i) and computes
+
+    D(i)   = sum_k w_k * x_k(i)                  diversity score; w_k > 0: higher x_k is more diverse
+                                                 (entropy, distinct-n), w_k < 0: lower is more diverse
+                                                 (self-BLEU)
+    S_k(i) = smooth(x_k)(i)                      per key, over the post-warm-up finite validations:
+             ema:    S(1) = x(1),  S(j) = alpha * x(j) + (1 - alpha) * S(j-1)
+             window: S(j) = mean of the last `window` values (fewer at the start)
+             none:   S(j) = x(j)
+    S(i)   = sum_k w_k * S_k(i)                  smoothed score (= smoothing D itself: both smoothers are linear)
+
+The first `warmup` validations are recorded but ignored. The peak is the validation with the largest S so
+far (strictly larger replaces it). A validation with S < peak - min_delta is "below the peak"; the turning
+point is declared when `patience` validations in a row are below the peak (one that is not, or a new peak,
+resets the count), and it is the peak validation, not the one that fired. A validation where a monitored
+value is missing, NaN or infinite is skipped: it is recorded, it does not touch the smoother, the peak or
+the count (patience is neither reset nor advanced), so it can never fire.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger("aesl_lightning")
+
+Smoothing = Literal["ema", "window", "none"]
+
+
+def default_weight(key: str) -> float:
+    """Direction of a known diversity metric: +1 when higher is more diverse, -1 when lower is.
+
+    Keys naming an entropy or distinct-n are +1, keys naming BLEU (self-BLEU) are -1; any other key needs
+    an explicit weight.
+    """
+    name = key.rsplit("/", 1)[-1].lower()
+    if "bleu" in name:
+        return -1.0
+    if "entropy" in name or "distinct" in name:
+        return 1.0
+    raise ValueError(
+        f"DiversityEarlyStopping: no default direction for monitor key {key!r}; pass `weights` (one per key: "
+        "positive if higher is more diverse, negative if lower is more diverse)"
+    )
+
+
+def smooth(values: Sequence[float], smoothing: Smoothing = "ema", alpha: float = 0.5, window: int = 3) -> list[float]:
+    """The smoothed series of `values` (see the module docstring for the equations)."""
+    out: list[float] = []
+    for j, x in enumerate(values):
+        if smoothing == "none":
+            out.append(float(x))
+        elif smoothing == "ema":
+            out.append(float(x) if j == 0 else alpha * float(x) + (1.0 - alpha) * out[-1])
+        elif smoothing == "window":
+            recent = values[max(0, j + 1 - window) : j + 1]
+            out.append(sum(float(v) for v in recent) / len(recent))
+        else:
+            raise ValueError(f"smoothing must be 'ema', 'window' or 'none', got {smoothing!r}")
+    return out
+
+
+@dataclass
+class TurningPointConfig:
+    """Settings of the turning-point rule (the callback's arguments of the same names)."""
+
+    monitor: str | list[str] = "val/gen_entropy"
+    weights: list[float] | None = None
+    smoothing: Smoothing = "ema"
+    alpha: float = 0.5
+    window: int = 3
+    warmup: int = 0
+    min_delta: float = 0.0
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        keys = [self.monitor] if isinstance(self.monitor, str) else list(self.monitor)
+        if not keys or len(set(keys)) != len(keys):
+            raise ValueError(
+                f"DiversityEarlyStopping.monitor: expected one or more distinct metric names, got {self.monitor!r}"
+            )
+        if self.weights is None:
+            weights = [default_weight(k) for k in keys]
+        else:
+            weights = [float(w) for w in self.weights]
+            if len(weights) != len(keys):
+                raise ValueError(
+                    f"DiversityEarlyStopping.weights: expected {len(keys)} weights (one per monitor key {keys}), "
+                    f"got {len(weights)}"
+                )
+            if any(w == 0 or not math.isfinite(w) for w in weights):
+                raise ValueError(
+                    f"DiversityEarlyStopping.weights: expected finite non-zero numbers, got {self.weights}"
+                )
+        if self.smoothing not in ("ema", "window", "none"):
+            raise ValueError(
+                f"DiversityEarlyStopping.smoothing: expected 'ema', 'window' or 'none', got {self.smoothing!r}"
+            )
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"DiversityEarlyStopping.alpha: expected a number in (0, 1], got {self.alpha}")
+        if self.window < 1:
+            raise ValueError(f"DiversityEarlyStopping.window: expected an integer >= 1, got {self.window}")
+        if self.warmup < 0:
+            raise ValueError(f"DiversityEarlyStopping.warmup: expected an integer >= 0, got {self.warmup}")
+        if self.min_delta < 0:
+            raise ValueError(f"DiversityEarlyStopping.min_delta: expected a number >= 0, got {self.min_delta}")
+        if self.patience < 1:
+            raise ValueError(f"DiversityEarlyStopping.patience: expected an integer >= 1, got {self.patience}")
+        self.keys = keys
+        self.resolved_weights = weights
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["monitor"], d["weights"] = list(self.keys), list(self.resolved_weights)
+        return d
+
+
+@dataclass
+class Update:
+    """What one validation did to the rule.
+
+    `status` is "warmup", "skipped" (a missing or non-finite value), "peak" (a new peak), "below" (more than
+    min_delta below the peak) or "near" (neither). `fired` is True only on the validation that declared the
+    turning point (the first time the count reached `patience`).
+    """
+
+    entry: dict[str, Any]
+    status: str
+    new_peak: bool = False
+    fired: bool = False
+
+
+@dataclass
+class TurningPointRule:
+    """The turning-point rule as a state machine over validations; `update` once per validation.
+
+    `history` holds one entry per validation: index, step, epoch, the raw `values`, `score` (D), the
+    per-key `smoothed_values`, `score_smoothed` (S) and `status`; non-finite numbers are None. `peak` is the
+    entry of the best validation so far, `turning_point` the peak entry at the moment the rule fired (None
+    until then), `fired_at` the entry of the validation that fired, `wait` the current count of validations
+    below the peak. The rule keeps tracking after firing (a later, higher peak moves `peak`, not
+    `turning_point`). `state_dict` / `load_state_dict` carry the history; loading replays it, so a resumed
+    rule is in exactly the state of an uninterrupted one.
+    """
+
+    config: TurningPointConfig = field(default_factory=TurningPointConfig)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self.peak: dict[str, Any] | None = None
+        self.turning_point: dict[str, Any] | None = None
+        self.fired_at: dict[str, Any] | None = None
+        self.wait = 0
+        self._recent: dict[str, list[float]] = {k: [] for k in self.config.keys}
+        self._smoothed: dict[str, float] = {}
+
+    @property
+    def fired(self) -> bool:
+        return self.turning_point is not None
+
+    def score(self, values: Mapping[str, float]) -> float:
+        """D = sum_k w_k * x_k over the monitored keys (NaN if any is missing)."""
+        return sum(w * float(values.get(k, math.nan)) for k, w in zip(self.config.keys, self.config.resolved_weights))
+
+    def _smooth_next(self, key: str, x: float) -> float:
+        cfg = self.config
+        if cfg.smoothing == "ema" and key in self._smoothed:
+            s = cfg.alpha * x + (1.0 - cfg.alpha) * self._smoothed[key]
+        elif cfg.smoothing == "window":
+            recent = self._recent[key]
+            recent.append(x)
+            del recent[: -cfg.window]
+            s = sum(recent) / len(recent)
+        else:
+            s = x
+        self._smoothed[key] = s
+        return s
+
+    def update(
+        self, values: Mapping[str, float], step: int | None = None, epoch: int | None = None, **meta: Any
+    ) -> Update:
+        """Feed one validation's metrics (a mapping that holds at least the monitored keys); `step`, `epoch`
+        and any other (JSON-able) `meta` are stored in its history entry."""
+        cfg = self.config
+        raw = {k: _finite_or_none(values.get(k)) for k in cfg.keys}
+        score = self.score({k: math.nan if v is None else v for k, v in raw.items()})
+        entry: dict[str, Any] = {
+            "index": len(self.history),
+            "step": step,
+            "epoch": epoch,
+            **meta,
+            "values": raw,
+            "score": _finite_or_none(score),
+            "smoothed_values": None,
+            "score_smoothed": None,
+        }
+        self.history.append(entry)
+        if entry["index"] < cfg.warmup:
+            entry["status"] = "warmup"
+            return Update(entry, "warmup")
+        if entry["score"] is None:
+            entry["status"] = "skipped"
+            return Update(entry, "skipped")
+
+        smoothed = {k: self._smooth_next(k, raw[k]) for k in cfg.keys}
+        s = sum(w * smoothed[k] for k, w in zip(cfg.keys, cfg.resolved_weights))
+        entry["smoothed_values"], entry["score_smoothed"] = smoothed, s
+
+        if self.peak is None or s > self.peak["score_smoothed"]:
+            self.peak, self.wait = entry, 0
+            entry["status"] = "peak"
+            return Update(entry, "peak", new_peak=True)
+        if s < self.peak["score_smoothed"] - cfg.min_delta:
+            self.wait += 1
+            entry["status"] = "below"
+        else:
+            self.wait = 0
+            entry["status"] = "near"
+        fired = self.turning_point is None and self.wait >= cfg.patience
+        if fired:
+            self.turning_point, self.fired_at = self.peak, entry
+        return Update(entry, entry["status"], fired=fired)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "updates": [{k: v for k, v in e.items() if k not in _DERIVED} for e in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("config") != self.config.to_dict():
+            log.warning(
+                "DiversityEarlyStopping: the rule's settings differ from the checkpoint's (%s, now %s); "
+                "the saved history is replayed under the current settings",
+                state.get("config"),
+                self.config.to_dict(),
+            )
+        self.reset()
+        for update in state["updates"]:
+            update = dict(update)
+            values = {k: math.nan if v is None else v for k, v in update.pop("values").items()}
+            self.update(values, **update)
+
+
+_DERIVED = ("index", "score", "smoothed_values", "score_smoothed", "status")
+
+
+def _finite_or_none(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x.item() if isinstance(x, torch.Tensor) else x)
+    return x if math.isfinite(x) else None
