@@ -2,15 +2,17 @@
 
     python experiments/cpu_track_step0.py     # -> experiments/results/aesl-variants/cpu_track_step0.json
 """
-import sys, json, tempfile
+import json
+import sys
+import tempfile
 from pathlib import Path
-sys.path.insert(0, "experiments"); sys.path.insert(0, ".")
+sys.path[:0] = ["experiments", "."]
 import reproduce as R
 from aesl_lightning import SFTModule, SFTDataModule
 from aesl_lightning.calibration import measure
 from aesl_lightning.losses import LossConfig, learned_share
 from aesl_lightning.sft import ValidationGeneration
-track = R.TRACKS["cpu"] if hasattr(R, "TRACKS") else [v for k, v in vars(R).items() if isinstance(v, dict) and "cpu" in v][0]["cpu"]
+track = R.TRACKS["cpu"]
 work = Path(tempfile.mkdtemp())
 paths = R.Paths(Path("experiments/results/cpu"), work)
 (paths.data).mkdir(parents=True)
@@ -19,14 +21,16 @@ rec = json.load(open(paths.result("data")))
 print("digest match:", info["sha256"]["coldstart"] == rec["sha256"]["coldstart"])
 module = SFTModule(name_or_path="experiments/results/cpu/base_model", loss=LossConfig(name="ce"), val_generation=ValidationGeneration(num_prompts=0))
 data = SFTDataModule(train=str(paths.data / "coldstart.jsonl"), batch_size=8, max_length=512, val_size=0)
-data.attach_tokenizer(module.tokenizer); data.setup("fit")
+data.attach_tokenizer(module.tokenizer)
+data.setup("fit")
 views = measure(module, data.train_dataloader(), with_base=True)
 out = {}
 for name, tau in [("aesl_v1", 0.7), ("aesl_v1", 0.9), ("aesl_v1", 0.97), ("aesl", 0.9), ("aesl", 0.97), ("aesl_anchor", 0.9), ("aesl_novelty", 0.9), ("aesl_entropy_floor", 0.9), ("aesl_drift", 0.9), ("dft", 0.9)]:
     share, total = learned_share(LossConfig(name=name, tau_tok=tau, tau_seq=tau), views)
     print(name, tau, f"{share:.4f}", round(share*total), total)
     out[f"{name}@{tau}"] = {"learned_share": share, "learned": round(share * total), "completion_tokens": total}
-import torch
+import torch  # noqa: E402
+
 p = torch.cat([v.logprob[v.mask].exp() for v in views])
 print("mean p_t", float(p.mean()))
 out["mean_p_t_step0"] = float(p.mean())
