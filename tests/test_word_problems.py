@@ -124,14 +124,16 @@ def test_records_are_the_toolkits_formats(splits, tmp_path):
 
 
 def test_difficulty_knobs(splits):
-    assert {r["num_ops"] for r in splits["test"]} == {2, 3}
-    assert {r["num_ops"] for r in splits["test_hard"]} == {3, 4}
+    assert {r["num_ops"] for r in splits["test"]} == {1, 2}
+    assert {r["num_ops"] for r in splits["test_hard"]} == {2, 3}
     easy_answers = sorted(int(r["answer"]) for r in splits["test"])
     hard_answers = sorted(int(r["answer"]) for r in splits["test_hard"])
-    assert hard_answers[len(hard_answers) // 2] > 2 * easy_answers[len(easy_answers) // 2]
+    assert hard_answers[len(hard_answers) // 2] > 1.5 * easy_answers[len(easy_answers) // 2]
     # every template of the allowed step counts occurs in a large split
-    assert {r["template"] for r in splits["rl"]} == {t.name for t in TEMPLATES if t.num_ops <= 3}
-    assert {r["template"] for r in splits["test_hard"]} == {t.name for t in TEMPLATES if t.num_ops >= 3}
+    assert {r["template"] for r in splits["rl"]} == {t.name for t in TEMPLATES if t.num_ops <= 2}
+    assert {r["template"] for r in splits["test_hard"]} == {t.name for t in TEMPLATES if 2 <= t.num_ops <= 3}
+    assert {r["template"] for r in generate_split("rl", 300, WordProblemConfig(min_ops=3, max_ops=4), seed=0)} == {
+        t.name for t in TEMPLATES if t.num_ops >= 3}
 
 
 def test_instruction_is_appended():

@@ -1,7 +1,7 @@
 """Multi-step arithmetic word problems for the real-model track: a compact chain of thought ending in `\\boxed{}`.
 
-A problem is a story template (`TEMPLATES`) filled with a name, an item and small integers, and a list of
-steps `result_i = left op right` over the integers and earlier results (`+`, `-`, `*`, exact `/`). Every
+A problem is a story template (`TEMPLATES`: 18 stories of 1 to 4 operations) filled with a name, an item and
+small integers, and a list of steps `result_i = left op right` over the integers and earlier results (`+`, `-`, `*`, exact `/`). Every
 intermediate result is a positive integer. The solution has one line per step and a boxed final answer:
 
     After buying: 7 + 5 = 12
@@ -62,6 +62,12 @@ class Template:
 
 _T = Template
 TEMPLATES: tuple[Template, ...] = (
+    _T("buy1", "{name} has {a} {item}. {Pron} buys {b} more {item}. How many {item} does {name} have now?",
+       {"a": (2, 12, "n"), "b": (2, 9, "n")}, (("a", "+", "b", "Now"),), ("apples", "marbles", "stickers", "cards")),
+    _T("give1", "{name} has {a} {item}. {Pron} gives {b} {item} to {friend}. How many {item} does {name} have left?",
+       {"a": (5, 15, "n"), "b": (2, 9, "n")}, (("a", "-", "b", "Left"),), ("apples", "coins", "pencils", "shells")),
+    _T("boxes1", "{name} has {a} boxes with {b} {item} in each box. How many {item} does {name} have?",
+       {"a": (2, 5, "f"), "b": (2, 6, "n")}, (("a", "*", "b", "In the boxes"),), ("crayons", "cookies", "buttons")),
     _T("shop", "{name} has {a} {item}. {Pron} buys {b} more {item} and then gives {c} {item} to {friend}. How many {item} does {name} have now?",
        {"a": (3, 20, "n"), "b": (2, 15, "n"), "c": (2, 20, "n")}, (("a", "+", "b", "After buying"), ("r1", "-", "c", "After giving some away")),
        ("apples", "marbles", "stickers", "cards", "shells")),
@@ -132,8 +138,8 @@ class WordProblemConfig:
         only: Names of the templates to use (None: all of the allowed step counts).
     """
 
-    min_ops: int = 2
-    max_ops: int = 3
+    min_ops: int = 1
+    max_ops: int = 2
     scale: int = 1
     factor_boost: int = 0
     instruction: str | None = None
@@ -150,8 +156,11 @@ class WordProblemConfig:
         return chosen
 
 
+# The main splits: 1-2 operations (the pre-flight found SmolLM2-135M-Instruct at 0/32 greedy on 2-operation
+# problems and 3/48 on 1-2 operations: experiments/results/real/preflight.md). The hard split: 2-3 operations
+# over numbers up to twice as large.
 EASY = WordProblemConfig()
-HARD = WordProblemConfig(min_ops=3, max_ops=4, scale=3, factor_boost=3)
+HARD = WordProblemConfig(min_ops=2, max_ops=3, scale=2, factor_boost=2)
 
 
 def split_of(key: str, splits: tuple[str, ...] = SPLITS) -> str:
