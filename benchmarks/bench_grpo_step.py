@@ -93,16 +93,21 @@ def build(mode: str, seed: int) -> tuple[TimedGRPO, PromptDataModule]:
 WARMUP = 1
 
 
+CPU_TIMES: dict[str, list[float]] = {}
+
+
 def median_seconds(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Each fn timed `rounds` times after WARMUP untimed rounds, the order alternating per round."""
+    """Each fn timed `rounds` times after WARMUP untimed rounds, the order alternating per round. The process's
+    CPU seconds of each call go to CPU_TIMES (on a shared machine they move less with the others' load)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds + WARMUP):
         for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fns[name](r)
             if r >= WARMUP:
                 times[name].append(time.perf_counter() - start)
+                CPU_TIMES.setdefault(name, []).append(time.process_time() - cpu)
     return times
 
 
@@ -134,8 +139,10 @@ def parts(module: TimedGRPO, data: PromptDataModule, mode: str, rounds: int) -> 
         is_eos = torch.isin(completion, torch.tensor(eos))
         tokens["bare"].append(int(((is_eos.cumsum(1) - is_eos.long()) == 0).sum()))
 
+    CPU_TIMES.clear()
     sample_times = median_seconds({"ours": ours, "bare": bare}, rounds)
     rates = {k: statistics.median(n / t for n, t in zip(tokens[k][WARMUP:], sample_times[k])) for k in tokens}
+    cpu_rates = {k: statistics.median(n / t for n, t in zip(tokens[k][WARMUP:], CPU_TIMES[k])) for k in tokens}
 
     gen = generations[-1]  # the log-prob passes score the last rollout, as make_rollout would
     input_ids = torch.cat([gen.prompt_ids, gen.completion_ids], dim=1)
@@ -168,12 +175,14 @@ def parts(module: TimedGRPO, data: PromptDataModule, mode: str, rounds: int) -> 
                     target(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return run
 
-    passes = {}
+    passes, cpu_passes = {}, {}
     for kind in ("old", "ref"):
+        CPU_TIMES.clear()
         t = median_seconds({"ours": logp_pass(kind), "plain_all": plain(kind, 0), "plain_keep": plain(kind, keep_logits)},
                            rounds)
         passes[kind] = {k: statistics.median(v) for k, v in t.items()}
-    return {"rates": rates, "tokens": tokens, "same_tokens": tokens["ours"] == tokens["bare"], "passes": passes,
+        cpu_passes[kind] = {k: statistics.median(v) for k, v in CPU_TIMES.items()}
+    return {"rates": rates, "cpu_rates": cpu_rates, "cpu_passes": cpu_passes, "tokens": tokens, "same_tokens": tokens["ours"] == tokens["bare"], "passes": passes,
             "shape": list(input_ids.shape), "completion_len": gen.completion_ids.shape[1],
             "completion_tokens": int(gen.completion_mask.sum())}
 
@@ -246,13 +255,19 @@ def run_mode(mode: str, opts, order_trl_first: bool) -> None:
     ratio = p["rates"]["ours"] / p["rates"]["bare"]
     print(f"1. rollout: ours {p['rates']['ours']:.1f} tokens/s, bare merged generate {p['rates']['bare']:.1f} tokens/s, "
           f"ratio {ratio:.3f} (target >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'}); same tokens: {p['same_tokens']} "
-          f"{p['tokens']['ours'][WARMUP:]}", flush=True)
+          f"{p['tokens']['ours'][WARMUP:]}; per CPU second: ours {p['cpu_rates']['ours']:.1f}, bare "
+          f"{p['cpu_rates']['bare']:.1f} tokens, ratio {p['cpu_rates']['ours'] / p['cpu_rates']['bare']:.3f}", flush=True)
     for kind, t in p["passes"].items():
         r_all, r_keep = t["ours"] / t["plain_all"], t["ours"] / t["plain_keep"]
         print(f"2. {kind} log-prob pass: {t['ours'] * 1e3:.0f} ms; plain forward all logits {t['plain_all'] * 1e3:.0f} ms "
               f"(ratio {r_all:.2f}), completion logits only {t['plain_keep'] * 1e3:.0f} ms (ratio {r_keep:.2f}); "
               f"target <= 1.3: {'met' if r_keep <= 1.3 else ('met vs all logits only' if r_all <= 1.3 else 'MISSED')}",
               flush=True)
+        c = p["cpu_passes"][kind]
+        print(f"   CPU seconds: ours {c['ours']:.1f}, plain all logits {c['plain_all']:.1f} (ratio {c['ours'] / c['plain_all']:.2f}), "
+              f"completion logits only {c['plain_keep']:.1f} (ratio {c['ours'] / c['plain_keep']:.2f})", flush=True)
+    if opts.parts_only:
+        return
 
     def ours():
         return our_steps(module, data, opts.steps)[opts.drop_first:]
@@ -291,6 +306,7 @@ def main() -> None:
     parser.add_argument("--drop-first", type=int, default=1, help="training steps dropped as warm-up (per side)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-trl", action="store_true", help="skip TRL's GRPOTrainer")
+    parser.add_argument("--parts-only", action="store_true", help="only the rollout and log-prob comparisons (1., 2.)")
     parser.add_argument("--competing-load", action="store_true", help="run beside a torch matmul loop (OpenMP)")
     opts = parser.parse_args()
     global WARMUP
