@@ -53,7 +53,9 @@ def run(loss: str, work: Path, threads: int | None = None) -> dict:
     (work / f"{loss}.log").write_text(done.stdout[-20000:] + "\n" + done.stderr[-20000:])
     if done.returncode != 0:
         raise RuntimeError(f"{loss}: exit {done.returncode}; see {work / f'{loss}.log'}")
-    result = {"loss": loss, "command": " ".join(command[1:]), "seconds": round(seconds, 1), **read_scalars(work / "logs" / "variants" / loss)}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    result = {"loss": loss, "command": " ".join(command[1:]), "commit": commit, "finished": time.strftime("%Y-%m-%d %H:%M"),
+              "load_average": os.getloadavg()[0], "seconds": round(seconds, 1), **read_scalars(work / "logs" / "variants" / loss)}
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(record)
@@ -97,8 +99,9 @@ def write_report(results: list[dict], started: float) -> None:
              "temperature 1 for entropy, self-BLEU and distinct-2; KL to the base on the 32 validation completions). Values at",
              "step 32; `base` is the starting model validated with the same settings. Share learned = completion tokens with",
              "weight > 0.5 (step 0: measured on 8 training batches before training; mean: over the 32 steps).", "",
-             f"Command: `{meta['command']}` at commit `{commit[:10]}`; {meta['machine']}; load average at the end {meta['load_average'][0]:.1f}",
-             "(other jobs shared the machine).", "",
+             f"Table written by `{meta['command']}` at commit `{commit[:10]}`; {meta['machine']}. Each run's command, commit (when",
+             "recorded) and wall time are in `results.json`; other jobs shared the 2 cores during these runs (load average 4-10),",
+             "so the minutes column is not a speed measurement.", "",
              "| loss | answer acc | sampled entropy | self-BLEU | distinct-2 | KL to base | val loss | learned @0 | learned mean | learned last | update norm | train KL | min |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
