@@ -6,7 +6,7 @@
 
 Each run is `python -m aesl_lightning fit --config experiments/quickstart.yaml` with `model.loss.name` set (and the
 first reading of AESL with the quickstart's old thresholds 0.9 / 0.9 / rho 0), checkpoints and exports off, its
-TensorBoard logs under `--work`. The base model is validated once (`validate`, the same generation settings) as
+TensorBoard logs under `--logs`. The base model is validated once (`validate`, the same generation settings) as
 the step-0 reference. Results: `experiments/results/aesl-variants/results.{json,md}`; a finished run is not rerun.
 """
 
@@ -39,13 +39,14 @@ def overrides(loss: str) -> list[str]:
     return args
 
 
-def run(loss: str, work: Path, threads: int | None = None) -> dict:
+def run(loss: str, work: Path, threads: int | None = None, logs: Path | None = None) -> dict:
     record = work / f"{loss}.json"
     if record.exists():
         return json.loads(record.read_text())
+    logs = logs or work / "logs"
     stage = "validate" if loss == "base" else "fit"
     command = [sys.executable, "-m", "aesl_lightning", stage, "--config", "experiments/quickstart.yaml",
-               f"--trainer.logger.init_args.save_dir={work / 'logs'}", *overrides(loss)]
+               f"--trainer.logger.init_args.save_dir={logs}", *overrides(loss)]
     started = time.perf_counter()
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -55,7 +56,7 @@ def run(loss: str, work: Path, threads: int | None = None) -> dict:
         raise RuntimeError(f"{loss}: exit {done.returncode}; see {work / f'{loss}.log'}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"loss": loss, "command": " ".join(command[1:]), "commit": commit, "finished": time.strftime("%Y-%m-%d %H:%M"),
-              "load_average": os.getloadavg()[0], "seconds": round(seconds, 1), **read_scalars(work / "logs" / "variants" / loss)}
+              "load_average": os.getloadavg()[0], "seconds": round(seconds, 1), **read_scalars(logs / "variants" / loss)}
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(record)
@@ -115,7 +116,8 @@ def write_report(results: list[dict], started: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--losses", nargs="+", default=["base", *LOSSES], help="Which runs (base = validate the starting model).")
-    parser.add_argument("--work", type=Path, default=OUT / "runs", help="Run records, logs and TensorBoard folders.")
+    parser.add_argument("--work", type=Path, default=OUT / "runs", help="Run records (one JSON per finished run).")
+    parser.add_argument("--logs", type=Path, default=ROOT / "lightning_logs" / "aesl-variants", help="TensorBoard folders of the runs.")
     parser.add_argument("--report-only", action="store_true", help="Only rewrite the table from finished runs.")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (1 is faster on a machine shared with other jobs).")
     args = parser.parse_args()
@@ -129,7 +131,7 @@ def main() -> None:
                 results.append(json.loads(record.read_text()))
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {loss}", flush=True)
-        results.append(run(loss, args.work, args.threads))
+        results.append(run(loss, args.work, args.threads, args.logs))
     write_report(results, started)
 
 
