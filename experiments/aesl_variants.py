@@ -86,7 +86,7 @@ def summary(result: dict) -> dict:
             "update_norm_mean": mean("train/update_norm"), "train_kl_to_base_last": last("train/kl_to_base"), "seconds": result["seconds"]}
 
 
-def write_report(results: list[dict], started: float) -> None:
+def write_report(results: list[dict], started: float, missing: list[str] = ()) -> None:
     rows = [summary(r) for r in results]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     meta = {"command": "python experiments/aesl_variants.py " + " ".join(sys.argv[1:]), "commit": commit,
@@ -99,16 +99,20 @@ def write_report(results: list[dict], started: float) -> None:
              "8 examples, lr 5e-5; validation at steps 16 and 32 (16 held-out prompts: greedy answer accuracy, 4 samples at",
              "temperature 1 for entropy, self-BLEU and distinct-2; KL to the base on the 32 validation completions). Values at",
              "step 32; `base` is the starting model validated with the same settings. Share learned = completion tokens with",
-             "weight > 0.5 (step 0: measured on 8 training batches before training; mean: over the 32 steps).", "",
+             "weight > 0.5 (step 0: measured on 8 training batches before training; mean: over the 32 steps). `val objective` is",
+             "each loss's own objective on the validation completions (not comparable across losses). One seed and 16 prompts:",
+             "an answer-accuracy difference of one prompt is 0.0625; nothing here is a significance claim.", "",
              f"Table written by `{meta['command']}` at commit `{commit[:10]}`; {meta['machine']}. Each run's command, commit (when",
              "recorded) and wall time are in `results.json`; other jobs shared the 2 cores during these runs (load average 4-10),",
              "so the minutes column is not a speed measurement.", "",
-             "| loss | answer acc | sampled entropy | self-BLEU | distinct-2 | KL to base | val loss | learned @0 | learned mean | learned last | update norm | train KL | min |",
+             "| loss | answer acc | sampled entropy | self-BLEU | distinct-2 | KL to base | val objective | learned @0 | learned mean | learned last | update norm | train KL | min |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['loss']} | {fmt(r['answer_accuracy'])} | {fmt(r['gen_entropy'])} | {fmt(r['self_bleu'])} | {fmt(r['distinct_2'])} | "
                      f"{fmt(r['kl_to_base'])} | {fmt(r['val_loss'])} | {fmt(r['learned_share_step0'], True)} | {fmt(r['learned_share_mean'], True)} | "
                      f"{fmt(r['learned_share_last'], True)} | {fmt(r['update_norm_mean'])} | {fmt(r['train_kl_to_base_last'])} | {r['seconds'] / 60:.1f} |")
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)}. `python experiments/aesl_variants.py` runs them (finished runs are kept)."]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -132,7 +136,8 @@ def main() -> None:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {loss}", flush=True)
         results.append(run(loss, args.work, args.threads, args.logs))
-    write_report(results, started)
+    done = {r["loss"] for r in results}
+    write_report(results, started, [loss for loss in args.losses if loss not in done])
 
 
 if __name__ == "__main__":
