@@ -203,6 +203,18 @@ def _take(values: Tensor, rows: Tensor) -> Tensor:
     return values.index_select(0, rows)
 
 
+def _chunks(rows: Tensor, size: int) -> list[Tensor]:
+    """`rows` (sorted indices) in pieces of at most `size`, cut where a run of consecutive indices ends, so that each
+    piece is a view of the logits and its gradient is written in place (sequence ends and prompts leave holes)."""
+    if rows.numel() == 0:
+        return []
+    breaks = ((rows[1:] - rows[:-1]) != 1).nonzero().squeeze(1) + 1
+    pieces = []
+    for run in rows.tensor_split(breaks.cpu()):
+        pieces.extend(run.split(size))
+    return pieces
+
+
 def _put(out: Tensor, rows: Tensor, values: Tensor) -> None:
     count = rows.numel()
     if count and int(rows[-1]) - int(rows[0]) == count - 1:
@@ -275,7 +287,7 @@ def _forward_loop(num_rows, targets, rows_per_chunk, with_entropy, anchor, dtype
     outs.append(torch.zeros(num_rows if anchor is not None else 0, dtype=dtype, device=device))
     outs.append(torch.zeros(num_rows if anchor is not None else 0, dtype=dtype, device=device))
     outs.append(torch.zeros(num_rows, dtype=dtype, device=device))  # logsumexp, kept for the backward pass
-    for rows in (targets != IGNORE_INDEX).nonzero().squeeze(1).split(rows_per_chunk):
+    for rows in _chunks((targets != IGNORE_INDEX).nonzero().squeeze(1), rows_per_chunk):
         chunk_targets = _take(targets, rows)
         for out, value in zip(outs, _chunk_forward(chunk_logits(rows), chunk_targets, rows, with_entropy, anchor)):
             if value is not None:
@@ -320,7 +332,7 @@ class _LogitStats(torch.autograd.Function):
         idle[active] = False
         grad_logits.index_fill_(0, idle.nonzero().squeeze(1), 0)
         direct = logits.dtype == _acc_dtype(logits.dtype)  # float32 / float64: write the chunk's gradient in place
-        for rows in active.split(ctx.rows_per_chunk) if active.numel() else ():
+        for rows in _chunks(active, ctx.rows_per_chunk):
             z = _scaled(_take(logits, rows), ctx.temperature)
             contiguous = int(rows[-1]) - int(rows[0]) == rows.numel() - 1
             out = grad_logits.narrow(0, int(rows[0]), rows.numel()) if direct and contiguous else None
@@ -356,7 +368,7 @@ class _LinearStats(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
-        for rows in _active_rows(targets, g_logp, g_entropy, g_soft).split(ctx.rows_per_chunk):
+        for rows in _chunks(_active_rows(targets, g_logp, g_entropy, g_soft), ctx.rows_per_chunk):
             chunk_hidden = _take(hidden, rows)
             z = _project(chunk_hidden, weight, bias).to(acc)
             grad = _chunk_grad(z, _take(targets, rows), rows, 1.0, _take(lse, rows), _grad_slices(g_logp, rows), _grad_slices(g_entropy, rows),
