@@ -274,8 +274,11 @@ class GRPOModule(CausalLMModule):
         return Rollout(gen, input_ids, attention_mask, loss_mask, advantages, rewards, old_logp, ref_logp)
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig) -> Generation:
-        """One batched `generate` call (override to change how rollouts are drawn, e.g. seeded per prompt)."""
-        return generate(self.model, self.tokenizer, input_ids, attention_mask, sampling, record_entropy=True)
+        """One batched `generate` call (override to change how rollouts are drawn, e.g. seeded per prompt).
+
+        No per-token entropy recorder runs inside `generate` (a float32 log-softmax over the vocabulary at every
+        decoding step): the rollouts' entropies come from the first policy pass, which computes them anyway."""
+        return generate(self.model, self.tokenizer, input_ids, attention_mask, sampling)
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -295,8 +298,9 @@ class GRPOModule(CausalLMModule):
                     old = logp.detach() if rollout.old_logp is None else rollout.old_logp
                     out = grpo_loss(logp, old, rollout.advantages, rollout.loss_mask, rollout.ref_logp, cfg.beta,
                                     cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.max_new_tokens, num_tokens)
-                    if iteration == 0:
-                        entropy = entropy_map.sum() / gen.completion_mask.sum().clamp(min=1)
+                    if iteration == 0:  # the policy's entropy at the sampled positions (sampling temperature)
+                        gen.entropy = entropy_map.detach().masked_fill(~gen.completion_mask, 0.0)
+                        entropy = gen.entropy.sum() / gen.completion_mask.sum().clamp(min=1)
                     check_finite("loss", out.loss.detach())
                     optimizer.zero_grad()
                     self.manual_backward(out.loss)

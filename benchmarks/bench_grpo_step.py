@@ -7,7 +7,7 @@ loss_type grpo, mu = 1, rewards math_accuracy + 0.1 x boxed_format, AdamW lr 1e-
 dropout disabled (ours by default, TRL's `disable_dropout=True`), with LoRA r 16 / alpha 32 / dropout 0.05 on
 all linear layers (`--mode lora`) and with full fine-tuning (`--mode full`). Reported side by side, one run:
 
-1. rollout tokens/s: `GRPOModule`'s sampling (eval mode, adapters merged, entropies recorded) against a bare
+1. rollout tokens/s: `GRPOModule`'s sampling (eval mode, adapters merged; entropies come from the policy pass) against a bare
    `model.generate` of the merged model, same prompts, same seed (so the same tokens; target >= 0.9x);
 2. each no-grad log-prob pass (old policy, reference) against a plain no-grad forward of the same tokens and
    model, with all logits (what a user would call) and with only the completion positions' logits
@@ -56,7 +56,7 @@ DATA = ArithmeticConfig(num_examples=64, seed=3)
 PROMPTS, G, MAX_NEW, TEMPERATURE, BETA, EPSILON, LR, MAX_GRAD_NORM = 8, 4, 64, 1.0, 0.04, 0.2, 1e-6, 1.0
 REWARDS, WEIGHTS = ["aesl_lightning.rewards.math_accuracy", "aesl_lightning.rewards.boxed_format"], [1.0, 0.1]
 LORA = LoRAConfig(r=16, alpha=32.0, dropout=0.05, target_modules="all-linear")
-LOAD = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
+LOAD = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
 
 
 class TimedGRPO(GRPOModule):
@@ -307,7 +307,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-trl", action="store_true", help="skip TRL's GRPOTrainer")
     parser.add_argument("--parts-only", action="store_true", help="only the rollout and log-prob comparisons (1., 2.)")
-    parser.add_argument("--competing-load", action="store_true", help="run beside a torch matmul loop (OpenMP)")
+    parser.add_argument("--competing-load", action="store_true", help="run beside a torch matmul loop keeping one core busy")
     opts = parser.parse_args()
     global WARMUP
     WARMUP = opts.warmup_rounds

@@ -50,7 +50,7 @@ def main() -> None:
     eos = eos_ids(model, tokenizer)
 
     def ours() -> int:
-        return int(generate(model, tokenizer, input_ids, mask, sampling, record_entropy=True).lengths.sum())
+        return int(generate(model, tokenizer, input_ids, mask, sampling).lengths.sum())
 
     def bare() -> int:
         with torch.no_grad():

@@ -160,6 +160,44 @@ def test_ratio_is_exactly_one_at_the_first_inner_iteration(tmp_path, monkeypatch
         assert not torch.equal(logp0, old0)
 
 
+def test_rollout_entropies_come_from_the_policy_pass_not_from_generate(tmp_path, monkeypatch):
+    """Sampling runs no per-token entropy recorder; the rollouts' entropy (train/gen_entropy) is the first policy
+    pass's, i.e. the entropy of softmax(z / T) at every sampled position, and equals train/entropy."""
+    calls, seen = [], {}
+    real_generate = grpo_module.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("record_entropy", False))
+        return real_generate(*args, **kwargs)
+
+    class Spy(GRPOModule):
+        def make_rollout(self, batch, timer=None):
+            rollout = super().make_rollout(batch, timer)
+            with torch.no_grad():  # the weights the first policy pass sees
+                seen["logits"] = self.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                                            position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
+            seen["rollout"] = rollout
+            return rollout
+
+    monkeypatch.setattr(grpo_module, "generate", spy)
+    module = Spy("tiny-llama", grpo=GRPOConfig(num_generations=4, max_new_tokens=6, beta=0.0, temperature=0.7,
+                                                       reward_funcs=[HIGH_CHARS], log_completions_every_n_steps=0),
+                 evaluation=GRPOEvaluation(num_samples=0))
+    _trainer(tmp_path, max_steps=1).fit(module, _data(num_examples=2, batch_size=2))
+    assert calls == [False]
+    rollout = seen["rollout"]
+    gen = rollout.generation
+    logits = seen["logits"]
+    width = gen.completion_ids.shape[1]
+    expected = torch.distributions.Categorical(logits=logits[:, -width - 1 : -1].double() / 0.7).entropy()
+    expected = expected.float() * gen.completion_mask
+    torch.testing.assert_close(gen.entropy, expected, rtol=1e-4, atol=1e-5)
+    metrics = module.trainer.callback_metrics
+    mean = expected.sum() / gen.completion_mask.sum()
+    torch.testing.assert_close(metrics["train/gen_entropy"], mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(metrics["train/entropy"], mean, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- step breakdown
 def test_step_time_breakdown_is_logged(tmp_path):
     module = _module(num_iterations=2)
