@@ -72,11 +72,6 @@ class ModelLoadError(OSError):
     """A model or tokenizer could not be loaded; the message names the source and what to do."""
 
 
-def builtin_models_help() -> str:
-    """One line per built-in model, `name: description`, for `--help` and the README."""
-    return "\n".join(f"{name}: {entry.description}" for name, entry in BUILTIN_MODELS.items())
-
-
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     """"float32" | "bfloat16" | "float16" | "auto" (and fp32/bf16/fp16) to what `from_pretrained` takes."""
     if isinstance(dtype, torch.dtype):
@@ -334,31 +329,3 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, name: str = "tokenizer"
             raise ModelLoadError(f"{name}: the tokenizer has neither a pad token nor an EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def describe_model(model: torch.nn.Module) -> str:
-    """One line: class, total and trainable parameter counts, dtype and device.
-
-    e.g. `LlamaForCausalLM: 134.52M parameters, 134.52M trainable (100.00%), float32 on cpu`.
-    Shared (tied) parameters are counted once.
-    """
-    params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    name = type(model).__name__
-    if hasattr(model, "get_base_model"):  # peft wrapper
-        name = f"{name}({type(model.get_base_model()).__name__})"
-    first = params[0] if params else None
-    where = f", {str(first.dtype).removeprefix('torch.')} on {first.device}" if first is not None else ""
-    share = 100.0 * trainable / total if total else 0.0
-    return f"{name}: {_count(total)} parameters, {_count(trainable)} trainable ({share:.2f}%){where}"
-
-
-def _count(n: int) -> str:
-    if n >= 1e9:
-        return f"{n / 1e9:.2f}B"
-    if n >= 1e6:
-        return f"{n / 1e6:.2f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f}K"
-    return str(n)

@@ -1,4 +1,4 @@
-"""Metrics against slow references: NLTK's sentence_bleu, brute-force pass@k, torch.distributions."""
+"""Metrics against slow references: NLTK's sentence_bleu and `_reference`, brute-force pass@k, torch.distributions."""
 
 from __future__ import annotations
 
@@ -13,22 +13,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from _reference import distinct_n, self_bleu, sentence_bleu4
 
-from aesl_lightning.metrics import (
-    DistinctN,
-    KLToBase,
-    PassAtK,
-    SelfBLEU,
-    TokenEntropy,
-    distinct_n,
-    distinct_n_batch,
-    kl_divergence,
-    pass_at_k,
-    self_bleu,
-    self_bleu_batch,
-    sentence_bleu4,
-    tokenize_text,
-)
+from aesl_lightning.metrics import DistinctN, KLToBase, PassAtK, SelfBLEU, TokenEntropy
+from aesl_lightning.metrics.functional import distinct_n_batch, kl_divergence, pass_at_k, self_bleu_batch, tokenize_text
 
 bleu_score = pytest.importorskip("nltk.translate.bleu_score")
 SMOOTH = bleu_score.SmoothingFunction().method1
@@ -84,23 +72,26 @@ def random_groups(rng: random.Random, num_groups: int, ks=(2, 3, 5)) -> list[lis
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_sentence_bleu4_matches_nltk_on_random_token_ids():
+# `sentence_bleu4` is the slow reference (tests/_reference.py): first pinned to NLTK and to hand values, then
+# the vectorised `self_bleu_batch` is compared against it.
+
+
+def test_reference_bleu4_matches_nltk_on_random_token_ids():
     rng = random.Random(0)
     for group in random_groups(rng, 300):
         hypothesis, references = group[0], group[1:]
         assert sentence_bleu4(hypothesis, references) == pytest.approx(nltk_bleu(hypothesis, references), abs=1e-6)
 
 
-def test_sentence_bleu4_matches_nltk_on_text():
+def test_reference_bleu4_matches_nltk_on_text():
     tokenised = [tokenize_text(t) for t in TEXTS]
     for i, hypothesis in enumerate(tokenised):
         references = tokenised[:i] + tokenised[i + 1 :]
         expected = nltk_bleu(hypothesis, references)
         assert sentence_bleu4(hypothesis, references) == pytest.approx(expected, abs=1e-6)
-        assert sentence_bleu4(TEXTS[i], TEXTS[:i] + TEXTS[i + 1 :]) == pytest.approx(expected, abs=1e-6)
 
 
-def test_sentence_bleu4_hand_values():
+def test_reference_bleu4_hand_values():
     # short hypothesis: p1 = p2 = p3 = 1, no 4-gram -> p4 = 0.1 / 1
     assert sentence_bleu4([5, 5, 5], [[5, 5, 5]]) == pytest.approx(0.1**0.25, abs=1e-12)
     assert sentence_bleu4([7], [[7]]) == pytest.approx(0.1**0.75, abs=1e-12)
@@ -132,8 +123,9 @@ def test_self_bleu_batch_matches_nltk_loop():
             assert math.isnan(value)
         else:
             assert value == pytest.approx(expected, abs=1e-6)
-    # one prompt at a time gives the same numbers as the batch
-    assert [self_bleu(g) for g in groups[:20]] == pytest.approx(got[:20], abs=1e-12, nan_ok=True)
+    # the slow reference, and one prompt at a time, give the same numbers as the batch
+    assert [self_bleu(g) for g in groups] == pytest.approx(got, abs=1e-12, nan_ok=True)
+    assert [self_bleu_batch([g])[0] for g in groups[:20]] == pytest.approx(got[:20], abs=1e-12, nan_ok=True)
 
 
 def test_self_bleu_batch_input_types_agree():
@@ -159,14 +151,17 @@ def test_self_bleu_on_text():
 
 
 def test_self_bleu_edge_cases():
-    assert math.isnan(self_bleu([[1, 2, 3]]))  # k = 1: no references
-    assert math.isnan(self_bleu([]))
-    assert self_bleu([[1, 2, 3, 4, 5]] * 4) == pytest.approx(1.0, abs=1e-12)
-    assert self_bleu([["a", "b", "c", "d"], ["a", "b", "c", "d"]]) == pytest.approx(1.0, abs=1e-12)
-    assert self_bleu([[], []]) == 0.0
-    assert self_bleu([[], [1, 2, 3]]) == 0.0  # the empty sample scores 0, the other matches nothing
-    assert self_bleu([[3, 3], [3, 3]]) == pytest.approx(0.1**0.5, abs=1e-12)
-    assert self_bleu([[1, 2], [3, 4]]) == 0.0
+    def one(group):
+        return self_bleu_batch([group])[0]
+
+    assert math.isnan(one([[1, 2, 3]]))  # k = 1: no references
+    assert math.isnan(one([]))
+    assert one([[1, 2, 3, 4, 5]] * 4) == pytest.approx(1.0, abs=1e-12)
+    assert one([["a", "b", "c", "d"], ["a", "b", "c", "d"]]) == pytest.approx(1.0, abs=1e-12)
+    assert one([[], []]) == 0.0
+    assert one([[], [1, 2, 3]]) == 0.0  # the empty sample scores 0, the other matches nothing
+    assert one([[3, 3], [3, 3]]) == pytest.approx(0.1**0.5, abs=1e-12)
+    assert one([[1, 2], [3, 4]]) == 0.0
     with pytest.raises(ValueError, match=r"groups\[0\]\[1\].*1-D"):
         self_bleu_batch([[torch.zeros(3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long)]])
     with pytest.raises(ValueError, match=r"groups\[0\] must be a sequence"):
@@ -183,27 +178,26 @@ def test_tokenize_text():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def slow_distinct(samples, n):
-    grams = [tuple(s[i : i + n]) for s in samples for i in range(len(s) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
 def test_distinct_n_hand_examples():
-    assert distinct_n([[1, 2, 3], [1, 2, 4]], 1) == pytest.approx(4 / 6)
-    assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
-    assert distinct_n([[1, 2], [2, 3]], 2) == 1.0  # no n-gram across samples: (2, 2) is not counted
-    assert distinct_n(["a a a a"], 1) == 0.25
-    assert distinct_n([[1], []], 2) == 0.0
-    assert distinct_n([], 1) == 0.0
+    def one(group, n):
+        return distinct_n_batch([group], n)[0]
+
+    assert one([[1, 2, 3], [1, 2, 4]], 1) == pytest.approx(4 / 6)
+    assert one([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
+    assert one([[1, 2], [2, 3]], 2) == 1.0  # no n-gram across samples: (2, 2) is not counted
+    assert one(["a a a a"], 1) == 0.25
+    assert one([[1], []], 2) == 0.0
+    assert one([], 1) == 0.0
+    assert distinct_n_batch([], 1) == []
     with pytest.raises(ValueError, match="n must be >= 1"):
-        distinct_n([[1]], 0)
+        one([[1]], 0)
 
 
 def test_distinct_n_batch_matches_slow_reference():
     rng = random.Random(3)
     groups = random_groups(rng, 50, ks=(0, 1, 3))
     for n in (1, 2, 3, 4):
-        assert distinct_n_batch(groups, n) == pytest.approx([slow_distinct(g, n) for g in groups], abs=1e-12)
+        assert distinct_n_batch(groups, n) == pytest.approx([distinct_n(g, n) for g in groups], abs=1e-12)
 
 
 def brute_pass_at_k(n, c, k):
@@ -306,7 +300,7 @@ def test_self_bleu_and_distinct_metrics():
 
     distinct = DistinctN(n=2)
     distinct.update(groups)
-    assert distinct.compute().item() == pytest.approx(sum(slow_distinct(g, 2) for g in groups) / len(groups), abs=1e-12)
+    assert distinct.compute().item() == pytest.approx(sum(distinct_n(g, 2) for g in groups) / len(groups), abs=1e-12)
 
     only_singletons = SelfBLEU()
     only_singletons.update([[[1, 2, 3]]])

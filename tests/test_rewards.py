@@ -175,7 +175,7 @@ def test_works_in_a_daemonic_worker_process():
 def test_math_verify_log_messages_are_cut(caplog):
     import logging
 
-    from aesl_lightning.rewards import LOG_CHARS, _quiet_math_verify
+    from aesl_lightning.verifier import LOG_CHARS, _quiet_math_verify
 
     _quiet_math_verify()
     logger = logging.getLogger("math_verify.parser")

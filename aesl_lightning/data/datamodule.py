@@ -2,19 +2,15 @@
 
 Both read any source of `formats.py` (local file, Hugging Face name, or `"synthetic"`), encode everything
 once at `setup` into plain lists (the datasets are small), and batch with the collate functions of
-`encode.py`. Validation/test sets come from their own source or are held out of the training source,
-deterministically by `seed`; a synthetic training source gets freshly generated, disjoint splits instead.
+`encode.py`. Which examples each split holds is `splits.py`; the mid-epoch resumable loaders are `loaders.py`.
 """
 
 from __future__ import annotations
 
-import logging
-import random
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -27,24 +23,22 @@ from aesl_lightning.data.encode import (
     encode_prompt_examples,
     encode_sft_examples,
 )
-from aesl_lightning.data.formats import (
-    LOCAL_FORMATS,
-    SYNTHETIC,
-    DataFormatError,
-    PromptExample,
-    SFTExample,
-    load_records,
-    prompt_examples,
-    sft_examples,
-    synthetic_records,
+from aesl_lightning.data.formats import SYNTHETIC, PromptExample, SFTExample, prompt_examples, sft_examples
+from aesl_lightning.data.loaders import (
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    ResumableTraining,
+    make_loader,
+    training_progress,
 )
+from aesl_lightning.data.splits import load_splits, report_split, validate_local_sources
 from aesl_lightning.data.synthetic import ArithmeticConfig
 
-log = logging.getLogger("aesl_lightning")
+__all__ = ["SFTDataModule", "PromptDataModule", "EpochShuffleSampler", "ResumableDataLoader"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared plumbing
+# Tokenizer
 
 
 def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -81,219 +75,12 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return pad
 
 
-def _load_splits(
-    train: str | None,
-    train_split: str,
-    others: dict[str, tuple[str | None, str, int]],
-    synthetic: ArithmeticConfig,
-    seed: int,
-    normalise: Callable[[list[tuple[str, dict]], str], list],
-) -> dict[str, tuple[list, str]]:
-    """Examples and an origin label per split: `{"train": (...), name: (...) for name in others}`.
-
-    `others[name] = (source, hf_split, size)`: a split with its own source loads it (`"synthetic"`: a generated
-    split disjoint from the synthetic training set); one without is `size` examples held out of `train`
-    (a synthetic `train` generates them disjointly instead); size 0 and no source means no such split.
-    """
-    wants_synthetic = {
-        name: size for name, (source, _, size) in others.items() if source == SYNTHETIC or (source is None and train == SYNTHETIC)
-    }
-    generated = {}
-    if train == SYNTHETIC or wants_synthetic:
-        sizes = {"train": synthetic.num_examples if train == SYNTHETIC else 0, **wants_synthetic}
-        generated = synthetic_records(synthetic, sizes)
-
-    splits: dict[str, tuple[list, str]] = {}
-    if train is not None:
-        records = generated["train"] if train == SYNTHETIC else load_records(train, train_split, synthetic)
-        splits["train"] = (normalise(records, train), train)
-
-    held_out = {
-        name: size for name, (source, _, size) in others.items() if source is None and train not in (None, SYNTHETIC) and size > 0
-    }
-    if held_out:
-        examples, _ = splits["train"]
-        if sum(held_out.values()) >= len(examples):
-            raise DataFormatError(f"{train}: has {len(examples)} examples, too few to hold out {held_out} and keep some for training")
-        order = list(range(len(examples)))
-        random.Random(seed).shuffle(order)
-        start = 0
-        for name, size in held_out.items():
-            chosen = sorted(order[start : start + size])
-            splits[name] = ([examples[i] for i in chosen], f"{train} (held out)")
-            start += size
-        kept = sorted(order[start:])
-        splits["train"] = ([examples[i] for i in kept], train)
-
-    for name, (source, hf_split, size) in others.items():
-        if name in wants_synthetic:
-            if size > 0 or source == SYNTHETIC:
-                splits[name] = (normalise(generated[name], f"synthetic {name} split"), f"synthetic {name} split")
-        elif source is not None:
-            splits[name] = (normalise(load_records(source, hf_split, synthetic), source), source)
-    return splits
-
-
-def validate_local_sources(sources: dict[str, str | None], normalise: Callable, owner: str = "data") -> None:
-    """Read and normalise every local-file source now, so that a malformed file (bad JSON, a missing field, no
-    records) is reported at once, before any model is built. `sources` maps option names to sources; the error
-    is `DataFormatError("<owner>.<option>: <file:line>: ...")`. Hugging Face names and "synthetic" are checked
-    at `setup` (they need the network or a generator)."""
-    for option, source in sources.items():
-        if source is None or source == SYNTHETIC:
-            continue
-        path = Path(source)
-        if path.suffix.lower() not in LOCAL_FORMATS and not path.exists():
-            continue  # a Hugging Face dataset name
-        try:
-            normalise(load_records(source), source)
-        except DataFormatError as error:
-            raise DataFormatError(f"{owner}.{option}: {error}") from None
-
-
-def _report(kind: str, name: str, origin: str, kept: int, dropped: int, limit_name: str, limit: int) -> None:
-    if dropped:
-        log.warning(
-            "%s %s: dropped %d of %d examples from %s longer than %s=%d tokens",
-            *(kind, name, dropped, kept + dropped, origin, limit_name, limit),
-        )
-    if not kept:
-        raise DataFormatError(f"{origin}: no {name} examples left after dropping {dropped} longer than {limit_name}={limit} tokens")
-    log.info("%s %s: %d examples from %s", kind, name, kept, origin)
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A random permutation per epoch that depends only on `(seed, epoch)` (`shuffle=False`: 0..n-1).
-
-    Lightning calls `set_epoch` at the start of every epoch, so a run resumed from a checkpoint sees the same
-    order in its later epochs as an uninterrupted run (a global-RNG shuffle would not). `resume_at(epoch, k)`
-    makes the next pass over `epoch` start at its k-th index: the rest of an epoch interrupted mid-way.
-    """
-
-    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True) -> None:
-        self.num_items, self.seed, self.epoch, self.shuffle = num_items, seed, 0, shuffle
-        self._resume: tuple[int, int] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def resume_at(self, epoch: int, start: int) -> None:
-        self._resume = (epoch, start)
-
-    def order(self, epoch: int) -> list[int]:
-        """The full order of `epoch`."""
-        if not self.shuffle:
-            return list(range(self.num_items))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_items, generator=generator).tolist()
-
-    def __iter__(self):
-        order = self.order(self.epoch)
-        if self._resume is not None and self._resume[0] == self.epoch:
-            order = order[self._resume[1] :]
-            self._resume = None  # once: the next pass over this epoch (a new run) starts at 0
-        return iter(order)
-
-    def __len__(self) -> int:
-        return self.num_items
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position in the epoch goes into Lightning checkpoints, so that a run resumed from a
-    mid-epoch checkpoint continues with the batches the interrupted run had not trained on yet.
-
-    Lightning saves `state_dict()` of a training loader that has one and passes it back to `load_state_dict`
-    when resuming. The position is the trainer's: `(epoch, batches processed in it)` read from `progress()` at
-    save time (counting batches fetched here would be off by the ones Lightning prefetches). Loading makes the
-    sampler skip `batches x batch_size` indices of that epoch. Exact for a single process; under DDP Lightning
-    wraps the sampler per rank, and the skip counts global indices (`x world_size`).
-    """
-
-    def __init__(self, *args, progress: Callable[[], tuple[int, int, int]] | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.progress = progress
-
-    def state_dict(self) -> dict:
-        epoch, batches, world = self.progress() if self.progress is not None else (0, 0, 1)
-        return {"epoch": int(epoch), "batches": int(batches), "world_size": int(world),
-                "batch_size": self.batch_size, "num_items": len(self.dataset)}
-
-    def load_state_dict(self, state: dict) -> None:
-        sampler = self.sampler
-        if not isinstance(sampler, EpochShuffleSampler):
-            return
-        if (state.get("batch_size"), state.get("num_items")) != (self.batch_size, len(self.dataset)):
-            log.warning(
-                "training data changed since the checkpoint (batch size %s -> %s, %s -> %s examples): the "
-                "interrupted epoch restarts from its beginning", state.get("batch_size"), self.batch_size,
-                state.get("num_items"), len(self.dataset),
-            )
-            return
-        start = state["batches"] * state["batch_size"] * state.get("world_size", 1)
-        if 0 < start < len(self.dataset):
-            sampler.resume_at(state["epoch"], start)
-
-
-def _loader(data: list, batch_size: int, collate: Callable, num_workers: int, shuffle: bool = False, seed: int = 0,
-            progress: Callable[[], tuple[int, int, int]] | None = None) -> DataLoader:
-    """Evaluation loaders are plain; a training loader (`progress` given) is resumable mid-epoch."""
-    if progress is None:
-        return DataLoader(data, batch_size=batch_size, sampler=EpochShuffleSampler(len(data), seed) if shuffle else None,
-                          collate_fn=collate, num_workers=num_workers, persistent_workers=num_workers > 0)
-    return ResumableDataLoader(
-        data, batch_size=batch_size, sampler=EpochShuffleSampler(len(data), seed, shuffle), collate_fn=collate,
-        num_workers=num_workers, persistent_workers=num_workers > 0, progress=progress,
-    )
-
-
-class _ResumableTraining:
-    """Mixin for the datamodules: the training loader's position goes into checkpoints through the datamodule's
-    own `state_dict` too. Lightning restores a datamodule before it first builds the training loader, whereas
-    its loader-state path is skipped when `configure_optimizers` asks for `estimated_stepping_batches` (as
-    ours do), which builds the loader before the loop state is restored."""
-
-    _train_loader: ResumableDataLoader | None = None
-    _pending_loader_state: dict | None = None
-
-    def _resumable(self, loader: DataLoader) -> DataLoader:
-        if isinstance(loader, ResumableDataLoader):
-            self._train_loader = loader
-            if self._pending_loader_state is not None:
-                loader.load_state_dict(self._pending_loader_state)
-                self._pending_loader_state = None
-        return loader
-
-    def state_dict(self) -> dict:
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state = state_dict.get("train_loader")
-        if state is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.load_state_dict(state)
-        else:
-            self._pending_loader_state = state
-
-
-def _training_progress(datamodule: L.LightningDataModule) -> Callable[[], tuple[int, int, int]]:
-    """(epoch, batches processed in it, world size) of the datamodule's trainer, read when a checkpoint is saved."""
-
-    def progress() -> tuple[int, int, int]:
-        trainer = datamodule.trainer
-        if trainer is None:
-            return 0, 0, 1
-        return (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-                trainer.world_size)
-
-    return progress
-
 
 # ----------------------------------------------------------------------------------------------------
 # SFT
 
 
-class SFTDataModule(_ResumableTraining, L.LightningDataModule):
+class SFTDataModule(ResumableTraining, L.LightningDataModule):
     """Prompt-completion data for supervised fine-tuning: right-padded batches with prompt tokens masked.
 
     Batches are `{"input_ids", "labels", "attention_mask"}` tensors `(B, T)`; `labels` is -100 on prompt and
@@ -378,7 +165,7 @@ class SFTDataModule(_ResumableTraining, L.LightningDataModule):
         if self.train_data:
             return  # encoded once; Lightning calls setup for every stage
         self.tokenizer = _resolve_tokenizer(self, self.tokenizer, self.tokenizer_name)
-        splits = _load_splits(
+        splits = load_splits(
             self.train, self.split, {"val": (self.val, self.val_split, self.val_size)}, self.synthetic, self.seed, sft_examples
         )
         encoded = {}
@@ -386,7 +173,7 @@ class SFTDataModule(_ResumableTraining, L.LightningDataModule):
             encoded[name], self.num_dropped[name] = encode_sft_examples(
                 self.tokenizer, examples, self.max_length, self.overlong, self.system_prompt
             )
-            _report("SFT", name, origin, len(encoded[name]), self.num_dropped[name], "max_length", self.max_length)
+            report_split("SFT", name, origin, len(encoded[name]), self.num_dropped[name], "max_length", self.max_length)
         self.train_data = encoded["train"]
         self.val_data = encoded.get("val", [])
         kept = {item.source for item in self.val_data}
@@ -400,25 +187,25 @@ class SFTDataModule(_ResumableTraining, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         collate = partial(collate_sft, pad_token_id=self.pad_token_id)
-        return self._resumable(_loader(self.train_data, self.batch_size, collate, self.num_workers, self.shuffle,
-                                       self.seed, progress=_training_progress(self)))
+        return self._resumable(make_loader(self.train_data, self.batch_size, collate, self.num_workers, self.shuffle,
+                                           self.seed, progress=training_progress(self)))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_data:
             return []
-        return _loader(self.val_data, self.eval_batch_size, partial(collate_sft, pad_token_id=self.pad_token_id), self.num_workers)
+        return make_loader(self.val_data, self.eval_batch_size, partial(collate_sft, pad_token_id=self.pad_token_id), self.num_workers)
 
     def val_prompts_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Validation prompts for generation: batches of `collate_prompts` (left-padded ids, `answer` list, ...)."""
         collate = partial(collate_prompts, pad_token_id=self.pad_token_id)
-        return _loader(self.val_prompt_data, batch_size or self.eval_batch_size, collate, 0)
+        return make_loader(self.val_prompt_data, batch_size or self.eval_batch_size, collate, 0)
 
 
 # ----------------------------------------------------------------------------------------------------
 # RL and evaluation
 
 
-class PromptDataModule(_ResumableTraining, L.LightningDataModule):
+class PromptDataModule(ResumableTraining, L.LightningDataModule):
     """Prompts with verifiable answers for RL (GRPO) and evaluation: left-padded prompt batches.
 
     Batches are `collate_prompts` dicts: `input_ids` and `attention_mask` `(B, T)` padded on the left (the
@@ -512,13 +299,13 @@ class PromptDataModule(_ResumableTraining, L.LightningDataModule):
             return  # encoded once; Lightning calls setup for every stage
         self.tokenizer = _resolve_tokenizer(self, self.tokenizer, self.tokenizer_name)
         others = {"val": (self.val, self.val_split, self.val_size), "test": (self.test, self.test_split, self.test_size)}
-        splits = _load_splits(self.train, self.split, others, self.synthetic, self.seed, prompt_examples)
+        splits = load_splits(self.train, self.split, others, self.synthetic, self.seed, prompt_examples)
         for name, (examples, origin) in splits.items():
             self.examples[name] = examples
             self.data[name], self.num_dropped[name] = encode_prompt_examples(
                 self.tokenizer, examples, self.max_prompt_length, self.overlong, self.system_prompt
             )
-            _report("prompt", name, origin, len(self.data[name]), self.num_dropped[name], "max_prompt_length", self.max_prompt_length)
+            report_split("prompt", name, origin, len(self.data[name]), self.num_dropped[name], "max_prompt_length", self.max_prompt_length)
 
     @property
     def pad_token_id(self) -> int:
@@ -528,8 +315,8 @@ class PromptDataModule(_ResumableTraining, L.LightningDataModule):
         if not self.data.get(name):
             return []
         collate = partial(collate_prompts, pad_token_id=self.pad_token_id)
-        return _loader(self.data[name], batch_size, collate, self.num_workers, shuffle, self.seed,
-                       progress=_training_progress(self) if resumable else None)
+        return make_loader(self.data[name], batch_size, collate, self.num_workers, shuffle, self.seed,
+                           progress=training_progress(self) if resumable else None)
 
     def train_dataloader(self) -> DataLoader:
         if not self.data.get("train"):

@@ -1,16 +1,12 @@
-"""Diversity and evaluation metrics: pure functions for the maths, torchmetrics Metrics for accumulation.
+"""Diversity and evaluation metrics as pure functions: no state, no Lightning, no I/O.
 
-Pure functions (no state, no Lightning):
-- `sentence_bleu4`: BLEU-4 of one hypothesis against references, equal to NLTK's
-  `sentence_bleu(refs, hyp, weights=(0.25,)*4, smoothing_function=SmoothingFunction().method1)`.
-- `self_bleu`, `self_bleu_batch`: self-BLEU of the k samples of a prompt (vectorised over prompts).
-- `distinct_n`, `distinct_n_batch`: unique n-grams / total n-grams of a group of samples.
+- `self_bleu_batch`: self-BLEU of the k samples of each prompt, vectorised over prompts, with NLTK's BLEU-4
+  (`sentence_bleu(refs, hyp, weights=(0.25,)*4, smoothing_function=SmoothingFunction().method1)`).
+- `distinct_n_batch`: unique n-grams / total n-grams of each group of samples.
 - `pass_at_k`: the unbiased pass@k estimator of Chen et al. (2021).
 - `kl_divergence`: KL(p_theta || p_base) per token, chunked over tokens.
   (Token entropy is `aesl_lightning.kernels.token_entropy`.)
-
-Metrics (states are sums and counts with `dist_reduce_fx="sum"`, so a DDP sync is exact):
-`TokenEntropy`, `SelfBLEU`, `DistinctN`, `PassAtK`, `KLToBase`. A metric that has counted nothing computes NaN.
+The torchmetrics `Metric`s that accumulate them are in `aesl_lightning.metrics`.
 
 Tokens: a sample is a sequence of hashable tokens (a list of ints or strings, a 1-D integer tensor or array)
 or a `str`, which is split with `tokenize_text` (regex `\\w+|[^\\w\\s]`: runs of word characters, and every
@@ -21,32 +17,16 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal, Union
 
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from aesl_lightning.kernels import masked_rows, row_chunk, token_entropy
+from aesl_lightning.kernels import masked_rows, row_chunk
 
-__all__ = [
-    "tokenize_text",
-    "sentence_bleu4",
-    "self_bleu",
-    "self_bleu_batch",
-    "distinct_n",
-    "distinct_n_batch",
-    "pass_at_k",
-    "kl_divergence",
-    "TokenEntropy",
-    "SelfBLEU",
-    "DistinctN",
-    "PassAtK",
-    "KLToBase",
-]
+__all__ = ["Sample", "tokenize_text", "self_bleu_batch", "distinct_n_batch", "pass_at_k", "kl_divergence"]
 
 Sample = Union[str, Sequence[Hashable], Tensor, np.ndarray]
 
@@ -64,70 +44,21 @@ def tokenize_text(text: str) -> list[str]:
     return _TEXT_TOKEN.findall(text)
 
 
-def _as_tokens(sample: Sample, where: str) -> list[Hashable]:
-    if isinstance(sample, str):
-        return tokenize_text(sample)
-    if isinstance(sample, (Tensor, np.ndarray)):
-        if sample.ndim != 1:
-            raise ValueError(f"{where}: expected a 1-D sequence of token ids, found shape {list(sample.shape)}")
-        return sample.tolist()
-    return list(sample)
-
-
-def _ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple]:
-    return list(zip(*(tokens[i:] for i in range(n))))
-
-
 # ----------------------------------------------------------------------------------------------------------
-# BLEU-4 and self-BLEU
+# self-BLEU
 # ----------------------------------------------------------------------------------------------------------
-
-
-def sentence_bleu4(hypothesis: Sample, references: Sequence[Sample]) -> float:
-    """Sentence BLEU-4 with uniform weights, smoothing method 1 and the brevity penalty (NLTK's definition).
-
-    With h the hypothesis (|h| tokens), R the references, and for n = 1..4
-        m_n = sum over n-grams g of h of min(count_h(g), max_{r in R} count_r(g))   (clipped matches)
-        d_n = max(1, |h| - n + 1)                                                    (hypothesis n-grams)
-        p_n = m_n / d_n if m_n > 0 else 0.1 / d_n                                    (method 1, epsilon 0.1)
-    BLEU = BP * exp(sum_n log(p_n) / 4), and BLEU = 0 when m_1 = 0 (which includes |h| = 0).
-    BP = 1 if |h| > r else exp(1 - r / |h|), with r the reference length closest to |h| (ties: the shorter).
-    A hypothesis shorter than n has no n-grams: m_n = 0, d_n = 1, p_n = 0.1.
-    Raises ValueError without references (NLTK raises too).
-    """
-    hyp = _as_tokens(hypothesis, "sentence_bleu4: hypothesis")
-    refs = [_as_tokens(ref, f"sentence_bleu4: references[{i}]") for i, ref in enumerate(references)]
-    if not refs:
-        raise ValueError("sentence_bleu4: expected at least one reference, found none")
-    if not hyp:
-        return 0.0
-    log_precision = 0.0
-    for n in range(1, BLEU_ORDER + 1):
-        hyp_counts = Counter(_ngrams(hyp, n))
-        max_ref_counts: Counter = Counter()
-        for ref in refs:
-            max_ref_counts |= Counter(_ngrams(ref, n))  # `|` keeps the larger count of each n-gram
-        matches = sum((hyp_counts & max_ref_counts).values())  # `&` keeps the smaller: clipping
-        if n == 1 and matches == 0:
-            return 0.0
-        log_precision += math.log((matches if matches > 0 else SMOOTHING_EPSILON) / max(1, len(hyp) - n + 1))
-    closest = min((len(ref) for ref in refs), key=lambda length: (abs(length - len(hyp)), length))
-    brevity = 1.0 if len(hyp) > closest else math.exp(1.0 - closest / len(hyp))
-    return brevity * math.exp(log_precision / BLEU_ORDER)
-
-
-def self_bleu(samples: Sequence[Sample]) -> float:
-    """Self-BLEU of the k samples of one prompt: (1/k) sum_i sentence_bleu4(s_i, [s_j for j != i]).
-
-    NaN when k < 2 (no references). See `self_bleu_batch` for the edge cases.
-    """
-    return self_bleu_batch([samples])[0]
 
 
 def self_bleu_batch(groups: Sequence[Sequence[Sample]]) -> list[float]:
-    """`self_bleu` of every group (the k samples of one prompt), vectorised over all groups at once.
+    """Self-BLEU of every group (the k samples of one prompt), vectorised over all groups at once.
 
-    Per group: SB = (1/k) sum_i BLEU4(s_i, {s_j : j != i}) with `sentence_bleu4`'s definition.
+    Per group: SB = (1/k) sum_i BLEU4(s_i, {s_j : j != i}), where BLEU4 of a hypothesis h (|h| tokens)
+    against references R is, for n = 1..4,
+        m_n = sum over n-grams g of h of min(count_h(g), max_{r in R} count_r(g))   (clipped matches)
+        d_n = max(1, |h| - n + 1)                                                    (hypothesis n-grams)
+        p_n = m_n / d_n if m_n > 0 else 0.1 / d_n                                    (method 1, epsilon 0.1)
+    BLEU4 = BP * exp(sum_n log(p_n) / 4), and 0 when m_1 = 0 (which includes |h| = 0);
+    BP = 1 if |h| > r else exp(1 - r / |h|), with r the reference length closest to |h| (ties: the shorter).
     Edge cases: k < 2 -> NaN (no references; metrics skip such groups); an empty sample scores 0 (and, as a
     reference, has length 0 and no n-grams); k identical non-empty samples -> 1.0; samples shorter than 4
     tokens get p_n = 0.1 for the orders they lack (NLTK method 1), so e.g. 3 identical tokens score 0.1^(1/4).
@@ -150,6 +81,7 @@ def self_bleu_batch(groups: Sequence[Sequence[Sample]]) -> list[float]:
     for g, value in zip(keep, means.tolist()):
         scores[g] = value
     return scores
+
 
 
 def _encode(groups: Sequence[Sequence[Sample]], caller: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -312,32 +244,30 @@ def _closest_other_length(lengths: np.ndarray, group_of: np.ndarray) -> np.ndarr
     return closest
 
 
+
 # ----------------------------------------------------------------------------------------------------------
 # distinct-n and pass@k
 # ----------------------------------------------------------------------------------------------------------
 
 
-def distinct_n(samples: Sequence[Sample], n: int) -> float:
-    """distinct-n of a set of samples: |unique n-grams| / |n-grams|, n-grams taken within each sample.
-
-    0.0 when the samples hold no n-gram (all shorter than n, or no samples).
-    """
-    return distinct_n_batch([samples], n)[0]
-
-
 def distinct_n_batch(groups: Sequence[Sequence[Sample]], n: int) -> list[float]:
-    """`distinct_n` of every group, vectorised: one `np.unique` over (group, n-gram key) pairs."""
+    """distinct-n of every group: |unique n-grams| / |n-grams|, n-grams taken within each sample of the group.
+
+    0.0 for a group without any n-gram (all samples shorter than n, or no samples). Vectorised: one
+    `np.unique` over (group, n-gram key) pairs.
+    """
     if n < 1:
-        raise ValueError(f"distinct_n: n must be >= 1, found {n}")
+        raise ValueError(f"distinct_n_batch: n must be >= 1, found {n}")
     if not groups:
         return []
-    tokens, lengths, group_of, vocab = _encode(groups, "distinct_n")
+    tokens, lengths, group_of, vocab = _encode(groups, "distinct_n_batch")
     *_, (_, sample, key, num_keys) = _ngram_keys(tokens, lengths, vocab, n)
     group = group_of[sample]
     key, num_keys = _rank(key, num_keys, len(groups))
     total = np.bincount(group, minlength=len(groups))
     distinct = np.bincount(np.unique(group * num_keys + key) // num_keys, minlength=len(groups))
     return (distinct / np.maximum(total, 1)).tolist()
+
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -401,156 +331,3 @@ def kl_divergence(
     if reduction == "mean":
         return kl.sum() / rows.numel() if rows.numel() else kl.new_tensor(math.nan)
     raise ValueError(f"kl_divergence: reduction must be 'mean', 'sum' or 'none', found {reduction!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# torchmetrics Metrics
-# ----------------------------------------------------------------------------------------------------------
-
-
-class _SumCountMetric(Metric):
-    """A mean kept as a float64 sum and a count, both summed across processes (an exact sync)."""
-
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-
-    def _add(self, total: Tensor | float, count: Tensor | int) -> None:
-        # out of place: states reset under `torch.inference_mode` (a `trainer.validate()` before `fit()`) are
-        # inference tensors, which may not be updated in place outside it
-        self.total = self.total + torch.as_tensor(total, dtype=torch.float64, device=self.total.device)
-        self.count = self.count + torch.as_tensor(count, dtype=torch.int64, device=self.count.device)
-
-    def compute(self) -> Tensor:
-        return self.total / self.count if self.count > 0 else torch.full_like(self.total, math.nan)
-
-
-class TokenEntropy(_SumCountMetric):
-    """Mean predictive entropy H_t = -sum_v p(v|ctx) log p(v|ctx), in nats, over all masked positions seen.
-
-    `update(logits [B, T, V], mask [B, T] | None)` (no shifting: mask marks the rows of `logits` to count),
-    or `update_from_values(entropy [B, T], mask)` with per-token entropies already computed (e.g. by the
-    chunked loss path). Positions are pooled over batches and processes (a token mean, not a batch mean).
-    """
-
-    higher_is_better = True
-
-    def __init__(self, chunk_size: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.chunk_size = chunk_size
-
-    def update(self, logits: Tensor | None = None, mask: Tensor | None = None, *, entropy: Tensor | None = None) -> None:
-        """Add masked positions from `logits` [B, T, V], or from per-token `entropy` [B, T] already computed."""
-        if (logits is None) == (entropy is None):
-            raise ValueError("TokenEntropy.update: pass exactly one of logits or entropy")
-        if logits is not None:
-            total = token_entropy(logits.detach(), mask, chunk_size=self.chunk_size, reduction="sum")
-            self._add(total, logits.shape[:-1].numel() if mask is None else mask.sum())
-            return
-        entropy = entropy.detach().to(torch.float64)
-        if mask is None:
-            self._add(entropy.sum(), entropy.numel())
-            return
-        if mask.shape != entropy.shape:
-            raise ValueError(f"TokenEntropy.update: mask must have the entropy's shape {list(entropy.shape)}, found {list(mask.shape)}")
-        self._add(torch.where(mask.bool(), entropy, 0.0).sum(), mask.bool().sum())
-
-    def update_from_values(self, entropy: Tensor, mask: Tensor | None = None) -> None:
-        """`update(entropy=..., mask=...)`: goes through torchmetrics' wrapped `update`, so the update count and
-        the cached `compute()` result stay right."""
-        self.update(entropy=entropy, mask=mask)
-
-
-class SelfBLEU(_SumCountMetric):
-    """Mean over prompts of per-prompt self-BLEU (`self_bleu_batch`); lower means more diverse.
-
-    `update(groups)`: one group per prompt, each the k sampled completions as token-id lists / 1-D tensors
-    (padding removed), token lists or strings (split by `tokenize_text`). Prompts with k < 2 have no
-    self-BLEU and are skipped (not counted).
-    """
-
-    higher_is_better = False
-
-    def update(self, groups: Sequence[Sequence[Sample]]) -> None:
-        scores = [s for s in self_bleu_batch(groups) if not math.isnan(s)]
-        self._add(math.fsum(scores), len(scores))
-
-
-class DistinctN(_SumCountMetric):
-    """Mean over prompt groups of `distinct_n(group, n)`: unique / total n-grams among a prompt's k samples.
-
-    Per-group (not global) so the value does not drift with the number of prompts seen, and it is a sum and
-    count, so it syncs exactly. A group without any n-gram counts as 0. `update(groups)` as for `SelfBLEU`.
-    """
-
-    higher_is_better = True
-
-    def __init__(self, n: int = 2, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if n < 1:
-            raise ValueError(f"DistinctN: n must be >= 1, found {n}")
-        self.n = n
-
-    def update(self, groups: Sequence[Sequence[Sample]]) -> None:
-        self._add(math.fsum(distinct_n_batch(groups, self.n)), len(groups))
-
-
-class PassAtK(Metric):
-    """pass@k (`pass_at_k`) averaged over problems, for each k in `ks`; compute() -> {"pass@k": value}.
-
-    `update(num_samples, num_correct)`: per problem, n samples drawn and c of them correct (sequences or 1-D
-    tensors of equal length). A problem with n < k has no pass@k estimate and is left out of that k's mean;
-    a k with no problem computes NaN.
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, ks: Sequence[int] = (1, 4, 8), **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not ks or any(int(k) < 1 for k in ks):
-            raise ValueError(f"PassAtK: ks must be a non-empty list of integers >= 1, found {list(ks)}")
-        self.ks = tuple(int(k) for k in ks)
-        self.add_state("total", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros(len(self.ks), dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, num_samples: Sequence[int] | Tensor, num_correct: Sequence[int] | Tensor) -> None:
-        ns = torch.as_tensor(num_samples).reshape(-1).tolist()
-        cs = torch.as_tensor(num_correct).reshape(-1).tolist()
-        if len(ns) != len(cs):
-            raise ValueError(f"PassAtK.update: num_samples and num_correct must have one entry per problem, found {len(ns)} and {len(cs)}")
-        totals, counts = [0.0] * len(self.ks), [0] * len(self.ks)
-        for n, c in zip(ns, cs):
-            for j, k in enumerate(self.ks):
-                if n >= k:
-                    totals[j] += pass_at_k(int(n), int(c), k)
-                    counts[j] += 1
-        self.total = self.total + torch.tensor(totals, dtype=torch.float64, device=self.total.device)  # out of place: see _add
-        self.count = self.count + torch.tensor(counts, dtype=torch.int64, device=self.count.device)
-
-    def compute(self) -> dict[str, Tensor]:
-        means = torch.where(self.count > 0, self.total / self.count.clamp(min=1), math.nan)
-        return {f"pass@{k}": means[j] for j, k in enumerate(self.ks)}
-
-
-class KLToBase(_SumCountMetric):
-    """Mean per-token KL(p_theta || p_base) over masked positions (`kl_divergence`), in nats.
-
-    `update(logits [B, T, V], base_logits [B, T, V], mask [B, T] | None)`: base_logits may be logits or
-    log-probabilities (e.g. cached from the frozen base model). No shifting; computed in row chunks.
-    """
-
-    higher_is_better = False
-
-    def __init__(self, chunk_size: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.chunk_size = chunk_size
-
-    def update(self, logits: Tensor, base_logits: Tensor, mask: Tensor | None = None) -> None:
-        total = kl_divergence(logits.detach(), base_logits.detach(), mask, chunk_size=self.chunk_size, reduction="sum")
-        self._add(total, logits.shape[:-1].numel() if mask is None else mask.bool().sum())
