@@ -113,7 +113,7 @@ class GenerationEval(torch.nn.Module):
         self.sampling, self.max_new_tokens, self.greedy, self.greedy_name = sampling, max_new_tokens, greedy, greedy_name
         self.greedy_accuracy = MeanMetric()
         self.greedy_length = MeanMetric()
-        self.samples = SampleMetrics(ks=(1, sampling.num_samples) if sampling else (1,))
+        self.samples = SampleMetrics(ks=tuple(sorted({1, sampling.num_samples})) if sampling else (1,))
 
     @torch.no_grad()
     def update(self, model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts: Sequence[str],

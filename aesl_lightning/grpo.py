@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torchmetrics import MeanMetric
 
+from aesl_lightning.evaluation import GenerationEval
 from aesl_lightning.fsdp import unsharded_for_generation, unwrap
 from aesl_lightning.generation import Generation, SamplingConfig, eos_ids, generate
 from aesl_lightning.grpo_loss import LossType, ScaleRewards, group_advantages, grpo_loss
@@ -129,6 +129,13 @@ class GRPOEvaluation:
             raise ValueError("evaluation.num_samples and num_text_samples must be >= 0 and max_new_tokens >= 1, got "
                              f"{self.num_samples}, {self.num_text_samples}, {self.max_new_tokens}")
 
+    @property
+    def sampling(self) -> SamplingConfig | None:
+        """How the n samples are drawn; None with num_samples 0."""
+        if self.num_samples == 0:
+            return None
+        return SamplingConfig(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
+
 
 torch.serialization.add_safe_globals([GRPOConfig, GRPOEvaluation, LoRAConfig, SamplingConfig])
 
@@ -210,8 +217,8 @@ class GRPOModule(CausalLMModule):
         if grpo.beta > 0 and not is_peft_model(self.model):
             self._reference = [self.load_frozen_start()]
         self.rollout_metrics = SampleMetrics(ks=(1, grpo.num_generations))
-        self.eval_metrics = SampleMetrics(ks=(1, evaluation.num_samples) if evaluation.num_samples > 0 else (1,))
-        self.greedy_accuracy = MeanMetric()
+        self.evaluator = GenerationEval(evaluation.sampling, evaluation.max_new_tokens, greedy=evaluation.greedy,
+                                        greedy_name="greedy_accuracy")
         self._eval_text: list[str] = []
         self._loaded_step = 0
 
@@ -360,44 +367,16 @@ class GRPOModule(CausalLMModule):
 
     @torch.no_grad()
     def evaluate_batch(self, batch: dict) -> None:
-        """Greedy accuracy and n samples per prompt (accuracy, pass@k, diversity) on one batch of prompts."""
-        from aesl_lightning.rewards import math_accuracy
-
-        cfg = self.evaluation
-        keep = batch["attention_mask"].any(dim=0)
-        ids, mask = batch["input_ids"][:, keep], batch["attention_mask"][:, keep]
-        prompts, answers = batch["prompt"], batch["answer"]
-        greedy = sampled = None
+        """Greedy accuracy and n samples per prompt (accuracy, pass@k, diversity) on one batch of prompts: the
+        shared `aesl_lightning.evaluation.GenerationEval`, with the weights gathered once under FSDP."""
         with unsharded_for_generation(self.model):
-            if cfg.greedy:
-                greedy = generate(self.model, self.tokenizer, ids, mask, SamplingConfig(1, 0.0, 1.0, cfg.max_new_tokens))
-            if cfg.num_samples > 0:
-                sampling = SamplingConfig(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-                sampled = generate(self.model, self.tokenizer, ids, mask, sampling, record_entropy=True)
-        if greedy is not None:
-            for score in math_accuracy(prompts, greedy.texts, answer=answers):
-                if score is not None:
-                    self.greedy_accuracy.update(score)
-        if sampled is not None:
-            k = cfg.num_samples
-            scores = math_accuracy([p for p in prompts for _ in range(k)], sampled.texts, answer=[a for a in answers for _ in range(k)])
-            self.eval_metrics.update(sampled, k, eos_ids(self.model, self.tokenizer), scores)
-        for i in range(min(len(prompts), cfg.num_text_samples - len(self._eval_text))):
-            block = f"**prompt**: {prompts[i]}\n\n**answer**: {answers[i]}"
-            if greedy is not None:
-                block += f"\n\n**greedy**: {greedy.texts[i]}"
-            if sampled is not None:
-                block += "".join(f"\n\n**sample {j + 1}**: {t}" for j, t in enumerate(sampled.texts[i * k : (i + 1) * k]))
-            self._eval_text.append(block)
+            result = self.evaluator.update(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
+                                           batch["prompt"], batch["answer"])
+        self._eval_text += result.text_blocks(self.evaluation.num_text_samples - len(self._eval_text))
 
     def _finish_evaluation(self, stage: str) -> dict[str, float]:
-        values = {}
-        if self.greedy_accuracy.update_called:
-            values[f"{stage}/greedy_accuracy"] = self.greedy_accuracy.compute()
-        if self.eval_metrics.gen_length.update_called:
-            values.update(self.eval_metrics.compute(prefix=f"{stage}/"))
-        self.greedy_accuracy.reset()
-        self.eval_metrics.reset()
+        values = self.evaluator.compute(prefix=f"{stage}/", device=self.device)  # every rank: a collective
+        self.evaluator.reset()
         if values:
             self.log_dict(values)  # torchmetrics already synced the sums over ranks
         self._add_text(f"{stage}/samples", "\n\n---\n\n".join(self._eval_text))
