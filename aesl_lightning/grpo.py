@@ -25,7 +25,7 @@ import torch.distributed as dist
 from aesl_lightning.evaluation import GenerationEval
 from aesl_lightning.fsdp import unsharded_for_generation, unwrap
 from aesl_lightning.generation import Generation, SamplingConfig, eos_ids, generate
-from aesl_lightning.grpo_loss import LossType, ScaleRewards, group_advantages, grpo_loss
+from aesl_lightning.grpo_loss import IMPORTANCE_SAMPLING, LossType, ScaleRewards, group_advantages, grpo_loss
 from aesl_lightning.lm import CausalLMModule, Scheduler
 from aesl_lightning.lora import LoRAConfig, adapters_disabled, is_peft_model
 from aesl_lightning.rollout import (PhaseTimer, Rollout, check_finite, completion_log_probs, disable_dropout, eval_mode,
@@ -53,6 +53,9 @@ class GRPOConfig:
         epsilon_high: Upper clip range (1 + epsilon_high; DAPO's clip-higher uses 0.28); None = epsilon.
         loss_type: Aggregation: grpo (sequence means, then mean), dapo (token mean), dr_grpo (sum / (N x max_new_tokens)).
         scale_rewards: Advantage scale: group std, batch std, or none (Dr. GRPO).
+        importance_sampling_level: The ratio pi_theta / pi_old: "token" (GRPO) or "sequence" (GSPO's
+            length-normalised sequence ratio; use its small clip ranges, e.g. epsilon 3e-4, epsilon_high 4e-4),
+            or any name added with `aesl_lightning.grpo_loss.register_importance_sampling`.
         num_iterations: Optimiser steps per batch of rollouts (mu); > 1 uses the generation-time log-probs.
         reward_funcs: Reward functions by import path (`package.module.function`), TRL's signature.
         reward_weights: One weight per reward function; None weighs each 1.0.
@@ -76,6 +79,7 @@ class GRPOConfig:
     epsilon_high: float | None = None
     loss_type: LossType = "grpo"
     scale_rewards: ScaleRewards = "group"
+    importance_sampling_level: str = "token"
     num_iterations: int = 1
     reward_funcs: list[str] = field(default_factory=lambda: list(BUILTIN_REWARDS))
     reward_weights: list[float] | None = None
@@ -97,6 +101,9 @@ class GRPOConfig:
             raise ValueError(f"grpo.reward_weights must be finite numbers, got {self.reward_weights}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"grpo.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING:
+            raise ValueError(f"grpo.importance_sampling_level must be one of {sorted(IMPORTANCE_SAMPLING)}, got "
+                             f"{self.importance_sampling_level!r}")
         self.sampling  # validates temperature, top_p, max_new_tokens
 
     @property
@@ -303,8 +310,10 @@ class GRPOModule(CausalLMModule):
                                                                 gen.completion_ids, gen.completion_mask,
                                                                 return_entropy=iteration == 0)
                     old = logp.detach() if rollout.old_logp is None else rollout.old_logp
-                    out = grpo_loss(logp, old, rollout.advantages, rollout.loss_mask, rollout.ref_logp, cfg.beta,
-                                    cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.max_new_tokens, num_tokens)
+                    out = grpo_loss(logp, old, rollout.advantages, rollout.loss_mask, rollout.ref_logp, beta=cfg.beta,
+                                    epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                                    max_completion_length=cfg.max_new_tokens, num_tokens=num_tokens,
+                                    importance_sampling_level=cfg.importance_sampling_level)
                     if iteration == 0:  # the policy's entropy at the sampled positions (sampling temperature)
                         gen.entropy = entropy_map.detach().masked_fill(~gen.completion_mask, 0.0)
                         entropy = gen.entropy.sum() / gen.completion_mask.sum().clamp(min=1)

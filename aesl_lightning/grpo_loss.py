@@ -5,14 +5,18 @@ the first EOS), log-probabilities logp = log pi_theta(o_{i,t} | q, o_{i,<t}) of 
 old_logp under the policy that sampled them (pi_old), ref_logp under the frozen reference.
 
     J = agg_{i,t} [ min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) - beta * KL3_{i,t} ],
-    rho_{i,t} = exp(logp - old_logp)
+    rho_{i,t} = exp(log importance weight),   token level (GRPO): logp - old_logp
 
-The loss is -J. Nothing here knows about Lightning, devices or ranks (Shao et al. 2024; DAPO, Yu et al. 2025;
-Dr. GRPO, Liu et al. 2025). Names follow TRL's GRPOConfig where one exists.
+The loss is -J. The importance weight is a registry (`IMPORTANCE_SAMPLING`, `grpo.importance_sampling_level`):
+a new RL objective's ratio is one function (logp, old_logp, mask) -> log weights, [N, L] or [N, 1], plus its
+name; GSPO's sequence-level ratio is the second entry. Nothing here knows about Lightning, devices or ranks
+(Shao et al. 2024; DAPO, Yu et al. 2025; Dr. GRPO, Liu et al. 2025; GSPO, Zheng et al. 2025). Names follow
+TRL's GRPOConfig where one exists.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -21,6 +25,38 @@ from torch import Tensor
 
 ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "dapo", "dr_grpo"]
+LogImportanceWeight = Callable[[Tensor, Tensor, Tensor], Tensor]
+IMPORTANCE_SAMPLING: dict[str, LogImportanceWeight] = {}
+
+
+def register_importance_sampling(name: str) -> Callable[[LogImportanceWeight], LogImportanceWeight]:
+    """Register `f(logp, old_logp, mask) -> log importance weights` ([N, L], or [N, 1] for one weight per
+    sequence) under `name`, the value of `grpo.importance_sampling_level` that selects it."""
+
+    def add(func: LogImportanceWeight) -> LogImportanceWeight:
+        if name in IMPORTANCE_SAMPLING:
+            raise ValueError(f"importance sampling level {name!r} is already registered")
+        IMPORTANCE_SAMPLING[name] = func
+        return func
+
+    return add
+
+
+@register_importance_sampling("token")
+def token_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """GRPO / PPO: one ratio per token, log rho_{i,t} = logp_{i,t} - old_logp_{i,t}."""
+    return logp - old_logp
+
+
+@register_importance_sampling("sequence")
+def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """GSPO (Zheng et al. 2025): one length-normalised ratio per sequence, [N, 1],
+
+        log s_i = (1 / |o_i|) sum_t m_{i,t} (logp_{i,t} - old_logp_{i,t}),
+
+    applied to every token of completion i (clipped as a whole: GSPO's ranges are ~1e-3, e.g. 3e-4 / 4e-4)."""
+    m = mask.to(logp.dtype)
+    return ((logp - old_logp) * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale: ScaleRewards = "group", eps: float = 1e-4,
@@ -62,25 +98,27 @@ class Surrogate(NamedTuple):
 
 
 def clipped_surrogate(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None = None, eps_low: float = 0.2, eps_high: float = 0.2
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None = None, eps_low: float = 0.2,
+    eps_high: float = 0.2, importance_sampling_level: str = "token",
 ) -> Surrogate:
     """PPO's clipped surrogate per token: loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A).
 
-    rho = exp(logp - old_logp); `advantages` [N] apply to every token of their row. The min selects the
-    clipped term (zero gradient) exactly when rho > 1 + eps_high with A > 0 or rho < 1 - eps_low with A < 0
-    (DAPO's clip-higher uses eps_high > eps_low). Masked positions (mask False) get loss 0 and no clip flag.
+    rho = exp(log importance weight) from `IMPORTANCE_SAMPLING[importance_sampling_level]` (token: exp(logp -
+    old_logp); sequence: GSPO's s_i on every token of row i); `advantages` [N] apply to every token of their row.
+    The min selects the clipped term (zero gradient) exactly when rho > 1 + eps_high with A > 0 or rho < 1 -
+    eps_low with A < 0 (DAPO's clip-higher uses eps_high > eps_low). Masked positions (mask False) get loss 0
+    and no clip flag.
     """
+    if importance_sampling_level not in IMPORTANCE_SAMPLING:
+        raise ValueError(f"importance_sampling_level must be one of {sorted(IMPORTANCE_SAMPLING)}, got {importance_sampling_level!r}")
+    mask = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
     adv = advantages.unsqueeze(1).to(logp.dtype)
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(IMPORTANCE_SAMPLING[importance_sampling_level](logp, old_logp, mask)).expand_as(logp)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
-    loss = -torch.minimum(unclipped, clipped)
-    low = (ratio < 1.0 - eps_low) & (adv < 0)
-    high = (ratio > 1.0 + eps_high) & (adv > 0)
-    if mask is not None:
-        mask = mask.bool()
-        loss = loss * mask
-        low, high = low & mask, high & mask
+    loss = -torch.minimum(unclipped, clipped) * mask
+    low = (ratio < 1.0 - eps_low) & (adv < 0) & mask
+    high = (ratio > 1.0 + eps_high) & (adv > 0) & mask
     return Surrogate(loss, low, high, ratio)
 
 
@@ -120,21 +158,6 @@ def aggregate(
     raise ValueError(f"loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
 
 
-def token_log_probs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_rows: int = 8) -> Tensor:
-    """log softmax(logits / temperature)[token] at every position: [N, L, V], [N, L] -> [N, L] (float32).
-
-    Dividing by the sampling temperature makes these the log-probs of the distribution the tokens were
-    sampled from. Computed `chunk_rows` rows at a time, so only a slice of the float32 log-softmax exists.
-    """
-    scale = 1.0 / temperature if temperature > 0 else 1.0
-    out = []
-    for logit_rows, id_rows in zip(logits.split(chunk_rows), token_ids.split(chunk_rows)):
-        scaled = logit_rows.float() * scale
-        picked = scaled.gather(-1, id_rows.unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(scaled, dim=-1))
-    return torch.cat(out) if out else logits.new_zeros(token_ids.shape, dtype=torch.float32)
-
-
 @dataclass
 class GRPOLossOutput:
     """The loss to minimise and what to log about it (fractions are over the masked tokens)."""
@@ -154,15 +177,18 @@ def grpo_loss(
     advantages: Tensor,
     mask: Tensor,
     ref_logp: Tensor | None = None,
+    *,
     beta: float = 0.0,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
     loss_type: LossType = "grpo",
     max_completion_length: int | None = None,
     num_tokens: float | Tensor | None = None,
+    importance_sampling_level: str = "token",
 ) -> GRPOLossOutput:
     """loss = aggregate(clipped_surrogate + beta * kl_k3), with eps_low = `epsilon`, eps_high = `epsilon_high`
-    (None: `epsilon`). `ref_logp` is required when beta > 0 and ignored when beta == 0.
+    (None: `epsilon`) and the importance weight of `importance_sampling_level` ("token": GRPO, "sequence":
+    GSPO). `ref_logp` is required when beta > 0 and ignored when beta == 0; the KL stays per token.
 
     With one inner iteration (mu = 1) pass old_logp = logp.detach(): the ratio is 1 but the gradient
     A * grad logp flows; with mu > 1 pass the log-probs recorded at generation time.
@@ -170,7 +196,7 @@ def grpo_loss(
     if beta > 0 and ref_logp is None:
         raise ValueError("grpo_loss: beta > 0 needs ref_logp (log-probs under the reference model)")
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    surrogate = clipped_surrogate(logp, old_logp, advantages, mask, epsilon, eps_high)
+    surrogate = clipped_surrogate(logp, old_logp, advantages, mask, epsilon, eps_high, importance_sampling_level)
     mask_f = mask.to(logp.dtype)
     count = mask_f.sum().clamp(min=1.0)
     per_token = surrogate.loss

@@ -11,8 +11,10 @@ from aesl_lightning.grpo_loss import (
     group_advantages,
     grpo_loss,
     kl_k3,
-    token_log_probs,
+    register_importance_sampling,
 )
+import aesl_lightning.grpo_loss as grpo_loss_module
+from aesl_lightning.grpo import GRPOConfig
 
 
 def _std(values):
@@ -126,15 +128,6 @@ def test_aggregation_normalisers():
         aggregate(per_token, mask, "bnpo")
 
 
-def test_token_log_probs_match_log_softmax_with_temperature():
-    torch.manual_seed(0)
-    logits = torch.randn(5, 3, 11)
-    ids = torch.randint(0, 11, (5, 3))
-    got = token_log_probs(logits, ids, temperature=0.7, chunk_rows=2)
-    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    assert torch.allclose(got, expected, atol=1e-6)
-
-
 def test_grpo_loss_with_one_iteration_is_the_policy_gradient():
     # mu = 1: old = logp.detach(), ratio 1, grad of the grpo aggregate is -A_i / |o_i| per token
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]], requires_grad=True)
@@ -181,3 +174,70 @@ def test_batch_scale_with_the_global_std_matches_the_whole_batch():
     halves = [group_advantages(part, 2, "batch", batch_std=rewards.std()) for part in rewards.split(6)]
     torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)
     assert not torch.allclose(group_advantages(rewards[:6], 2, "batch"), whole[:6])  # the local std differs
+
+
+# ------------------------------------------------------------------------------------------ GSPO (sequence level)
+def _gspo_reference(logp, old, adv, mask, eps_low, eps_high):
+    """GSPO's objective, written out per sequence: -(1/N) sum_i min(s_i A_i, clip(s_i) A_i),
+    s_i = exp(mean over the completion's tokens of logp - old)."""
+    terms = []
+    for i in range(logp.shape[0]):
+        n = int(mask[i].sum())
+        log_s = sum(logp[i, t] - old[i, t] for t in range(logp.shape[1]) if mask[i, t]) / max(n, 1)
+        s = torch.exp(log_s)
+        terms.append(-torch.minimum(s * adv[i], torch.clamp(s, 1 - eps_low, 1 + eps_high) * adv[i]))
+    return torch.stack(terms).mean()
+
+
+def test_gspo_sequence_ratio_matches_a_per_sequence_reference_in_value_and_gradient():
+    torch.manual_seed(4)
+    old = torch.randn(4, 5).double() - 2
+    moved = old + torch.tensor([[1e-4, 2e-4, 0.0, 5.0, 5.0],  # mean 1e-4: inside GSPO's tiny clip range
+                                [0.01, 0.02, 0.0, 0.01, 0.01],  # ratio > 1 + 4e-4 with A > 0: clipped
+                                [-0.01, -0.01, 0.0, 0.0, 0.0],  # ratio < 1 - 3e-4 with A < 0: clipped
+                                [3e-4, -1e-4, 2e-4, 0.0, -9.0]]).double()  # inside; padding never counts
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, 1.0, -1.0, -0.5]).double()
+    logp = moved.clone().requires_grad_(True)
+    out = grpo_loss(logp, old, adv, mask, epsilon=3e-4, epsilon_high=4e-4, importance_sampling_level="sequence")
+    ref_logp = moved.clone().requires_grad_(True)
+    expected = _gspo_reference(ref_logp, old, adv, mask, 3e-4, 4e-4)
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    expected.backward()
+    torch.testing.assert_close(logp.grad, ref_logp.grad)
+    # sequences 1 (ratio > 1 + eps_high, A > 0) and 2 (ratio < 1 - eps_low, A < 0) are clipped as a whole
+    assert logp.grad[1].abs().sum() == 0 and logp.grad[2].abs().sum() == 0
+    assert logp.grad[0, :3].abs().min() > 0 and logp.grad[0, 3:].abs().sum() == 0  # padding: no gradient
+    assert out.clip_high.item() == pytest.approx(5 / 14) and out.clip_low.item() == pytest.approx(2 / 14)
+
+
+def test_gspo_ratio_is_exactly_one_at_the_first_iteration_and_equals_grpo_there():
+    torch.manual_seed(0)
+    logp = (torch.randn(3, 6) - 1).requires_grad_(True)
+    mask = torch.rand(3, 6) > 0.3
+    adv = torch.tensor([0.7, -1.2, 0.4])
+    sequence = grpo_loss(logp, logp.detach(), adv, mask, importance_sampling_level="sequence")
+    assert sequence.ratio_mean.item() == 1.0 and sequence.clip_total.item() == 0
+    (grad_seq,) = torch.autograd.grad(sequence.loss, logp)
+    (grad_tok,) = torch.autograd.grad(grpo_loss(logp, logp.detach(), adv, mask).loss, logp)
+    torch.testing.assert_close(grad_seq, grad_tok)  # with loss_type grpo, d s_i = s_i * mean_t d logp: same gradient
+
+
+def test_importance_sampling_is_a_registry_and_unknown_levels_are_refused(monkeypatch):
+    monkeypatch.setattr(grpo_loss_module, "IMPORTANCE_SAMPLING", dict(grpo_loss_module.IMPORTANCE_SAMPLING))
+
+    @register_importance_sampling("test_half_token")
+    def half(logp, old_logp, mask):
+        return 0.5 * (logp - old_logp)
+
+    logp, old = torch.tensor([[math.log(4.0)]]), torch.zeros(1, 1)
+    out = grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool), epsilon=10.0,
+                    importance_sampling_level="test_half_token")
+    assert out.ratio_mean.item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="already registered"):
+        register_importance_sampling("sequence")(half)
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool), importance_sampling_level="seq")
+    with pytest.raises(ValueError, match="grpo.importance_sampling_level"):
+        GRPOConfig(importance_sampling_level="seq")
