@@ -215,7 +215,7 @@ class LossOutput:
 
         `completion_tokens` (count), `token_prob_mean`, `loss_weight_mean` (share of the CE signal left),
         `learned_share` (share of tokens with weight > 0.5: the tokens being learned), `gated_off_fraction`
-        (weight < 0.5), `<gate>_mean` for each gate, `kl_to_base` for base-anchored losses, `token_entropy` and
+        (weight < 0.5), `<gate>_mean` for each gate, `anchor_kl` (mean KL(p0 || p_theta) in the loss) for base-anchored losses, `token_entropy` and
         `token_accuracy` when the entropy was computed. With no completion token every mean is 0.
         """
         mask = self.mask
@@ -234,7 +234,7 @@ class LossOutput:
         }
         stats.update({f"{name}_mean": mean(values) for name, values in self.gates.items()})
         if self.kl_to_base is not None:
-            stats["kl_to_base"] = mean(self.kl_to_base)
+            stats["anchor_kl"] = mean(self.kl_to_base)  # not `kl_to_base`: validation logs that metric itself
         if self.entropy is not None:
             stats["token_entropy"] = mean(self.entropy)
         if self.token_correct is not None:

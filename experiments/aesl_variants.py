@@ -26,7 +26,7 @@ OUT = ROOT / "experiments" / "results" / "aesl-variants"
 LOSSES = ["ce", "dft", "gem", "aesl_v1", "aesl", "aesl_anchor", "aesl_novelty", "aesl_entropy_floor", "aesl_drift"]
 VAL_KEYS = ["val/answer_accuracy", "val/gen_entropy", "val/self_bleu", "val/distinct_2", "val/kl_to_base", "val/loss",
             "val/greedy_length", "val/pass@1", "val/pass@4"]
-TRAIN_KEYS = ["train/learned_share", "train/loss_weight_mean", "train/update_norm", "train/kl_to_base", "train/learned_share_step0"]
+TRAIN_KEYS = ["train/learned_share", "train/loss_weight_mean", "train/update_norm", "train/anchor_kl", "train/learned_share_step0"]
 
 
 def overrides(loss: str) -> list[str]:
@@ -83,7 +83,7 @@ def summary(result: dict) -> dict:
             "self_bleu": last("val/self_bleu"), "distinct_2": last("val/distinct_2"), "kl_to_base": last("val/kl_to_base"),
             "val_loss": last("val/loss"), "learned_share_step0": first("train/learned_share_step0") or first("train/learned_share"),
             "learned_share_mean": mean("train/learned_share"), "learned_share_last": last("train/learned_share"),
-            "update_norm_mean": mean("train/update_norm"), "train_kl_to_base_last": last("train/kl_to_base"), "seconds": result["seconds"]}
+            "update_norm_mean": mean("train/update_norm"), "train_anchor_kl_last": last("train/anchor_kl"), "seconds": result["seconds"]}
 
 
 def write_report(results: list[dict], started: float, missing: list[str] = ()) -> None:
@@ -110,7 +110,7 @@ def write_report(results: list[dict], started: float, missing: list[str] = ()) -
     for r in rows:
         lines.append(f"| {r['loss']} | {fmt(r['answer_accuracy'])} | {fmt(r['gen_entropy'])} | {fmt(r['self_bleu'])} | {fmt(r['distinct_2'])} | "
                      f"{fmt(r['kl_to_base'])} | {fmt(r['val_loss'])} | {fmt(r['learned_share_step0'], True)} | {fmt(r['learned_share_mean'], True)} | "
-                     f"{fmt(r['learned_share_last'], True)} | {fmt(r['update_norm_mean'])} | {fmt(r['train_kl_to_base_last'])} | {r['seconds'] / 60:.1f} |")
+                     f"{fmt(r['learned_share_last'], True)} | {fmt(r['update_norm_mean'])} | {fmt(r['train_anchor_kl_last'])} | {r['seconds'] / 60:.1f} |")
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}. `python experiments/aesl_variants.py` runs them (finished runs are kept)."]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")

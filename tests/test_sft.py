@@ -88,6 +88,18 @@ def test_validation_generation_logs_accuracy_diversity_and_kl(tmp_path):
     assert "val/loss" in metrics and "val/token_entropy" in metrics
 
 
+@pytest.mark.parametrize("loss", ["aesl_anchor", "aesl_drift"])
+def test_base_anchored_losses_fit_and_validate_with_kl_to_base(tmp_path, loss):
+    """An anchored loss logs its own `anchor_kl` beside validation's `val/kl_to_base` metric (one name each)."""
+    module = SFTModule("tiny-llama", lr=1e-3, loss=LossConfig(name=loss),
+                       val_generation=ValidationGeneration(num_prompts=0, kl_to_base=True))
+    trainer = _trainer(tmp_path, max_steps=2, val_check_interval=2)
+    trainer.fit(module, _data())
+    metrics = trainer.callback_metrics
+    assert 0.0 < metrics["val/kl_to_base"].item() < 0.5
+    assert metrics["val/anchor_kl"].item() >= 0.0 and metrics["train/anchor_kl"].item() >= 0.0
+
+
 def test_validate_before_fit_with_inference_mode(tmp_path):
     """`trainer.validate()` (the step-0 row of a curve) then `fit()` on the same module, inference mode on (default):
     the metric states reset under inference mode must not break fit's validation, and each run logs its own values."""
