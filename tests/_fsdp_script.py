@@ -54,7 +54,7 @@ class SeededGRPO(GRPOModule):
             prompt = ids[mask.bool()].unsqueeze(0)
             digest = hashlib.sha256(f"{prompt.tolist()}-{self.global_step}".encode()).digest()
             torch.manual_seed(int.from_bytes(digest[:4], "little"))
-            parts.append(generate(self.model, self.tokenizer, prompt, torch.ones_like(prompt), sampling, record_entropy=True))
+            parts.append(generate(self.model, self.tokenizer, prompt, torch.ones_like(prompt), sampling))
         width = max(p.completion_ids.shape[1] for p in parts)
         pad = self.tokenizer.pad_token_id
 
@@ -69,8 +69,14 @@ class SeededGRPO(GRPOModule):
             completion_mask=torch.cat([right_pad(p.completion_mask, False) for p in parts]),
             truncated=torch.cat([p.truncated for p in parts]),
             texts=[t for p in parts for t in p.texts],
-            entropy=torch.cat([right_pad(p.entropy, 0.0) for p in parts]),
         )
+
+    def make_rollout(self, batch, timer=None):
+        rollout = super().make_rollout(batch, timer)
+        g = self.grpo.num_generations  # advantages per prompt, to compare across batch splits
+        self.advantages = getattr(self, "advantages", [])
+        self.advantages.append({p: rollout.advantages[i * g : (i + 1) * g].tolist() for i, p in enumerate(batch["prompt"])})
+        return rollout
 
 
 class RecordLosses(L.Callback):
@@ -102,7 +108,7 @@ def build(args):
     module = SeededGRPO(
         "tiny-llama",
         grpo=GRPOConfig(num_generations=4, max_new_tokens=6, beta=0.04, num_iterations=args.num_iterations,
-                        loss_type=args.loss_type, reward_funcs=["__main__.high_chars"], log_completions_every_n_steps=0),
+                        loss_type=args.loss_type, scale_rewards=args.scale_rewards, reward_funcs=["__main__.high_chars"], log_completions_every_n_steps=0),
         evaluation=GRPOEvaluation(num_samples=0, greedy=False),
         lora=LoRAConfig(r=4, alpha=8.0, dropout=0.0) if args.lora else None,  # no dropout: same on every rank
         lr=1e-2 if args.lora else 1e-3, scheduler="constant", warmup_steps=0,
@@ -131,6 +137,7 @@ def main():
     parser.add_argument("--resume-steps", type=int, default=0)
     parser.add_argument("--num-iterations", type=int, default=1)
     parser.add_argument("--loss-type", default="grpo")
+    parser.add_argument("--scale-rewards", default="group")
     parser.add_argument("--out", required=True)
     parser.add_argument("--ddp", action="store_true", help="DDP instead of FSDP2 with 2 devices")
     parser.add_argument("--fsdp1", action="store_true", help="FSDP1 (Lightning's FSDPStrategy) instead of FSDP2")
@@ -162,7 +169,7 @@ def main():
     if rank == 0 or args.ddp:  # DDP: every rank's replica, to check they stayed in sync
         name = f"params_rank{rank}.pt" if args.ddp and rank else "params.pt"
         torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, out / name)
-    info = {"losses": record.losses, "kl": record.kl, "global_step": fit.global_step, "world_size": fit.world_size,
+    info = {"losses": record.losses, "kl": record.kl, "advantages": getattr(module, "advantages", []), "global_step": fit.global_step, "world_size": fit.world_size,
             "pid": os.getpid(), "sharded": fsdp.is_sharded(module.model), "model_class": type(module.model).__name__,
             "lightning_module_wrapped": fit.strategy.model is not module,
             "param_groups": [len(g["params"]) for g in fit.optimizers[0].param_groups]}  # weight decay: >= 2-D or not

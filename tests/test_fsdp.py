@@ -114,6 +114,27 @@ def test_grpo_fsdp_two_processes_match_one_process_with_resume_and_export(tmp_pa
 
 
 @pytest.mark.distributed
+def test_batch_scaled_advantages_on_two_processes_equal_one_process(tmp_path):
+    """scale_rewards: batch divides by the std of the whole global batch (gathered over ranks, as TRL does), so
+    each prompt's advantages, the losses and the weights on 2 DDP ranks equal one process's."""
+    options = ["--scale-rewards", "batch", "--steps", 2]
+    _run("--devices", 1, *options, "--out", tmp_path / "single")
+    _run("--devices", 2, *options, "--ddp", "--out", tmp_path / "ddp")
+    info = lambda folder, r: json.loads((folder / f"losses_rank{r}.json").read_text())  # noqa: E731
+    (expected,) = [info(tmp_path / "single", 0)["advantages"]]
+    ranks = [info(tmp_path / "ddp", r)["advantages"] for r in range(2)]
+    for step, want in enumerate(expected):
+        got = {**ranks[0][step], **ranks[1][step]}
+        assert set(got) == set(want) and len(want) == 4
+        for prompt in want:
+            assert got[prompt] == pytest.approx(want[prompt], abs=1e-6), (step, prompt)
+    # (checked to fail with a rank-local std: every advantage of every prompt differs)
+    per_rank = _losses(tmp_path / "ddp", 2)
+    assert [(a + b) / 2 for a, b in zip(*per_rank)] == pytest.approx(_losses(tmp_path / "single", 1)[0], abs=2e-6)
+    _assert_weights_close(torch.load(tmp_path / "ddp" / "params.pt"), torch.load(tmp_path / "single" / "params.pt"))
+
+
+@pytest.mark.distributed
 def test_dapo_with_two_inner_iterations_matches_one_process_under_fsdp_and_ddp(tmp_path):
     """mu = 2 (old log-probs from generation time) and dapo's global token normaliser: 2 ranks == 1 process."""
     options = ["--num-iterations", 2, "--loss-type", "dapo", "--steps", 4]
