@@ -110,6 +110,35 @@ def shard_model(model: nn.Module, mesh, **fsdp_kwargs) -> nn.Module:
     return model
 
 
+def materialize(model: nn.Module, state: dict[str, torch.Tensor] | None, device: torch.device | str = "cpu") -> nn.Module:
+    """Give a model built on the meta device (`aesl_lightning.models.empty_causal_lm`) real weights, in place.
+
+    Sharded with FSDP2: each rank allocates only its own shards and receives them from rank 0, which alone
+    passes the full `state` (`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`; every other
+    rank passes None and never holds the full model). Unsharded: `state` is copied in (ties restored first).
+    Buffers computed at construction (rotary frequencies) keep their values.
+    """
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    if is_sharded(model):
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if dist.get_rank() == 0 and state is None:
+            raise ValueError("materialize: rank 0 must pass the full state dict to broadcast")
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, state if dist.get_rank() == 0 else {}, options=options)
+        return model
+    from aesl_lightning.lora import is_peft_model
+
+    (model.get_base_model() if is_peft_model(model) else model).tie_weights()  # to_empty unties shared weights
+    model.load_state_dict(state)
+    return model
+
+
 def wrap_fsdp1(model: nn.Module, auto_wrap_policy=None) -> nn.Module:
     """`model` as the root of FSDP1 units, with the settings of the enclosing `enable_wrap` context (Lightning's
     `FSDPStrategy.model_sharded_context`, entered around `configure_model`): `auto_wrap_policy`, else the

@@ -175,6 +175,8 @@ class GRPOModule(CausalLMModule):
         trust_remote_code: Allow model code shipped with a hub checkpoint to run. Off unless you trust it.
         lora: LoRA adapter settings; None trains all parameters. With LoRA the reference is the
             adapter-disabled model (no second copy of the weights).
+        sharded_load: Build the model on the meta device and load the weights after sharding: under FSDP2
+            rank 0 alone reads them and sends each rank its shards (see `CausalLMModule`).
         grpo: Rollouts, rewards and the GRPO objective.
         evaluation: Greedy and sampled evaluation on the validation / test prompts.
         lr: Peak learning rate of AdamW.
@@ -194,6 +196,7 @@ class GRPOModule(CausalLMModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
+        sharded_load: bool = False,
         grpo: GRPOConfig = GRPOConfig(),
         evaluation: GRPOEvaluation = GRPOEvaluation(),
         lr: float = 1e-6,
@@ -204,7 +207,8 @@ class GRPOModule(CausalLMModule):
         min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__(name_or_path=name_or_path, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation,
-                         gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code, lora=lora, lr=lr,
+                         gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code, lora=lora,
+                         sharded_load=sharded_load, lr=lr,
                          weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=min_lr_ratio)
         self.save_hyperparameters()
         self.automatic_optimization = False

@@ -55,6 +55,11 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: Recompute activations in backward to save memory.
         trust_remote_code: Allow model code shipped with a hub checkpoint to run. Off unless you trust it.
         lora: LoRA adapter settings; None trains all parameters.
+        sharded_load: Build the model on the meta device in `__init__` and load its weights in `configure_model`,
+            after sharding: under FSDP2 (`ModelParallelStrategy`) rank 0 reads the checkpoint and sends each rank
+            its shards, so no other rank ever holds the full model. Elsewhere (one device, DDP, FSDP1) the
+            weights are loaded whole when the model is configured. Frozen reference / base copies are not
+            affected. The model has no weights before `configure_model` (fit, validate, test) has run.
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay, applied to matrices only (not to norms and biases).
         betas: AdamW betas.
@@ -72,6 +77,7 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
+        sharded_load: bool = False,
         lr: float = 2e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -80,7 +86,7 @@ class CausalLMModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__()
-        from aesl_lightning.models import load_causal_lm, load_tokenizer
+        from aesl_lightning.models import load_tokenizer
 
         if lr <= 0:
             raise ValueError(f"model.lr must be positive, got {lr}")
@@ -89,16 +95,33 @@ class CausalLMModule(L.LightningModule):
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         self.tokenizer = load_tokenizer(name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-        model = load_causal_lm(
-            name_or_path,
-            gguf_file=gguf_file,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            gradient_checkpointing=gradient_checkpointing,
-            trust_remote_code=trust_remote_code,
-        )
+        self._model_args = dict(name_or_path=name_or_path, gguf_file=gguf_file, dtype=dtype,
+                                attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
+                                trust_remote_code=trust_remote_code)
+        self._lora, self._weights_pending = lora, sharded_load
+        self.model = self._build_model(empty=sharded_load)
+
+    def _build_model(self, empty: bool = False) -> torch.nn.Module:
+        """The starting model (with fresh LoRA adapters), in train mode; on the meta device if `empty`."""
+        from aesl_lightning.models import empty_causal_lm, load_causal_lm
+
+        model = (empty_causal_lm if empty else load_causal_lm)(**self._model_args)
         model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
-        self.model = apply_lora(model, lora) if lora is not None else model
+        return apply_lora(model, self._lora) if self._lora is not None else model
+
+    def _load_pending_weights(self) -> None:
+        """`sharded_load`: the starting weights into the (possibly FSDP2-sharded) meta model; rank 0 alone reads
+        them when sharded. Runs once, in `configure_model`."""
+        from aesl_lightning.fsdp import is_sharded, materialize
+
+        if not self._weights_pending:
+            return
+        self._weights_pending = False
+        state = None
+        if not is_sharded(self.model) or self.global_rank == 0:
+            state = self._build_model().state_dict()
+        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        materialize(self.model, state, device)
 
     def load_frozen_start(self) -> torch.nn.Module:
         """A fresh, frozen (eval, no grad) copy of the starting model, loaded from the hyper-parameters, never
@@ -124,7 +147,9 @@ class CausalLMModule(L.LightningModule):
 
         if self.device_mesh is not None:
             shard_model(self.model, self.device_mesh["data_parallel"])
+            self._load_pending_weights()  # sharded_load: rank 0 reads, each rank receives its shards
             return
+        self._load_pending_weights()  # sharded_load elsewhere: the whole weights on every rank
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, FSDPStrategy) and not is_sharded(self.model):
             if not strategy.kwargs.get("use_orig_params", True):

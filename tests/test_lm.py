@@ -61,3 +61,32 @@ def test_forward_returns_vocab_logits():
     module = SFTModule("tiny-qwen2")
     ids = torch.randint(0, len(module.tokenizer), (2, 7))
     assert module(ids).shape == (2, 7, module.model.config.vocab_size)
+
+
+def test_sharded_load_on_one_device_equals_the_ordinary_load(tmp_path):
+    """sharded_load builds the model on the meta device (no weights in __init__); configure_model loads them, and
+    the first training steps are those of an ordinary module, tied embeddings still tied."""
+    import lightning as L
+
+    from aesl_lightning.data import SFTDataModule
+    from aesl_lightning.data.synthetic import ArithmeticConfig
+    from aesl_lightning.sft import SFTModule, ValidationGeneration
+
+    def fit(sharded_load):
+        L.seed_everything(0)
+        module = SFTModule("tiny-llama", lr=1e-2, sharded_load=sharded_load,
+                           val_generation=ValidationGeneration(num_prompts=0, kl_to_base=False))
+        if sharded_load:
+            assert {p.device.type for p in module.model.parameters()} == {"meta"}
+        data = SFTDataModule(train="synthetic", synthetic=ArithmeticConfig(num_examples=12, seed=1, max_steps=1),
+                             val_size=4, batch_size=4, max_length=400)
+        L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                  default_root_dir=tmp_path).fit(module, data)
+        return module.model
+
+    ordinary, meta = fit(False), fit(True)
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight
+    for (name, a), (_, b) in zip(ordinary.state_dict().items(), meta.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert not torch.equal(ordinary.model.embed_tokens.weight, SFTModule("tiny-llama").model.model.embed_tokens.weight)
