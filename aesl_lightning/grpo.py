@@ -12,7 +12,6 @@ the Trainer's `gradient_clip_val`; `trainer.max_steps` counts optimiser steps.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -29,8 +28,8 @@ from aesl_lightning.grpo_loss import IMPORTANCE_SAMPLING, LossType, ScaleRewards
 from aesl_lightning.lm import CausalLMModule, Scheduler
 from aesl_lightning.lora import LoRAConfig, adapters_disabled, is_peft_model
 from aesl_lightning.rollout import (PhaseTimer, Rollout, check_finite, completion_log_probs, disable_dropout, eval_mode,
-                                    global_std, reward_metrics, sampling_weights, score_completions,
-                                    warn_missing_groups)
+                                    global_std, load_reward_funcs, reward_metrics, sampling_weights,
+                                    score_completions, warn_missing_groups)
 from aesl_lightning.sample_metrics import SampleMetrics
 
 log = logging.getLogger("aesl_lightning")
@@ -145,21 +144,6 @@ class GRPOEvaluation:
 
 
 torch.serialization.add_safe_globals([GRPOConfig, GRPOEvaluation, LoRAConfig, SamplingConfig])
-
-
-def load_reward_funcs(paths: list[str]) -> list:
-    """Import each `package.module.function` (or `package.module:function`) of `grpo.reward_funcs`."""
-    funcs = []
-    for i, path in enumerate(paths):
-        module_name, _, name = path.replace(":", ".").rpartition(".")
-        try:
-            func = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ValueError(f"grpo.reward_funcs[{i}]: cannot import {path!r} (expected package.module.function): {err}") from err
-        if not callable(func):
-            raise ValueError(f"grpo.reward_funcs[{i}]: {path!r} is a {type(func).__name__}, not a function")
-        funcs.append(func)
-    return funcs
 
 
 class GRPOModule(CausalLMModule):

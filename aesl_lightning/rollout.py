@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import numbers
@@ -112,6 +113,21 @@ def completion_log_probs(
 
 
 # --------------------------------------------------------------------------------------------------- rewards
+def load_reward_funcs(paths: list[str]) -> list:
+    """Import each `package.module.function` (or `package.module:function`) of `grpo.reward_funcs`."""
+    funcs = []
+    for i, path in enumerate(paths):
+        module_name, _, name = path.replace(":", ".").rpartition(".")
+        try:
+            func = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ValueError(f"grpo.reward_funcs[{i}]: cannot import {path!r} (expected package.module.function): {err}") from err
+        if not callable(func):
+            raise ValueError(f"grpo.reward_funcs[{i}]: {path!r} is a {type(func).__name__}, not a function")
+        funcs.append(func)
+    return funcs
+
+
 def score_completions(funcs: Sequence, names: Sequence[str], prompts: list, completions: list[str],
                       completion_ids: list[list[int]], columns: dict) -> torch.Tensor:
     """Rewards [N, num funcs] (float32) of N completions; TRL's contract for each `f(prompts, completions, **kw)`:
