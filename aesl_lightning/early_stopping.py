@@ -2,16 +2,14 @@
 
 It feeds the rule the monitored validation metrics, saves the peak checkpoint as the peak moves, stops training
 when the rule fires (or, with `stop=False`, only selects), exports the peak in Hugging Face format and writes
-`turning_point.json`. The rule's equations are in `aesl_lightning.turning_point`.
+`turning_point.json`. The rule's equations are in `aesl_lightning.turning_point`; how the peak's files are written,
+read and followed after resuming in `aesl_lightning.peak_checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +17,12 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from aesl_lightning.fsdp import is_sharded
+from aesl_lightning.peak_checkpoint import (
+    HF_MODEL_DIR, PEAK_CHECKPOINT, TURNING_POINT_FILE, copy_peak, export_weights, find_peak, save_peak, write_json,
+)
 from aesl_lightning.turning_point import Smoothing, TurningPointConfig, TurningPointRule, Update, default_weight, smooth  # noqa: F401
 
 log = logging.getLogger("aesl_lightning")
-
-TURNING_POINT_FILE = "turning_point.json"
-PEAK_CHECKPOINT = "peak.ckpt"
-HF_MODEL_DIR = "hf_model"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,18 +245,7 @@ class DiversityEarlyStopping(Callback):
                 experiment.add_text("diversity/turning_point", note, global_step=fired["log_step"])
 
     def _save_peak(self, trainer: L.Trainer) -> None:
-        final = self.out_dir / PEAK_CHECKPOINT
-        tmp = self.out_dir / f".{PEAK_CHECKPOINT}.tmp"
-        if trainer.is_global_zero:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        trainer.strategy.barrier("DiversityEarlyStopping.save_peak")
-        trainer.save_checkpoint(tmp, weights_only=self.save_weights_only)  # collective; rank 0 writes
-        if trainer.is_global_zero:
-            if final.is_dir():  # a sharded (distributed) checkpoint is a folder, which os.replace cannot overwrite
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        trainer.strategy.barrier("DiversityEarlyStopping.save_peak")
-        self.peak_checkpoint = str(final.resolve())
+        self.peak_checkpoint = str(save_peak(trainer, self.out_dir, weights_only=self.save_weights_only))
         model = getattr(trainer.lightning_module, "model", None)
         if self.export_hf and model is not None and is_sharded(model) and hasattr(trainer.lightning_module, "export_hf"):
             # A sharded checkpoint cannot be exported by rank 0 alone later: export the peak now, from the live
@@ -300,14 +286,7 @@ class DiversityEarlyStopping(Callback):
         from aesl_lightning.lm import load_checkpoint
 
         peak_state = load_checkpoint(path)["state_dict"]  # weights_only=True: a crafted file cannot run code
-        # The module may keep training (stop=False) or be exported again by another callback: load the
-        # peak into it only for the export and put the current weights back.
-        current = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-        try:
-            pl_module.load_state_dict(peak_state)
-            return pl_module.export_hf(self.out_dir / HF_MODEL_DIR)
-        finally:
-            pl_module.load_state_dict(current)
+        return export_weights(pl_module, peak_state, self.out_dir / HF_MODEL_DIR)
 
     def summary(self) -> dict[str, Any]:
         """The content of turning_point.json."""
@@ -326,21 +305,11 @@ class DiversityEarlyStopping(Callback):
         }
 
     def _relative_to_out(self, path: str | Path | None) -> str | None:
-        if path is None:
-            return None
-        try:
-            return Path(path).resolve().relative_to(self.out_dir.resolve()).as_posix()
-        except ValueError:
-            return str(path)
+        return _relative(path, self.out_dir)
 
     def _portable(self, path: str | None) -> str | None:
         """`path` relative to the run folder if it lies inside it (the default layout), else as is."""
-        if path is None or self._run_dir is None:
-            return path
-        try:
-            return Path(path).resolve().relative_to(self._run_dir.resolve()).as_posix()
-        except ValueError:
-            return str(path)
+        return _relative(path, self._run_dir)
 
     def _adopt_peak(self, trainer: L.Trainer) -> None:
         """After resuming: make `<dirpath>/peak.ckpt` this run's own copy of the recorded peak.
@@ -348,66 +317,30 @@ class DiversityEarlyStopping(Callback):
         The peak is this run's existing `peak.ckpt` if it holds the recorded peak step, else the file the
         resumed checkpoint recorded, followed only if it lies inside the resumed checkpoint's folder or the one
         above it (the run folder of `<run>/checkpoints/last.ckpt`) and holds the peak's global step when read
-        with `torch.load(weights_only=True)`. Anything else is refused with a warning: the peak is then known
-        (history, turning point) but has no checkpoint until a new peak is saved.
+        with `torch.load(weights_only=True)` (`peak_checkpoint.find_peak`). Anything else is refused with a
+        warning: the peak is then known (history, turning point) but has no checkpoint until a new peak is saved.
         """
         want = self.rule.peak["step"]
         own = self.out_dir / PEAK_CHECKPOINT
         adopted = None
         if trainer.is_global_zero:
-            adopted = self._find_peak(own, want)
+            adopted = find_peak(want, own=own, recorded=self._restored_peaks, resumed_from=self._resumed_from)
             if adopted is not None and adopted != own:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                tmp = self.out_dir / f".{PEAK_CHECKPOINT}.tmp"
-                shutil.copyfile(adopted, tmp)
-                os.replace(tmp, own)
+                copy_peak(adopted, own)
                 log.info("DiversityEarlyStopping: copied the peak checkpoint (step %s) of the resumed run from %s to %s",
                          want, adopted, own)
             adopted = str(own.resolve()) if adopted is not None else None
         self.peak_checkpoint = trainer.strategy.broadcast(adopted)
 
-    def _find_peak(self, own: Path, want: int) -> Path | None:
-        if self._holds_step(own, want):
-            return own
-        if not self._restored_peaks or self._resumed_from is None:
-            log.warning("DiversityEarlyStopping: the resumed run's peak (step %s) has no checkpoint here; it is "
-                        "exported only if a new peak is found", want)
-            return None
-        ckpt = Path(self._resumed_from).resolve()
-        roots = [ckpt.parent, ckpt.parent.parent]
-        from aesl_lightning.callbacks import is_inside
-        from aesl_lightning.export import clean_stale_exports
-
-        for recorded in self._restored_peaks:
-            relative = not Path(recorded).is_absolute()
-            for root in roots:
-                candidate = root / recorded if relative else Path(recorded)
-                if is_inside(candidate, root) and candidate.is_file() and self._holds_step(candidate, want):
-                    clean_stale_exports(candidate.parent / HF_MODEL_DIR)  # a killed export of that run's peak
-                    return candidate
-        log.warning(
-            "DiversityEarlyStopping: the resumed checkpoint records the peak (step %s) at %s; not used: no file "
-            "holding that step inside %s or %s (a checkpoint is never followed outside its own run folder). The "
-            "peak is exported only if a new peak is found", want, " and ".join(map(repr, self._restored_peaks)),
-            roots[0], roots[1]
-        )
-        return None
-
-    @staticmethod
-    def _holds_step(path: Path, want: int) -> bool:
-        if not path.is_file():
-            return False
-        from aesl_lightning.lm import UnsafeCheckpointError, load_checkpoint
-
-        try:
-            return load_checkpoint(path).get("global_step") == want
-        except UnsafeCheckpointError as err:
-            log.warning("DiversityEarlyStopping: %s", err)
-            return False
-
     def _write_json(self, trainer: L.Trainer) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        final = self.out_dir / TURNING_POINT_FILE
-        tmp = final.with_name(f".{final.name}.tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
-        os.replace(tmp, final)
+        write_json(self.out_dir / TURNING_POINT_FILE, self.summary())
+
+
+def _relative(path: str | Path | None, root: Path | None) -> str | None:
+    """`path` relative to `root` as a POSIX string if it lies inside it, else as is."""
+    if path is None or root is None:
+        return None if path is None else str(path)
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)

@@ -1,8 +1,8 @@
 """AESL gates and the built-in SFT losses' per-token coefficients, as pure functions of detached statistics.
 
 Each `*_terms(view, config) -> LossTerms` function gives the coefficients a_t, b_t, c_t of
-L = sum_t m_t [a_t (-log p_t) + b_t X_t + c_t H_t] / N (see `aesl_lightning.losses`, which registers them by name
-and computes the loss). Nothing here computes a softmax or knows about models.
+L = sum_t m_t [a_t (-log p_t) + b_t X_t + c_t H_t] / N; `aesl_lightning.loss_registry` registers them by name and
+`aesl_lightning.losses` computes the loss. Nothing here computes a softmax or knows about models.
 """
 
 from __future__ import annotations

@@ -12,33 +12,22 @@ where the per-token coefficients a, b, c are computed from detached statistics b
 registry (`LOSSES`, `register_loss`) and N is the number of completion tokens (of the optimiser step over all
 ranks, when the caller passes it). A gated token lowers the signal instead of being renormalised back up.
 
-Built in (equations in each function's docstring and in the README):
-- `ce`: a = 1.  `dft` (Wu et al. 2025): a = sg(p_t).
-- `gem` (Li et al., ICLR 2025, GEM with linear h): a = 1, b = -1, r = softmax(z / beta): the gradient is
-  softmax(z / beta) - onehot(y), which keeps mass off the target when the model is already sharp.
-- `aesl`: the default Adaptive Early-Stop Loss: a token gate on p_t times a subsequence gate on the confidence
-  of the preceding `window` completion tokens, and a token that is not learned (p_t < `protect_below`) always
-  keeps its full CE weight.
-- `aesl_v1`: the first reading (whole-prefix confidence, no protection), kept so old runs reproduce.
-- base-anchored AESL (r = p0, so X_t - H(p0)_t = KL(p0 || p_theta) at t): `aesl_anchor` (gated tokens pulled to
-  the base), `aesl_novelty` (token gate on p0), `aesl_entropy_floor` (stop once H_t < H0_t - delta),
-  `aesl_drift` (relax once the prefix drifted from p0 by more than epsilon).
+The built-in losses and `register_loss` are in `aesl_lightning.loss_registry`; the anchor distributions in
+`aesl_lightning.anchors`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from aesl_lightning.gates import (
-    LossTerms, TokenView, aesl_anchor_terms, aesl_drift_terms, aesl_entropy_floor_terms, aesl_novelty_terms, aesl_terms,
-    aesl_v1_terms, ce_terms, dft_terms, gem_terms, prefix_confidence, prefix_mean, smooth_gate,
-)
+from aesl_lightning.anchors import BaseStates, loss_anchor
+from aesl_lightning.gates import LossTerms, TokenView, prefix_confidence, prefix_mean, smooth_gate
 from aesl_lightning.kernels import IGNORE_INDEX, TokenStats, linear_token_stats, masked_rows, row_chunk, token_entropy, token_stats
+from aesl_lightning.loss_registry import LOSSES, LossSpec, register_loss
 
 __all__ = [
     "IGNORE_INDEX", "LOSSES", "BaseStates", "LossConfig", "LossOutput", "LossSpec", "LossTerms", "TokenView",
@@ -47,6 +36,8 @@ __all__ = [
 ]
 
 
+# LossConfig stays here: checkpoints pickle it as aesl_lightning.losses.LossConfig, the name that
+# torch.load(weights_only=True) allows it under.
 @dataclass
 class LossConfig:
     """Which SFT loss to train with, and its knobs (each loss reads the ones it names).
@@ -120,54 +111,9 @@ class LossConfig:
         return LOSSES[self.name]
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """A registered loss: its coefficient function, its anchor distribution and whether it needs H_t."""
-
-    fn: Callable[[TokenView, LossConfig], LossTerms]
-    anchor: Literal["base", "self"] | None = None
-    needs_entropy: bool = False
-
-
-LOSSES: dict[str, LossSpec] = {}
-
-
-def register_loss(name: str, fn: Callable[[TokenView, LossConfig], LossTerms], *, anchor: Literal["base", "self"] | None = None,
-                  needs_entropy: bool = False) -> None:
-    """Make `LossConfig(name=name)` train with `fn(view, config) -> LossTerms`.
-
-    anchor="base" gives the view the base model's statistics and makes X_t the soft cross-entropy against p0;
-    anchor="self" makes X_t the soft cross-entropy against softmax(logits / config.gem_beta).
-    """
-    LOSSES[name] = LossSpec(fn, anchor, needs_entropy)
-
-
-register_loss("ce", ce_terms)
-register_loss("dft", dft_terms)
-register_loss("gem", gem_terms, anchor="self")
-register_loss("aesl", aesl_terms)
-register_loss("aesl_v1", aesl_v1_terms)
-register_loss("aesl_anchor", aesl_anchor_terms, anchor="base")
-register_loss("aesl_novelty", aesl_novelty_terms, anchor="base")
-register_loss("aesl_entropy_floor", aesl_entropy_floor_terms, anchor="base", needs_entropy=True)
-register_loss("aesl_drift", aesl_drift_terms, anchor="base")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Assembly: kernel statistics -> coefficients -> scalar loss
 # ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BaseStates:
-    """The frozen base model's final hidden states [B, T, H] (no gradient) and LM head, for anchor="base" losses.
-
-    The base's logits are recomputed chunk by chunk from these, so no [tokens x vocab] copy of them exists.
-    """
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None = None
 
 
 @dataclass
@@ -266,7 +212,7 @@ def sft_loss(
     _check_inputs(logits, labels, "logits")
     batch, length, vocab = logits.shape
     targets = _shift_labels(labels)
-    anchor = _anchor(config, base, None, (batch, length), vocab)
+    anchor = loss_anchor(config, base, rows=None, grid=(batch, length), vocab=vocab)
     stats = token_stats(logits, targets, with_entropy=return_entropy or config.spec.needs_entropy, anchor=anchor)
     return _assemble(stats, None, labels, config, num_tokens, return_entropy)
 
@@ -300,7 +246,7 @@ def chunked_sft_loss(
         raise ValueError(f"chunked_sft_loss: chunk_size must be >= 1, found {chunk_size}")
     targets = _shift_labels(labels).reshape(-1)
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    anchor = _anchor(config, base, rows, (batch, length), vocab)
+    anchor = loss_anchor(config, base, rows=rows, grid=(batch, length), vocab=vocab)
     stats = linear_token_stats(hidden.reshape(batch * length, width).index_select(0, rows), lm_head_weight, lm_head_bias,
                                targets.index_select(0, rows), with_entropy=return_entropy or config.spec.needs_entropy,
                                anchor=anchor, chunk_size=chunk_size or config.chunk_size)
@@ -359,33 +305,6 @@ def learned_share(config: LossConfig, views: list[TokenView]) -> tuple[float, in
         learned += int(((weight > 0.5) & view.mask.bool()).sum())
         total += int(view.mask.sum())
     return learned / max(total, 1), total
-
-
-def _anchor(config: LossConfig, base: BaseStates | None, rows: Tensor | None, grid: tuple[int, int], vocab: int):
-    """The kernel's anchor callable for the loss's anchor distribution (see `kernels.Anchor`)."""
-    kind = config.spec.anchor
-    if kind == "self":
-        beta = config.gem_beta
-        return lambda _rows, z: torch.log_softmax(z / beta, dim=-1)
-    if kind != "base":
-        return None
-    if base is None:
-        raise ValueError(f"loss {config.name!r} is anchored to the base model: pass base=BaseStates(hidden, lm_head_weight)")
-    if base.hidden.shape[:2] != grid or base.weight.shape[0] != vocab:
-        raise ValueError(f"base states must be hidden [{grid[0]}, {grid[1]}, H] with a [{vocab}, H] head, found "
-                         f"{list(base.hidden.shape)} and {list(base.weight.shape)}")
-    flat = base.hidden.detach().reshape(grid[0] * grid[1], -1)
-    if rows is not None:
-        flat = flat.index_select(0, rows)
-    weight = base.weight.detach()
-    bias = None if base.bias is None else base.bias.detach()
-
-    def base_log_probs(chunk_rows: Tensor, z: Tensor) -> Tensor:
-        h = flat.index_select(0, chunk_rows)
-        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-        return torch.log_softmax(logits.to(z.dtype), dim=-1)
-
-    return base_log_probs
 
 
 def _assemble(stats: TokenStats, rows: Tensor | None, labels: Tensor, config: LossConfig, num_tokens, return_entropy: bool) -> LossOutput:

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
         to_prompt_example,
         to_sft_example,
     )
-    from aesl_lightning.data.synthetic import ArithmeticConfig, disjoint_splits, generate_arithmetic, read_jsonl, write_jsonl
+    from aesl_lightning.data.jsonl import read_jsonl, write_jsonl
+    from aesl_lightning.data.synthetic import ArithmeticConfig, disjoint_splits, generate_arithmetic
 
 _MODULES = {
     "datamodule": ("PromptDataModule", "SFTDataModule"),
@@ -69,7 +70,8 @@ _MODULES = {
         "to_prompt_example",
         "to_sft_example",
     ),
-    "synthetic": ("ArithmeticConfig", "disjoint_splits", "generate_arithmetic", "read_jsonl", "write_jsonl"),
+    "jsonl": ("read_jsonl", "write_jsonl"),
+    "synthetic": ("ArithmeticConfig", "disjoint_splits", "generate_arithmetic"),
 }
 _OWNER = {name: module for module, names in _MODULES.items() for name in names}
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from aesl_lightning.data.synthetic import write_jsonl
+from aesl_lightning.data.jsonl import write_jsonl
 
 SPLITS: tuple[str, ...] = ("coldstart", "val", "rl", "test", "test_hard")
 SFT_SPLITS: tuple[str, ...] = ("coldstart", "val")
