@@ -158,15 +158,6 @@ def aesl_anchor_terms(view: TokenView, config: LossConfig) -> LossTerms:
     return terms
 
 
-def aesl_novelty_terms(view: TokenView, config: LossConfig) -> LossTerms:
-    """Novelty: the token gate reads the base's probability, w_t from 1[p0(y_t) < tau_tok]: what the base already
-    produces is not new and is not learned; the subsequence gate and the protection are AESL's."""
-    confidence = prefix_confidence(view.logprob, view.mask, config.window)
-    seq_gate = _relax(smooth_gate(confidence, config.tau_seq, config), config)
-    base_prob = view.base_logprob.exp() * view.mask
-    return _aesl_gates(view, config, base_prob, seq_gate, {"prefix_confidence": confidence, "base_prob": base_prob})
-
-
 def aesl_entropy_floor_terms(view: TokenView, config: LossConfig) -> LossTerms:
     """Entropy floor: a position stops being learned (weight rho) once H_t < H0_t - delta; times AESL's token gate,
     with the protection."""

@@ -11,7 +11,7 @@ of the registry is the function that gives the coefficients a, b, c from detache
   keeps its full CE weight.
 - `aesl_v1`: the first reading (whole-prefix confidence, no protection), kept so old runs reproduce.
 - base-anchored AESL (r = p0, so X_t - H(p0)_t = KL(p0 || p_theta) at t): `aesl_anchor` (gated tokens pulled to
-  the base), `aesl_novelty` (token gate on p0), `aesl_entropy_floor` (stop once H_t < H0_t - delta),
+  the base), `aesl_entropy_floor` (stop once H_t < H0_t - delta),
   `aesl_drift` (relax once the prefix drifted from p0 by more than epsilon).
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from aesl_lightning.gates import (
-    LossTerms, TokenView, aesl_anchor_terms, aesl_drift_terms, aesl_entropy_floor_terms, aesl_novelty_terms, aesl_terms,
+    LossTerms, TokenView, aesl_anchor_terms, aesl_drift_terms, aesl_entropy_floor_terms, aesl_terms,
     aesl_v1_terms, ce_terms, dft_terms, gem_terms,
 )
 
@@ -60,6 +60,5 @@ register_loss("gem", gem_terms, anchor="self")
 register_loss("aesl", aesl_terms)
 register_loss("aesl_v1", aesl_v1_terms)
 register_loss("aesl_anchor", aesl_anchor_terms, anchor="base")
-register_loss("aesl_novelty", aesl_novelty_terms, anchor="base")
 register_loss("aesl_entropy_floor", aesl_entropy_floor_terms, anchor="base", needs_entropy=True)
 register_loss("aesl_drift", aesl_drift_terms, anchor="base")

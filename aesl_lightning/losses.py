@@ -44,8 +44,8 @@ class LossConfig:
 
     Args:
         name: Loss in the registry: ce, dft, gem, aesl (default AESL), aesl_v1 (first reading), aesl_anchor,
-            aesl_novelty, aesl_entropy_floor, aesl_drift, or a name added with `register_loss`.
-        tau_tok: AESL token gate: a token with p_t >= tau_tok (p0(y_t) for aesl_novelty) stops being learned.
+            aesl_entropy_floor, aesl_drift, or a name added with `register_loss`.
+        tau_tok: AESL token gate: a token with p_t >= tau_tok stops being learned.
             With a hard gate, tau_tok >= 1 disables it.
         tau_seq: AESL subsequence gate: once the confidence of the preceding completion tokens (geometric mean
             of their p) reaches tau_seq, the token gets weight rho. With a hard gate, tau_seq >= 1 disables it.
@@ -277,13 +277,13 @@ def resolve_quantiles(config: LossConfig, views: list[TokenView]) -> LossConfig:
     """`config` with tau_tok / tau_seq set from the quantiles it asks for, over the starting model's statistics.
 
     `views` hold the starting model's detached statistics on the training set (one per batch). tau_tok becomes the
-    `tau_tok_quantile` quantile of p_t over completion tokens (of p0(y_t) for aesl_novelty); tau_seq that of the
+    `tau_tok_quantile` quantile of p_t over completion tokens; tau_seq that of the
     subsequence confidence P^W_t over the tokens that have a prefix. The quantile fields are cleared in the result.
     """
     updates: dict = {"tau_tok_quantile": None, "tau_seq_quantile": None}
     window = 0 if config.name == "aesl_v1" else config.window
     if config.tau_tok_quantile is not None:
-        source = [(v.base_logprob if config.name == "aesl_novelty" else v.logprob)[v.mask.bool()] for v in views]
+        source = [v.logprob[v.mask.bool()] for v in views]
         updates["tau_tok"] = float(torch.quantile(torch.cat(source).double().exp(), config.tau_tok_quantile))
     if config.tau_seq_quantile is not None:
         values = []

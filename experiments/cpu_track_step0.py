@@ -25,7 +25,7 @@ data.attach_tokenizer(module.tokenizer)
 data.setup("fit")
 views = measure(module, data.train_dataloader(), with_base=True)
 out = {}
-for name, tau in [("aesl_v1", 0.7), ("aesl_v1", 0.9), ("aesl_v1", 0.97), ("aesl", 0.9), ("aesl", 0.97), ("aesl_anchor", 0.9), ("aesl_novelty", 0.9), ("aesl_entropy_floor", 0.9), ("aesl_drift", 0.9), ("dft", 0.9)]:
+for name, tau in [("aesl_v1", 0.7), ("aesl_v1", 0.9), ("aesl_v1", 0.97), ("aesl", 0.9), ("aesl", 0.97), ("aesl_anchor", 0.9), ("aesl_entropy_floor", 0.9), ("aesl_drift", 0.9), ("dft", 0.9)]:
     share, total = learned_share(LossConfig(name=name, tau_tok=tau, tau_seq=tau), views)
     print(name, tau, f"{share:.4f}", round(share*total), total)
     out[f"{name}@{tau}"] = {"learned_share": share, "learned": round(share * total), "completion_tokens": total}

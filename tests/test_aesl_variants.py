@@ -11,7 +11,7 @@ from aesl_lightning.gates import prefix_mean
 from aesl_lightning.losses import LOSSES, BaseStates, LossConfig, aesl, ce, chunked_sft_loss, learned_share, resolve_quantiles, sft_loss
 
 IGNORE = -100
-VARIANTS = ["aesl", "aesl_anchor", "aesl_novelty", "aesl_entropy_floor", "aesl_drift"]
+VARIANTS = ["aesl", "aesl_anchor", "aesl_entropy_floor", "aesl_drift"]
 
 
 def reference_loss(logits, labels, config: LossConfig, base_logits=None):
@@ -37,9 +37,8 @@ def reference_loss(logits, labels, config: LossConfig, base_logits=None):
                 base_all = torch.log_softmax(base_logits[b, t], -1) if base_logits is not None else None
                 lp0 = float(base_all[y]) if base_all is not None else 0.0
                 conf = math.exp(sum(x for x, _ in window) / len(window)) if window else 0.0
-                token_prob = math.exp(lp0) if config.name == "aesl_novelty" else p
-                w_tok = hard(token_prob, config.tau_tok)
-                if config.name in ("aesl", "aesl_anchor", "aesl_novelty"):
+                w_tok = hard(p, config.tau_tok)
+                if config.name in ("aesl", "aesl_anchor"):
                     w_seq = 1.0 if config.tau_seq >= 1 or conf < config.tau_seq else config.rho
                 elif config.name == "aesl_entropy_floor":
                     h = float(-(logp_all.exp() * logp_all).sum().detach())
