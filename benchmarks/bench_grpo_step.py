@@ -42,6 +42,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATAS
 import lightning as L
 import torch
 
+from _timing import HFStepTimer  # benchmarks/ is on sys.path when run as a script
 from aesl_lightning import PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig, generate_arithmetic
 from aesl_lightning.generation import eos_ids
@@ -199,19 +200,10 @@ def our_steps(module: TimedGRPO, data: PromptDataModule, steps: int) -> list[dic
 def trl_steps(mode: str, steps: int, seed: int, out_dir: str) -> list[float]:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._start)
 
     # TRL hands conversational completions to reward functions as message lists
     def accuracy(prompts, completions, answer, **_):
@@ -237,7 +229,7 @@ def trl_steps(mode: str, steps: int, seed: int, out_dir: str) -> list[float]:
     if mode == "lora":
         peft_config = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
                                  target_modules=LORA.target_modules, task_type="CAUSAL_LM")
-    timer = Timer()
+    timer = HFStepTimer()
     trainer = GRPOTrainer(model=model_dir, reward_funcs=[accuracy, fmt], args=args, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer],
                           peft_config=peft_config)

@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L
 import torch
 
-from _timing import StepTimer  # benchmarks/ is on sys.path when run as a script
+from _timing import HFStepTimer, StepTimer  # benchmarks/ is on sys.path when run as a script
 from aesl_lightning import PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig, generate_arithmetic
 from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
@@ -69,19 +69,10 @@ def ours_steps(steps: int, seed: int) -> list[float]:
 # ------------------------------------------------------------------------------------------------------ TRL
 def trl_steps(steps: int, seed: int, model_dir: str, out_dir: str) -> list[float]:
     from datasets import Dataset
-    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    class _TRLTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._start)
 
     records = generate_arithmetic(DATA)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in records])
@@ -121,7 +112,7 @@ def trl_steps(steps: int, seed: int, model_dir: str, out_dir: str) -> list[float
         disable_tqdm=True,
         model_init_kwargs={"dtype": torch.float32},
     )
-    timer = _TRLTimer()
+    timer = HFStepTimer()
     trainer = GRPOTrainer(model=model_dir, reward_funcs=boxed_format, args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # no end-of-training metrics dict on stdout

@@ -140,22 +140,15 @@ def ours_side(opts, tmp: str) -> dict:
 def trl_side(opts, tmp: str) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
+
+    from _timing import HFStepTimer  # benchmarks/ is on sys.path when run as a script
 
     from aesl_lightning.data.encode import encode_sft_examples
     from aesl_lightning.data.formats import SFTExample
     from aesl_lightning.models import smollm2_cache_dir
 
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._start)
 
     start = time.perf_counter()
     model_dir = str(smollm2_cache_dir())
@@ -182,7 +175,7 @@ def trl_side(opts, tmp: str) -> dict:
         logging_strategy="no", save_strategy="no", eval_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
         model_init_kwargs={"dtype": torch.float32},
     )
-    timer = Timer()
+    timer = HFStepTimer()
     trainer = SFTTrainer(model=model_dir, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # no end-of-training metrics dict on stdout
