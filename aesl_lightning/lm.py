@@ -128,9 +128,7 @@ class CausalLMModule(L.LightningModule):
         from the current weights: the reference for KL terms, also right after a resume."""
         from aesl_lightning.models import load_causal_lm
 
-        hp = self.hparams
-        model = load_causal_lm(hp.name_or_path, gguf_file=hp.gguf_file, dtype=hp.dtype,
-                               attn_implementation=hp.attn_implementation, trust_remote_code=hp.trust_remote_code)
+        model = load_causal_lm(**{**self._model_args, "gradient_checkpointing": False})
         return model.eval().requires_grad_(False)
 
     def configure_model(self) -> None:
