@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -95,6 +95,30 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
     return ids
 
 
+def shared_prompt_cache(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        repeats: int) -> DynamicCache | None:
+    """The KV cache of every prompt's first P - 1 tokens, computed once per prompt and repeated `repeats` times
+    (row i * repeats + j holds prompt i), so that `generate` with the prompts repeated the same way only runs
+    their last token before decoding. Sampling k completions per prompt then pays the prompt's prefill once
+    instead of k times; position ids follow the attention mask exactly as `generate` numbers them.
+
+    None (no sharing) for a single sample, a one-token prompt, or a model whose cache is not a plain
+    attention cache (recurrent / linear-attention layers, custom caches)."""
+    if repeats < 2 or input_ids.shape[1] < 2:
+        return None
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports is None or not supports() or getattr(model.config, "is_encoder_decoder", False):
+        return None
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    if any(getattr(cache, "is_linear", None) or ()):
+        return None
+    head, mask = input_ids[:, :-1], attention_mask[:, :-1]
+    position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    model(input_ids=head, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -103,8 +127,12 @@ def generate(
     attention_mask: torch.Tensor,
     sampling: SamplingConfig,
     record_entropy: bool = False,
+    share_prefill: bool = True,
 ) -> Generation:
-    """Sample `sampling.num_samples` completions for each left-padded prompt in one batched call."""
+    """Sample `sampling.num_samples` completions for each left-padded prompt in one batched call.
+
+    With several samples per prompt the prompts' prefill runs once per prompt (`shared_prompt_cache`) rather
+    than once per sample; `share_prefill=False` leaves it all to `generate`'s own expansion."""
     if input_ids.shape[1] > 0 and attention_mask[:, -1].min() == 0:
         raise ValueError("prompts must be left-padded for batched generation (a row ends in padding)")
     eos = eos_ids(model, tokenizer)
@@ -114,19 +142,23 @@ def generate(
     was_training = model.training
     model.eval()
     try:
+        repeat = sampling.num_samples
+        cache = shared_prompt_cache(model, input_ids, attention_mask, repeat) if share_prefill else None
+        extra = {} if cache is None else {"cache": cache}
         sequences = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            input_ids=input_ids if cache is None else input_ids.repeat_interleave(repeat, dim=0),
+            attention_mask=attention_mask if cache is None else attention_mask.repeat_interleave(repeat, dim=0),
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
             top_k=None,
-            num_return_sequences=sampling.num_samples,
+            num_return_sequences=1 if cache is not None else repeat,
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=eos,
             pad_token_id=pad_id,
             use_cache=True,
             logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
+            **extra,
         )
     finally:
         model.train(was_training)
@@ -142,7 +174,6 @@ def generate(
     texts = tokenizer.batch_decode(
         [row[m].tolist() for row, m in zip(completion_ids, mask)], skip_special_tokens=True
     )
-    repeat = sampling.num_samples
     return Generation(
         prompt_ids=input_ids.repeat_interleave(repeat, dim=0),
         prompt_mask=attention_mask.repeat_interleave(repeat, dim=0),

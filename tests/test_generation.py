@@ -75,3 +75,37 @@ def test_sampling_config_validation():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="greedy"):
         SamplingConfig(num_samples=4, temperature=0)
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
+def test_shared_prompt_prefill_equals_generates_own_expansion(arch):
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(arch), load_tokenizer(arch)
+    input_ids, mask = _left_padded(tokenizer, ["abc", "hello there, how are you", "x"])
+    sampling = SamplingConfig(num_samples=3, temperature=1.0, max_new_tokens=8)
+    runs = {}
+    for share in (False, True):
+        torch.manual_seed(11)
+        runs[share] = generate(model, tokenizer, input_ids, mask, sampling, record_entropy=True, share_prefill=share)
+    assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
+    assert torch.equal(runs[True].completion_mask, runs[False].completion_mask)
+    torch.testing.assert_close(runs[True].entropy, runs[False].entropy, rtol=1e-5, atol=1e-5)
+    assert torch.equal(runs[True].prompt_ids, input_ids.repeat_interleave(3, dim=0))
+
+
+def test_shared_prompt_cache_holds_each_prompts_keys_once_per_sample(lm):
+    from aesl_lightning.generation import shared_prompt_cache
+
+    model, tokenizer = lm
+    input_ids, mask = _left_padded(tokenizer, ["abc", "hello there"])
+    cache = shared_prompt_cache(model, input_ids, mask, repeats=2)
+    assert cache.get_seq_length() == input_ids.shape[1] - 1
+    # the last prompt token against the shared cache predicts what a full forward of the prompt predicts
+    ids, m = input_ids.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0)
+    positions = (m.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        step = model(input_ids=ids[:, -1:], attention_mask=m, position_ids=positions[:, -1:], cache=cache).logits[:, -1]
+        full = model(input_ids=ids, attention_mask=m, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+    assert shared_prompt_cache(model, input_ids, mask, repeats=1) is None
+    assert shared_prompt_cache(model, input_ids[:, -1:], mask[:, -1:], repeats=4) is None
