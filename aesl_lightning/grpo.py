@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from aesl_lightning.evaluation import GenerationEval
-from aesl_lightning.fsdp import unsharded_for_generation, unwrap
+from aesl_lightning.fsdp import is_sharded, unsharded_for_generation, unwrap
 from aesl_lightning.generation import Generation, SamplingConfig, eos_ids, generate
 from aesl_lightning.grpo_loss import IMPORTANCE_SAMPLING, LossType, ScaleRewards, group_advantages, grpo_loss
 from aesl_lightning.lm import CausalLMModule, Scheduler
@@ -207,10 +207,9 @@ class GRPOModule(CausalLMModule):
         if grpo.disable_dropout:
             disable_dropout(self.model)
         # The reference policy: none with beta 0, the adapter-disabled base under LoRA, else a frozen copy kept
-        # outside the module's children (not trained, checkpointed or sharded; replicated on every rank).
+        # outside the module's children (not trained or checkpointed), loaded on first use: a full copy per
+        # process, or sharded like the policy with `sharded_load` under FSDP2 (see `load_frozen_start`).
         self._reference: list[torch.nn.Module] = []
-        if grpo.beta > 0 and not is_peft_model(self.model):
-            self._reference = [self.load_frozen_start()]
         self.rollout_metrics = SampleMetrics(ks=(1, grpo.num_generations))
         self.evaluator = GenerationEval(evaluation.sampling, evaluation.max_new_tokens, greedy=evaluation.greedy,
                                         greedy_name="greedy_accuracy")
@@ -219,16 +218,22 @@ class GRPOModule(CausalLMModule):
 
     @property
     def reference_model(self) -> torch.nn.Module | None:
-        """The frozen reference copy; None with beta == 0 and under LoRA (adapters disabled instead)."""
-        return self._reference[0] if self._reference else None
+        """The frozen reference copy, loaded on first use (by every rank at once: a sharded load is collective);
+        None with beta == 0 and under LoRA (adapters disabled instead)."""
+        if self.grpo.beta <= 0 or is_peft_model(unwrap(self.model)):
+            return None
+        if not self._reference:
+            self._reference = [self.load_frozen_start()]
+        return self._reference[0]
 
     # ------------------------------------------------------------------------------------------- rollouts
     def sequence_log_probs(self, model, input_ids, attention_mask, completion_ids, completion_mask=None,
                            return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log-probs [N, L] of the completion tokens at the sampling temperature, entropy [N, L] or None), 0
-        outside `completion_mask`; `aesl_lightning.rollout.completion_log_probs` in the model's current mode."""
+        outside `completion_mask`; `aesl_lightning.rollout.completion_log_probs` in the model's current mode, in
+        up to two length groups (less padding computed) unless the model is sharded (one forward per backward)."""
         return completion_log_probs(model, input_ids, attention_mask, completion_ids, completion_mask,
-                                    self.grpo.temperature, return_entropy)
+                                    self.grpo.temperature, return_entropy, max_buckets=1 if is_sharded(model) else 2)
 
     def score(self, prompts: list, texts: list[str], completion_ids: list[list[int]], columns: dict) -> torch.Tensor:
         """Rewards [N, num funcs] of the completions; None or NaN from a reward function becomes NaN (not
@@ -272,7 +277,7 @@ class GRPOModule(CausalLMModule):
                     with adapters_disabled(unwrap(self.model)):
                         ref_logp = self.sequence_log_probs(self.model, *args)[0]
                 else:
-                    ref_logp = self.sequence_log_probs(self.reference_model.to(self.device), *args)[0]
+                    ref_logp = self.sequence_log_probs(self.reference_model, *args)[0]
         return Rollout(gen, input_ids, attention_mask, loss_mask, advantages, rewards, old_logp, ref_logp)
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig) -> Generation:

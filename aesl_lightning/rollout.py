@@ -85,6 +85,41 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
+def padding_buckets(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, max_buckets: int = 2,
+                    min_saving: float = 0.1) -> list[torch.Tensor]:
+    """Row groups for the log-prob passes that waste less compute on padding than one [N, P + L] batch.
+
+    A group runs over columns [P - its longest prompt, P + its longest completion), so its padded area is
+    rows x (longest prompt + longest completion). With `max_buckets` 2 the rows are ordered (by completion
+    length, or by total length, whichever splits better) and cut where the two groups' areas add up to the
+    least; the split is kept only if it saves at least `min_saving` of the one-batch area. Deterministic in
+    the masks, so the old-policy and policy passes of a rollout split alike (ratio 1 bit for bit)."""
+    n = prompt_mask.shape[0]
+    prompt_len, completion_len = prompt_mask.sum(1).tolist(), completion_mask.sum(1).tolist()
+    whole = n * (max(prompt_len, default=0) + max(completion_len, default=0))
+    if max_buckets < 2 or n < 2 or whole == 0:
+        return [torch.arange(n, device=prompt_mask.device)]
+    best, best_order, best_cut = whole, None, n
+    for key in (lambda i: (completion_len[i], prompt_len[i]), lambda i: (prompt_len[i] + completion_len[i], completion_len[i])):
+        order = sorted(range(n), key=key)
+        head_p = head_c = 0
+        heads = []
+        for i in order:  # longest prompt and completion among the first r rows, r = 1..n
+            head_p, head_c = max(head_p, prompt_len[i]), max(head_c, completion_len[i])
+            heads.append((head_p, head_c))
+        tail_p = tail_c = 0
+        for cut in range(n - 1, 0, -1):  # rows [cut, n) form the second group
+            i = order[cut]
+            tail_p, tail_c = max(tail_p, prompt_len[i]), max(tail_c, completion_len[i])
+            area = cut * sum(heads[cut - 1]) + (n - cut) * (tail_p + tail_c)
+            if area < best:
+                best, best_order, best_cut = area, order, cut
+    if best_order is None or best > (1 - min_saving) * whole:
+        return [torch.arange(n, device=prompt_mask.device)]
+    order = torch.tensor(best_order, device=prompt_mask.device)
+    return [order[:best_cut], order[best_cut:]]
+
+
 def completion_log_probs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -93,6 +128,7 @@ def completion_log_probs(
     completion_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    max_buckets: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logp [N, L], entropy [N, L] or None), both float32, for the last L = completion_ids.shape[1] tokens:
 
@@ -102,14 +138,40 @@ def completion_log_probs(
     tokens were drawn from). Only the L + 1 last positions go through the LM head (`logits_to_keep`);
     positions outside `completion_mask` get 0 (and no gradient). Position ids follow the attention mask, as
     `generate` numbers left-padded prompts. Differentiable in logp when grad is enabled; entropy is detached.
+
+    `max_buckets` 2 runs the rows in up to two groups, each cut to its own prompt and completion extent
+    (`padding_buckets`): the same numbers, less padding computed (one autograd graph either way, so a single
+    backward; keep 1 for models sharded with FSDP, whose units expect one forward per backward).
     """
     length = completion_ids.shape[1]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, logits_to_keep=length + 1).logits[:, :-1]
     mask = completion_mask.bool() if completion_mask is not None else None
-    return token_logprobs(logits, completion_ids, temperature=temperature if temperature > 0 else 1.0, mask=mask,
-                          return_entropy=return_entropy)
+    temperature = temperature if temperature > 0 else 1.0
+    prompt_width = input_ids.shape[1] - length
+    groups = [None]
+    if max_buckets > 1 and mask is not None:
+        groups = padding_buckets(attention_mask[:, :prompt_width], mask, max_buckets)
+        groups = [None] if len(groups) == 1 else groups
+    pieces = []
+    for rows in groups:
+        ids, att, comp, m = ((input_ids, attention_mask, completion_ids, mask) if rows is None else
+                             (input_ids[rows], attention_mask[rows], completion_ids[rows], mask[rows]))
+        width = length
+        if rows is not None:  # cut the group's all-padding columns: prompts are left-, completions right-padded
+            first = prompt_width - int(att[:, :prompt_width].sum(1).max())
+            width = int(m.sum(1).max())
+            ids, att = ids[:, first:prompt_width + width], att[:, first:prompt_width + width]
+            comp, m = comp[:, :width], m[:, :width]
+        position_ids = (att.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids,
+                       use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
+        pieces.append(token_logprobs(logits, comp, temperature=temperature, mask=m, return_entropy=return_entropy))
+    if groups == [None]:
+        return pieces[0]
+    inverse = torch.argsort(torch.cat(groups))
+    pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1]))  # noqa: E731  zeros beyond a group's width
+    logp = torch.cat([pad(lp) for lp, _ in pieces])[inverse]
+    entropy = torch.cat([pad(h) for _, h in pieces])[inverse] if return_entropy else None
+    return logp, entropy
 
 
 # --------------------------------------------------------------------------------------------------- rewards

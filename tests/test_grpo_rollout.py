@@ -309,3 +309,50 @@ def test_completion_log_probs_match_a_full_log_softmax():
     torch.testing.assert_close(logp.double(), expected, atol=2e-5, rtol=0)
     torch.testing.assert_close(entropy.double(), expected_entropy, atol=2e-5, rtol=0)
     assert logp.dtype == torch.float32 and bool((logp[~mask] == 0).all())
+
+
+def test_padding_buckets_split_where_the_padded_area_is_least():
+    from aesl_lightning.rollout import padding_buckets
+
+    def masks(prompts, completions, width_p=6, width_c=9):
+        p = torch.tensor([[0] * (width_p - n) + [1] * n for n in prompts])
+        c = torch.tensor([[True] * n + [False] * (width_c - n) for n in completions])
+        return p, c
+
+    # four short completions and four long ones: the split separates them (area 8 x 15 -> 4 x 8 + 4 x 15)
+    groups = padding_buckets(*masks([6] * 8, [2, 9, 2, 9, 1, 8, 2, 9]))
+    assert [sorted(g.tolist()) for g in groups] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    # every row appears exactly once; no worthwhile split -> one group in the original order
+    assert padding_buckets(*masks([6] * 4, [9, 9, 8, 9]))[0].tolist() == [0, 1, 2, 3]
+    assert len(padding_buckets(*masks([6] * 8, [2, 9, 2, 9, 1, 8, 2, 9]), max_buckets=1)) == 1
+    # prompt lengths count too: short prompts with short completions go together
+    groups = padding_buckets(*masks([1, 6, 1, 6], [1, 9, 1, 9]))
+    assert [sorted(g.tolist()) for g in groups] == [[0, 2], [1, 3]]
+
+
+def test_bucketed_log_probs_equal_one_batch_values_and_gradients():
+    from aesl_lightning.rollout import completion_log_probs
+
+    module = _module(lora_dropout=0.0, beta=0.0, num_generations=4, max_new_tokens=12)
+    torch.manual_seed(0)
+    rollout = module.make_rollout(_batch(module, _data(num_examples=4, batch_size=4)))
+    gen = rollout.generation
+    mask = gen.completion_mask.clone()
+    mask[::3, 2:] = False  # short completions beside long ones, so the rows do split
+    from aesl_lightning.rollout import padding_buckets
+    assert len(padding_buckets(rollout.attention_mask[:, : -mask.shape[1]], mask, 2)) == 2
+    module.model.double()  # float64, so that only a wrong row, column or position could differ
+    args = (module.model, rollout.input_ids, rollout.attention_mask, gen.completion_ids, mask, 0.8, True)
+    results = {}
+    for buckets in (1, 2):
+        module.model.zero_grad()
+        logp, entropy = completion_log_probs(*args, max_buckets=buckets)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+        results[buckets] = logp.detach(), entropy, grads
+    torch.testing.assert_close(results[2][0], results[1][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(results[2][1] * mask, results[1][1] * mask, atol=1e-6, rtol=0)
+    assert bool((results[2][0][~mask] == 0).all())
+    assert results[1][2].keys() == results[2][2].keys() and results[1][2]
+    for name, grad in results[1][2].items():
+        torch.testing.assert_close(results[2][2][name], grad, atol=1e-6, rtol=1e-5)
