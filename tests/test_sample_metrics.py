@@ -45,3 +45,28 @@ def test_identical_samples_have_self_bleu_one_and_pass_at_k_is_unbiased():
     assert values["val/pass@3"].item() == pytest.approx(1.0)
     metrics.reset()
     assert metrics.compute() == {}
+
+
+def test_sample_metrics_is_a_metric_collection_that_merges_batches_and_moves_as_one():
+    from torchmetrics import MetricCollection
+
+    metrics = SampleMetrics(ks=(1, 2))
+    assert isinstance(metrics, MetricCollection)
+    assert set(metrics.keys()) >= {"gen_entropy", "self_bleu", "distinct_2", "distinct_answers", "pass_at"}
+    gen = _generation([[5, 6, EOS], [5, 7, EOS], [8, EOS], [9, EOS]])
+    gen.texts = ["\\boxed{1}", "\\boxed{ 1}", "\\boxed{2}", "no answer"]
+    # two batches of one prompt each == one batch of both prompts
+    halves = SampleMetrics(ks=(1, 2))
+    halves.update(Generation(gen.prompt_ids[:2], gen.prompt_mask[:2], gen.completion_ids[:2], gen.completion_mask[:2],
+                             gen.truncated[:2], gen.texts[:2]), 2, [EOS], scores=[1.0, 0.0])
+    halves.update(Generation(gen.prompt_ids[2:], gen.prompt_mask[2:], gen.completion_ids[2:], gen.completion_mask[2:],
+                             gen.truncated[2:], gen.texts[2:]), 2, [EOS], scores=[0.0, 0.0])
+    metrics.update(gen, 2, [EOS], scores=[1.0, 0.0, 0.0, 0.0])
+    whole, merged = metrics.compute(), halves.compute()
+    assert whole.keys() == merged.keys() and "pass@2" in whole
+    for key in whole:
+        assert merged[key].item() == pytest.approx(whole[key].item()), key
+    # distinct answers: prompt 1 gives "1" twice (whitespace ignored), prompt 2 gives "2" and nothing
+    assert whole["distinct_answers"].item() == pytest.approx(1.0)
+    metrics.reset()
+    assert metrics.compute() == {}
