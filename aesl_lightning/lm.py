@@ -98,14 +98,18 @@ class CausalLMModule(L.LightningModule):
         self._model_args = dict(name_or_path=name_or_path, gguf_file=gguf_file, dtype=dtype,
                                 attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
                                 trust_remote_code=trust_remote_code)
-        self._lora, self._weights_pending = lora, sharded_load
+        self._lora, self._weights_pending, self._sharded_load = lora, sharded_load, sharded_load
         self.model = self._build_model(empty=sharded_load)
 
-    def _build_model(self, empty: bool = False) -> torch.nn.Module:
-        """The starting model (with fresh LoRA adapters), in train mode; on the meta device if `empty`."""
+    def _build_model(self, empty: bool = False, frozen: bool = False) -> torch.nn.Module:
+        """The starting model (with fresh LoRA adapters), in train mode; on the meta device if `empty`. `frozen`:
+        the plain starting model instead (no adapters, no gradient checkpointing), in eval mode, no grad."""
         from aesl_lightning.models import empty_causal_lm, load_causal_lm
 
-        model = (empty_causal_lm if empty else load_causal_lm)(**self._model_args)
+        args = {**self._model_args, "gradient_checkpointing": False} if frozen else self._model_args
+        model = (empty_causal_lm if empty else load_causal_lm)(**args)
+        if frozen:
+            return model.eval().requires_grad_(False)
         model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
         return apply_lora(model, self._lora) if self._lora is not None else model
 
@@ -120,16 +124,26 @@ class CausalLMModule(L.LightningModule):
         state = None
         if not is_sharded(self.model) or self.global_rank == 0:
             state = self._build_model().state_dict()
-        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        materialize(self.model, state, device)
+        materialize(self.model, state, self._root_device())
+
+    def _root_device(self) -> torch.device:
+        return self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 
     def load_frozen_start(self) -> torch.nn.Module:
-        """A fresh, frozen (eval, no grad) copy of the starting model, loaded from the hyper-parameters, never
-        from the current weights: the reference for KL terms, also right after a resume."""
-        from aesl_lightning.models import load_causal_lm
+        """A fresh, frozen (eval, no grad) copy of the starting model on the module's device, loaded from the
+        hyper-parameters, never from the current weights: the reference for KL terms, also right after a resume.
 
-        model = load_causal_lm(**{**self._model_args, "gradient_checkpointing": False})
-        return model.eval().requires_grad_(False)
+        With `sharded_load` under FSDP2 (a device mesh) the copy is sharded like the policy: built on the meta
+        device, rank 0 alone reads the weights and each rank receives its shards, so no rank holds a whole copy.
+        Its forward is then a collective: every rank must run it. Elsewhere it is a full copy per process."""
+        from aesl_lightning.fsdp import materialize, shard_model
+
+        if not (self._sharded_load and self.device_mesh is not None):
+            return self._build_model(frozen=True).to(self._root_device())
+        model = self._build_model(empty=True, frozen=True)
+        shard_model(model, self.device_mesh["data_parallel"])
+        state = self._build_model(frozen=True).state_dict() if self.global_rank == 0 else None
+        return materialize(model, state, self._root_device()).eval()
 
     def configure_model(self) -> None:
         """Shard the model for the strategy (Lightning calls this for every stage; sharding happens once):

@@ -160,8 +160,8 @@ class SFTModule(CausalLMModule):
 
     def _frozen_base(self) -> torch.nn.Module:
         if self._base_model is None:
-            # kept outside the module's children: not trained, not checkpointed, not sharded
-            self._base_model = [self.load_frozen_start().to(self.device)]
+            # kept outside the module's children: not trained, not checkpointed (sharded with sharded_load under FSDP2)
+            self._base_model = [self.load_frozen_start()]
         return self._base_model[0]
 
     def _log_loss(self, out: LossOutput, batch: dict, stage: str, loss: torch.Tensor) -> None:

@@ -73,9 +73,9 @@ class SeededGRPO(GRPOModule):
 
     full_loads = 0  # how often this rank read the full starting model (sharded_load: rank 0 once, others never)
 
-    def _build_model(self, empty=False):
+    def _build_model(self, empty=False, frozen=False):
         SeededGRPO.full_loads += not empty
-        return super()._build_model(empty)
+        return super()._build_model(empty, frozen)
 
     def make_rollout(self, batch, timer=None):
         rollout = super().make_rollout(batch, timer)
@@ -178,7 +178,8 @@ def main():
         name = f"params_rank{rank}.pt" if args.ddp and rank else "params.pt"
         torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, out / name)
     info = {"losses": record.losses, "kl": record.kl, "advantages": getattr(module, "advantages", []),
-            "full_loads": SeededGRPO.full_loads, "global_step": fit.global_step, "world_size": fit.world_size,
+            "full_loads": SeededGRPO.full_loads,
+            "reference_sharded": None if module.reference_model is None else fsdp.is_sharded(module.reference_model), "global_step": fit.global_step, "world_size": fit.world_size,
             "pid": os.getpid(), "sharded": fsdp.is_sharded(module.model), "model_class": type(module.model).__name__,
             "lightning_module_wrapped": fit.strategy.model is not module,
             "param_groups": [len(g["params"]) for g in fit.optimizers[0].param_groups]}  # weight decay: >= 2-D or not

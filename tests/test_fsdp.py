@@ -117,12 +117,16 @@ def test_grpo_fsdp_two_processes_match_one_process_with_resume_and_export(tmp_pa
 @pytest.mark.parametrize("lora", [False, True])
 def test_sharded_load_builds_on_meta_and_only_rank_0_reads_the_weights(tmp_path, lora):
     """sharded_load: every rank builds the model on the meta device, FSDP2 shards it, rank 0 alone reads the
-    starting weights and broadcasts each rank its shards. Two such ranks train exactly like one ordinary process."""
+    starting weights and broadcasts each rank its shards; so for the frozen reference of full fine-tuning
+    (beta > 0), which is sharded too. Two such ranks train exactly like one ordinary process (the KL to the
+    reference is in the loss)."""
     extra = ["--lora"] if lora else []
     _run("--devices", 1, "--steps", 2, *extra, "--out", tmp_path / "single")
     _run("--devices", 2, "--steps", 2, "--sharded-load", *extra, "--out", tmp_path / "meta")
     info = [json.loads((tmp_path / "meta" / f"losses_rank{r}.json").read_text()) for r in range(2)]
-    assert [i["full_loads"] for i in info] == [1, 0] and all(i["sharded"] for i in info)
+    # rank 0 reads the policy's weights (and, fully fine-tuned, the reference's) once each; rank 1 never
+    assert [i["full_loads"] for i in info] == ([1, 0] if lora else [2, 0]) and all(i["sharded"] for i in info)
+    assert [i["reference_sharded"] for i in info] == ([None, None] if lora else [True, True])
     per_rank = _losses(tmp_path / "meta", 2)
     assert [(a + b) / 2 for a, b in zip(*per_rank)] == pytest.approx(_losses(tmp_path / "single", 1)[0], abs=2e-6)
     _assert_weights_close(torch.load(tmp_path / "meta" / "params.pt"), torch.load(tmp_path / "single" / "params.pt"))
