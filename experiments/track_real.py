@@ -1036,6 +1036,12 @@ def write_preflight_report(config: dict, paths: Paths, records: dict, command: s
                   f"{' measured' if costs['grpo_step'] else ' estimated (no GRPO check yet)'}): SFT {budget['sft'] / 3600:.2f} h, "
                   f"evaluation before RL {budget['start_eval'] / 3600:.2f} h, GRPO + evaluation {budget['grpo'] / 3600:.2f} h, "
                   f"checkpoint sweep {budget['sweep'] / 3600:.2f} h: **total {budget['total'] / 3600:.1f} h**."]
+        if budget["total"] / 3600 > BUDGET_HOURS * 1.1:
+            ladder = shrink_ladder(config, costs)
+            fits = next((label for label, hours in ladder if hours <= BUDGET_HOURS * 1.1), None)
+            lines += ["", "Rule 5 shrink order (plan.md), cumulative: " + "; ".join(f"{label}: {hours:.1f} h" for label, hours in ladder)
+                      + (f". Fits after {fits}." if fits else f". **Does not fit {BUDGET_HOURS} h x 1.1 after every cut: the CPU run "
+                                                             "is infeasible (rule 5); the study runs at GPU size.**")]
     lines += ["", "## Go / no-go (rules of plan.md)", "", "| rule | measured | outcome |", "|---|---|---|"]
     rules = go_no_go(records, budget)
     for r in rules:
@@ -1051,6 +1057,28 @@ def write_preflight_report(config: dict, paths: Paths, records: dict, command: s
     out = paths.out / "preflight.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+SHRINK_ORDER = (
+    ("(a) test problems 256 -> 128", lambda c: c["eval"].update(test_problems=min(c["eval"]["test_problems"], 128))),
+    ("(b) hard test problems 128 -> 64", lambda c: c["eval"].update(test_hard_problems=min(c["eval"]["test_hard_problems"], 64))),
+    ("(c) grid validation problems 64 -> 32", lambda c: c["eval"].update(val_problems=min(c["eval"]["val_problems"], 32))),
+    ("(d) checkpoint sweep on every other grid point", lambda c: c.update(sweep_grid=c["sft"]["grid"][::2])),
+    ("(e) GRPO steps 40 -> 30", lambda c: c["grpo"].update(steps=min(c["grpo"]["steps"], 30))),
+    ("(f) checkpoint sweep dropped", lambda c: c.update(sweep_grid=[])),
+)
+"""plan.md rule 5: the cuts applied, cumulatively and in this order, until the projected wall time fits."""
+
+
+def shrink_ladder(config: dict, costs: dict) -> list[tuple[str, float]]:
+    """(step, projected hours) after each cut of `SHRINK_ORDER`, applied cumulatively to a copy of `config`."""
+    import copy
+
+    shrunk, ladder = copy.deepcopy(config), []
+    for label, cut in SHRINK_ORDER:
+        cut(shrunk)
+        ladder.append((label, projected_seconds(shrunk, costs)["total"] / 3600))
+    return ladder
 
 
 def eval_seconds(problems: int, k: int, tokens: float, costs: dict) -> float:
@@ -1077,7 +1105,7 @@ def projected_seconds(config: dict, costs: dict) -> dict:
         "sft": seeds * losses * (sft["max_steps"] * costs["sft_step"] + len(sft["grid"]) * eval_seconds(e["val_problems"], k, tok, costs)),
         "start_eval": seeds * arms * test_eval,
         "grpo": seeds * arms * (g["steps"] * grpo_step + test_eval),
-        "sweep": len(sft["grid"]) * (g["sweep_steps"] * grpo_step + eval_seconds(e["test_problems"], k, tok, costs)),
+        "sweep": len(config.get("sweep_grid", sft["grid"])) * (g["sweep_steps"] * grpo_step + eval_seconds(e["test_problems"], k, tok, costs)),
     }
     parts["grpo_step_used"] = grpo_step
     parts["total"] = parts["sft"] + parts["start_eval"] + parts["grpo"] + parts["sweep"]

@@ -212,6 +212,27 @@ def test_projected_seconds_by_hand():
     assert estimated == pytest.approx(2 * 4 * 20 / 40 + 1.5 * 2.0 * 8 / 8)
 
 
+def test_shrink_ladder_applies_the_plans_cuts_cumulatively_in_order():
+    config = copy.deepcopy(CONFIG)
+    config["sft"].update(grid=[0, 1, 2, 4, 8])
+    config["grpo"].update(steps=40, sweep_steps=2)
+    config["eval"].update(test_problems=256, test_hard_problems=128, val_problems=64)
+    costs = {"sft_step": 2.0, "greedy_tps": 10.0, "sample_tps": 40.0, "tokens": 20.0, "base_tokens": 50.0, "grpo_step": 30.0}
+    ladder = T.shrink_ladder(config, costs)
+    assert [label[:3] for label, _ in ladder] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]
+    hours = [h for _, h in ladder]
+    assert all(later < earlier for earlier, later in zip(hours, hours[1:]))
+    # by hand: (d) keeps grid points 0, 2, 8 in the sweep; (f) drops the sweep, whose cost is the gap from (e)
+    final = copy.deepcopy(config)
+    final["eval"].update(test_problems=128, test_hard_problems=64, val_problems=32)
+    final["grpo"]["steps"] = 30
+    per_point = 2 * 30.0 + 128 * 20.0 * (1 / 10 + 4 / 40)
+    no_sweep = T.projected_seconds({**final, "sweep_grid": []}, costs)["total"] / 3600
+    assert hours[-1] == pytest.approx(no_sweep)
+    assert hours[-2] - hours[-1] == pytest.approx(3 * per_point / 3600)
+    assert config["eval"]["test_problems"] == 256 and "sweep_grid" not in config  # the caller's config is untouched
+
+
 def test_go_no_go_rules():
     base = {"test": {"summary": {"greedy_boxed_rate": 0.05, "greedy_accuracy": 0.2}}}
     rules = T.go_no_go({"preflight/base": base}, budget={"total": 2.5 * 3600})
