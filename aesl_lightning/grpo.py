@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from aesl_lightning.evaluation import GenerationEval
 from aesl_lightning.fsdp import is_sharded, unsharded_for_generation, unwrap
@@ -28,7 +27,7 @@ from aesl_lightning.grpo_loss import IMPORTANCE_SAMPLING, LossType, ScaleRewards
 from aesl_lightning.lm import CausalLMModule, Scheduler
 from aesl_lightning.lora import LoRAConfig, adapters_disabled, is_peft_model
 from aesl_lightning.rollout import (PhaseTimer, Rollout, check_finite, completion_log_probs, disable_dropout, eval_mode,
-                                    global_std, load_reward_funcs, reward_metrics, sampling_weights,
+                                    global_std, load_reward_funcs, mean_tokens_per_rank, reward_metrics, sampling_weights,
                                     score_completions, warn_missing_groups)
 from aesl_lightning.sample_metrics import SampleMetrics
 
@@ -294,7 +293,7 @@ class GRPOModule(CausalLMModule):
         with timer("step"):
             rollout = self.make_rollout(batch, timer)
             optimizer, schedule = self.optimizers(), self.lr_schedulers()
-            num_tokens = self._mean_tokens_per_rank(rollout.loss_mask) if cfg.loss_type == "dapo" else None
+            num_tokens = mean_tokens_per_rank(rollout.loss_mask) if cfg.loss_type == "dapo" else None
             gen = rollout.generation
             losses = []
             for iteration in range(cfg.num_iterations):
@@ -323,14 +322,6 @@ class GRPOModule(CausalLMModule):
         self.log_dict({f"train/time/{phase}": torch.tensor(s) for phase, s in timer.seconds.items()},
                       batch_size=len(gen.texts))
         return torch.stack(losses).mean()
-
-    def _mean_tokens_per_rank(self, mask: torch.Tensor) -> torch.Tensor:
-        # dapo normalises by the token count of the whole global batch; gradients are averaged over ranks
-        count = mask.sum().float()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(count)
-            count = count / dist.get_world_size()
-        return count
 
     def _log_training(self, rollout: Rollout, out, loss: torch.Tensor, entropy: torch.Tensor) -> None:
         gen, rewards, n = rollout.generation, rollout.rewards, rollout.rewards.shape[0]

@@ -258,6 +258,16 @@ def global_std(values: torch.Tensor) -> torch.Tensor | None:
     return values.new_tensor(math.sqrt(max(variance, 0.0)))
 
 
+def mean_tokens_per_rank(mask: torch.Tensor) -> torch.Tensor:
+    """The token count of the whole global batch divided by the world size (dapo's normaliser: gradients are
+    averaged over ranks, so each rank divides its sum by this to get the global token mean)."""
+    count = mask.sum().float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count
+
+
 def warn_missing_groups(rewards: torch.Tensor, group_size: int) -> int:
     """Warn when every reward function gave None for every completion of a prompt (the group gets zero
     advantages: nothing to learn from it); returns how many such groups there are."""
