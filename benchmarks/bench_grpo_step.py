@@ -29,8 +29,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -42,7 +40,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATAS
 import lightning as L
 import torch
 
-from _timing import HFStepTimer  # benchmarks/ is on sys.path when run as a script
+from _timing import HFStepTimer, competing_load  # benchmarks/ is on sys.path when run as a script
 from aesl_lightning import PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig, generate_arithmetic
 from aesl_lightning.generation import eos_ids
@@ -57,7 +55,6 @@ DATA = ArithmeticConfig(num_examples=64, seed=3)
 PROMPTS, G, MAX_NEW, TEMPERATURE, BETA, EPSILON, LR, MAX_GRAD_NORM = 8, 4, 64, 1.0, 0.04, 0.2, 1e-6, 1.0
 REWARDS, WEIGHTS = ["aesl_lightning.rewards.math_accuracy", "aesl_lightning.rewards.boxed_format"], [1.0, 0.1]
 LORA = LoRAConfig(r=16, alpha=32.0, dropout=0.05, target_modules="all-linear")
-LOAD = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
 
 
 class TimedGRPO(GRPOModule):
@@ -289,6 +286,15 @@ def run_mode(mode: str, opts, order_trl_first: bool) -> None:
               f"{'met' if step <= trl_median else 'MISSED'})", flush=True)
 
 
+def quiet_logs() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "trl", "aesl_lightning", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["lora", "full", "both"], default="both")
@@ -303,27 +309,17 @@ def main() -> None:
     opts = parser.parse_args()
     global WARMUP
     WARMUP = opts.warmup_rounds
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "trl", "aesl_lightning", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_logs()
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    load = subprocess.Popen([sys.executable, "-c", LOAD]) if opts.competing_load else None
-    try:
-        if load is not None:
-            time.sleep(5)
+    with competing_load(opts.competing_load) as loaded:
         print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
               f"lightning {L.__version__}; {torch.get_num_threads()} torch threads, {os.cpu_count()} cores; competing "
-              f"torch process: {'yes' if load else 'no'}; load average at start {os.getloadavg()}")
+              f"torch process: {'yes' if loaded else 'no'}; load average at start {os.getloadavg()}")
         modes = ["lora", "full"] if opts.mode == "both" else [opts.mode]
         for i, mode in enumerate(modes):
             run_mode(mode, opts, order_trl_first=bool(i % 2))
         print(f"\nload average at end {os.getloadavg()}")
-    finally:
-        if load is not None:
-            load.kill()
-            load.wait()
 
 
 if __name__ == "__main__":
