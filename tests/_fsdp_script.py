@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -227,12 +228,20 @@ def _generation_worker(rank: int, world: int, port: int, out: str) -> None:
     with unsharded_for_generation(model):
         sharded = generate(model, tokenizer, prompt["input_ids"], prompt["attention_mask"], greedy)
     expected = generate(plain, tokenizer, prompt["input_ids"], prompt["attention_mask"], greedy)
+    # k samples per prompt share one prefill of the prompt (an extra forward outside `generate`): same tokens too
+    sampling = SamplingConfig(3, 1.0, 1.0, max_new_tokens=4 + 6 * rank)
+    samples = []
+    for target in (model, plain):
+        torch.manual_seed(7 + rank)
+        with unsharded_for_generation(model) if target is model else contextlib.nullcontext():
+            samples.append(generate(target, tokenizer, prompt["input_ids"], prompt["attention_mask"], sampling).completion_ids)
     # afterwards the parameters are sharded again and a training forward/backward still works
     resharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
     model.train()
     model(input_ids=prompt["input_ids"], labels=prompt["input_ids"]).loss.backward()
     result = {"rank": rank, "length": sharded.completion_ids.shape[1], "resharded": resharded,
-              "equal": torch.equal(sharded.completion_ids, expected.completion_ids)}
+              "equal": torch.equal(sharded.completion_ids, expected.completion_ids),
+              "samples_equal": torch.equal(samples[0], samples[1]), "samples_shape": list(samples[0].shape)}
     Path(out, f"generation_rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -302,8 +311,16 @@ def _fsdp1_worker(rank: int, world: int, port: int, out: str) -> None:
         with _count_collectives(collectives):
             sharded = generate(model, tokenizer, prompt["input_ids"], prompt["attention_mask"], greedy)
     expected = generate(plain, tokenizer, prompt["input_ids"], prompt["attention_mask"], greedy)
+    # k samples per prompt share one prefill of the prompt (an extra forward outside `generate`): same tokens too
+    sampling = SamplingConfig(3, 1.0, 1.0, max_new_tokens=4 + 6 * rank)
+    samples = []
+    for target in (model, plain):
+        torch.manual_seed(7 + rank)
+        with unsharded_for_generation(model) if target is model else contextlib.nullcontext():
+            samples.append(generate(target, tokenizer, prompt["input_ids"], prompt["attention_mask"], sampling).completion_ids)
     result.update(length=sharded.completion_ids.shape[1], collectives=sorted(set(collectives)),
                   equal=torch.equal(sharded.completion_ids, expected.completion_ids),
+                  samples_equal=torch.equal(samples[0], samples[1]),
                   resharded_fraction=sum(p.numel() for p in model.parameters()) / full_numel,
                   forwards_restored=not any("forward" in m.__dict__ for m in model.modules()))
 

@@ -80,6 +80,8 @@ def test_generation_under_fsdp_with_different_lengths_per_rank(tmp_path):
     results = [json.loads((tmp_path / f"generation_rank{r}.json").read_text()) for r in range(2)]
     assert [r["length"] for r in results] == [3, 20]
     assert all(r["equal"] and r["resharded"] for r in results)
+    # sampled with a prefill shared by the 3 samples of the prompt, under FSDP2 as without it
+    assert all(r["samples_equal"] for r in results) and [r["samples_shape"][0] for r in results] == [3, 3]
 
 
 @pytest.mark.distributed
@@ -204,7 +206,7 @@ def test_fsdp1_helpers_on_raw_fully_sharded_data_parallel(tmp_path):
         assert r["sharded"] and r["unwrap"] and r["roots"] == 1 and r["units"] == 3
         assert r["local_fraction"] == pytest.approx(0.5, abs=0.01) and r["gathered_fraction"] == 1.0
         # no all-gather: the weights stayed put (all_reduce: transformers' synced_gpus flag, once per token)
-        assert r["equal"] and set(r["collectives"]) <= {"all_reduce"} and r["counter_sees_all_gather"]
+        assert r["equal"] and r["samples_equal"] and set(r["collectives"]) <= {"all_reduce"} and r["counter_sees_all_gather"]
         assert r["resharded_fraction"] == r["local_fraction"] and r["forwards_restored"]
         assert r["loss_diff"] < 1e-5 and r["everywhere_equal"]
     assert results[0]["state_keys"] == 21 and results[0]["state_equal"] and results[0]["export_equal"]
