@@ -207,6 +207,21 @@ def reference_check(module) -> dict:
             "policy_vs_start": (policy - start).abs().max().item()}
 
 
+def _sampled_sharded_and_plain(model, plain, tokenizer, prompt, rank: int) -> list:
+    """3 seeded samples of the prompt from the sharded model (inside `unsharded_for_generation`) and from the plain
+    one: k samples share one prefill of the prompt (a forward outside `generate`), so the tokens must match too."""
+    from aesl_lightning.fsdp import unsharded_for_generation
+    from aesl_lightning.generation import SamplingConfig
+
+    sampling = SamplingConfig(3, 1.0, 1.0, max_new_tokens=4 + 6 * rank)
+    samples = []
+    for target in (model, plain):
+        torch.manual_seed(7 + rank)
+        with unsharded_for_generation(model) if target is model else contextlib.nullcontext():
+            samples.append(generate(target, tokenizer, prompt["input_ids"], prompt["attention_mask"], sampling).completion_ids)
+    return samples
+
+
 def _generation_worker(rank: int, world: int, port: int, out: str) -> None:
     """Shard tiny-llama over 2 gloo ranks and generate different lengths per rank inside
     `unsharded_for_generation`; the tokens must equal the unsharded model's."""
@@ -228,13 +243,7 @@ def _generation_worker(rank: int, world: int, port: int, out: str) -> None:
     with unsharded_for_generation(model):
         sharded = generate(model, tokenizer, prompt["input_ids"], prompt["attention_mask"], greedy)
     expected = generate(plain, tokenizer, prompt["input_ids"], prompt["attention_mask"], greedy)
-    # k samples per prompt share one prefill of the prompt (an extra forward outside `generate`): same tokens too
-    sampling = SamplingConfig(3, 1.0, 1.0, max_new_tokens=4 + 6 * rank)
-    samples = []
-    for target in (model, plain):
-        torch.manual_seed(7 + rank)
-        with unsharded_for_generation(model) if target is model else contextlib.nullcontext():
-            samples.append(generate(target, tokenizer, prompt["input_ids"], prompt["attention_mask"], sampling).completion_ids)
+    samples = _sampled_sharded_and_plain(model, plain, tokenizer, prompt, rank)
     # afterwards the parameters are sharded again and a training forward/backward still works
     resharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
     model.train()
@@ -311,13 +320,7 @@ def _fsdp1_worker(rank: int, world: int, port: int, out: str) -> None:
         with _count_collectives(collectives):
             sharded = generate(model, tokenizer, prompt["input_ids"], prompt["attention_mask"], greedy)
     expected = generate(plain, tokenizer, prompt["input_ids"], prompt["attention_mask"], greedy)
-    # k samples per prompt share one prefill of the prompt (an extra forward outside `generate`): same tokens too
-    sampling = SamplingConfig(3, 1.0, 1.0, max_new_tokens=4 + 6 * rank)
-    samples = []
-    for target in (model, plain):
-        torch.manual_seed(7 + rank)
-        with unsharded_for_generation(model) if target is model else contextlib.nullcontext():
-            samples.append(generate(target, tokenizer, prompt["input_ids"], prompt["attention_mask"], sampling).completion_ids)
+    samples = _sampled_sharded_and_plain(model, plain, tokenizer, prompt, rank)
     result.update(length=sharded.completion_ids.shape[1], collectives=sorted(set(collectives)),
                   equal=torch.equal(sharded.completion_ids, expected.completion_ids),
                   samples_equal=torch.equal(samples[0], samples[1]),
