@@ -147,10 +147,10 @@ def completion_log_probs(
     mask = completion_mask.bool() if completion_mask is not None else None
     temperature = temperature if temperature > 0 else 1.0
     prompt_width = input_ids.shape[1] - length
-    groups = [None]
+    groups: list = [None]  # None: the whole batch as it is
     if max_buckets > 1 and mask is not None:
-        groups = padding_buckets(attention_mask[:, :prompt_width], mask, max_buckets)
-        groups = [None] if len(groups) == 1 else groups
+        split = padding_buckets(attention_mask[:, :prompt_width], mask, max_buckets)
+        groups = split if len(split) > 1 else groups
     pieces = []
     for rows in groups:
         ids, att, comp, m = ((input_ids, attention_mask, completion_ids, mask) if rows is None else
@@ -165,7 +165,7 @@ def completion_log_probs(
         logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids,
                        use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
         pieces.append(token_logprobs(logits, comp, temperature=temperature, mask=m, return_entropy=return_entropy))
-    if groups == [None]:
+    if groups[0] is None:
         return pieces[0]
     inverse = torch.argsort(torch.cat(groups))
     pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1]))  # noqa: E731  zeros beyond a group's width
