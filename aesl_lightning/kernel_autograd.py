@@ -8,19 +8,24 @@ and X (`_chunk_grad`); the equations are in the `kernels` docstring. Call them t
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-__all__ = ["IGNORE_INDEX", "Anchor", "LinearStats", "LogitStats", "acc_dtype", "row_entropy", "take_rows"]
+__all__ = ["IGNORE_INDEX", "Anchor", "LinearStats", "LogitStats", "acc_dtype", "for_each_chunk", "row_entropy", "set_cpu_workers", "take_rows"]
 
 IGNORE_INDEX = -100
 
 Anchor = Callable[[Tensor, Tensor], Tensor]
 """`anchor(rows, scaled_logits_chunk) -> log r [chunk, V]`, computed without gradient. `rows` are the flat row
-indices of the chunk, `scaled_logits_chunk` is z / T of those rows (float32 or float64)."""
+indices of the chunk, `scaled_logits_chunk` is z / T of those rows (float32 or float64). On a CPU it is called from
+several threads at once, one chunk each: it must not change shared state."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -55,6 +60,101 @@ def _chunks(rows: Tensor, size: int) -> list[Tensor]:
     for run in rows.tensor_split(breaks.cpu()):
         pieces.extend(run.split(size))
     return pieces
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running the chunks: in order on an accelerator, on a pool of single-threaded workers on a CPU
+# ----------------------------------------------------------------------------------------------------------
+# torch splits each CPU op evenly across its OpenMP team and waits for the slowest member. When another process
+# takes a core, the member sharing it runs at half speed for the whole op, so a loop of ops each a few ms long
+# runs at the speed of the slowest core. Workers that each run whole chunks single-threaded and take the next
+# chunk when done share the work by speed instead (measured in benchmarks/RESULTS.md).
+
+MIN_PIECE_ELEMS = 1 << 16
+"""Elements below which a chunk is not cut further for the CPU workers (a task costs tens of microseconds)."""
+
+_cpu_workers: int | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+_in_worker = threading.local()
+
+
+def set_cpu_workers(workers: int | None) -> None:
+    """Threads that run the kernels' chunks on a CPU: None (default) uses `torch.get_num_threads()`, 1 runs the
+    chunks one after another with torch's own intra-op threads."""
+    global _cpu_workers
+    if workers is not None and workers < 1:
+        raise ValueError(f"set_cpu_workers: workers must be None or >= 1, found {workers}")
+    _cpu_workers = workers
+
+
+def _workers(device: torch.device) -> int:
+    if device.type != "cpu" or getattr(_in_worker, "active", False) or _traced():
+        return 1
+    return _cpu_workers or torch.get_num_threads()
+
+
+def _traced() -> bool:
+    """Under torch.compile or a Python dispatch / function mode (FakeTensorMode, FlopCounterMode, ...), which are
+    thread-local and would not follow the work onto the workers."""
+    return is_in_torch_dispatch_mode() or torch._C._len_torch_function_stack() > 0 or torch.compiler.is_compiling()
+
+
+def _start_worker() -> None:
+    _in_worker.active = True
+    torch.set_num_threads(1)  # this thread's OpenMP team; the process default is restored by `_worker_pool`
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            threads = torch.get_num_threads()
+            started = threading.Barrier(workers + 1)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="aesl-kernel", initializer=_start_worker)
+            for _ in range(workers):
+                _pool.submit(started.wait)
+            started.wait()  # every worker has set its own thread count ...
+            torch.set_num_threads(threads)  # ... so the default for threads started later is the caller's again
+            _pool_size = workers
+        return _pool
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def for_each_chunk(rows: Tensor, size: int, row_elems: int, fn: Callable[[Tensor], None], *, parallel: bool = True) -> None:
+    """`fn(piece)` for the pieces of `rows` (see `_chunks`) of at most `size` rows of `row_elems` elements each. On a
+    CPU with several workers the pieces are cut smaller (the workers' pieces together within `size`, 4 per worker at
+    least) and run concurrently, each under no_grad and the caller's inference mode and CPU autocast; `fn` must only
+    write rows of its own piece. `parallel=False` keeps the pieces of `_chunks(rows, size)` in order."""
+    workers = _workers(rows.device) if parallel else 1
+    if workers > 1:  # the budget shared by the pieces in flight; 4 pieces per worker at least, none under MIN_PIECE_ELEMS
+        size = min(max(1, size // workers), max(-(-rows.numel() // (4 * workers)), -(-MIN_PIECE_ELEMS // max(1, row_elems))))
+    pieces = _chunks(rows, max(1, size))
+    if workers == 1 or len(pieces) == 1:
+        for piece in pieces:
+            fn(piece)
+        return
+    inference = torch.is_inference_mode_enabled()
+    autocast, autocast_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+    def run(piece: Tensor) -> None:  # the caller's thread-local modes, which a worker thread does not inherit
+        with torch.inference_mode(inference), torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
+            fn(piece)
+
+    futures = [_worker_pool(workers).submit(run, piece) for piece in pieces]
+    wait(futures)
+    for future in futures:
+        future.result()  # the first error, after every piece has stopped writing
 
 
 def _put(out: Tensor, rows: Tensor, values: Tensor) -> None:
@@ -121,8 +221,8 @@ def _chunk_grad(
     return grad.mul_(1.0 / temperature) if temperature != 1.0 else grad
 
 
-def _fused_forward(ctx, saved: tuple, targets: Tensor, *, rows_per_chunk: int, with_entropy: bool, anchor: Anchor | None,
-                   dtype: torch.dtype, chunk_logits: Callable[[Tensor], Tensor]) -> tuple[Tensor, ...]:
+def _fused_forward(ctx, saved: tuple, targets: Tensor, *, vocab: int, parallel: bool, rows_per_chunk: int, with_entropy: bool,
+                   anchor: Anchor | None, dtype: torch.dtype, chunk_logits: Callable[[Tensor], Tensor]) -> tuple[Tensor, ...]:
     """The forward pass of both Functions over the chunks of `chunk_logits(rows)` (scaled logits in `dtype`).
 
     Returns (log p_y, H, X, correct, log r_y, H(r)), each [N] or empty when not asked for; saves `saved`, the
@@ -133,10 +233,13 @@ def _fused_forward(ctx, saved: tuple, targets: Tensor, *, rows_per_chunk: int, w
     # log p_y, H, X, correct, log r_y, H(r), and the logsumexp kept for the backward pass
     sizes = (n, entropy_rows, anchor_rows, entropy_rows, anchor_rows, anchor_rows, n)
     outs = [torch.zeros(size, dtype=torch.bool if i == 3 else dtype, device=device) for i, size in enumerate(sizes)]
-    for rows in _chunks((targets != IGNORE_INDEX).nonzero().squeeze(1), rows_per_chunk):
+
+    def forward_chunk(rows: Tensor) -> None:
         for out, value in zip(outs, _chunk_forward(chunk_logits(rows), take_rows(targets, rows), rows, with_entropy, anchor)):
             if value is not None:
                 _put(out, rows, value)
+
+    for_each_chunk((targets != IGNORE_INDEX).nonzero().squeeze(1), rows_per_chunk, vocab, forward_chunk, parallel=parallel)
     lse = outs.pop()
     ctx.save_for_backward(*saved, targets, outs[1], lse)
     ctx.rows_per_chunk, ctx.anchor = rows_per_chunk, anchor
@@ -163,8 +266,9 @@ class LogitStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, rows_per_chunk, temperature, with_entropy, anchor):
         ctx.temperature = temperature
-        return _fused_forward(ctx, (logits,), targets, rows_per_chunk=rows_per_chunk, with_entropy=with_entropy, anchor=anchor,
-                              dtype=acc_dtype(logits.dtype), chunk_logits=lambda rows: _scaled(take_rows(logits, rows), temperature))
+        return _fused_forward(ctx, (logits,), targets, vocab=logits.shape[1], parallel=True, rows_per_chunk=rows_per_chunk,
+                              with_entropy=with_entropy, anchor=anchor, dtype=acc_dtype(logits.dtype),
+                              chunk_logits=lambda rows: _scaled(take_rows(logits, rows), temperature))
 
     @staticmethod
     @once_differentiable
@@ -176,7 +280,8 @@ class LogitStats(torch.autograd.Function):
         idle[active] = False
         grad_logits.index_fill_(0, idle.nonzero().squeeze(1), 0)
         direct = logits.dtype == acc_dtype(logits.dtype)  # float32 / float64: write the chunk's gradient in place
-        for rows in _chunks(active, ctx.rows_per_chunk):
+
+        def backward_chunk(rows: Tensor) -> None:
             z = _scaled(take_rows(logits, rows), ctx.temperature)
             contiguous = int(rows[-1]) - int(rows[0]) == rows.numel() - 1
             out = grad_logits.narrow(0, int(rows[0]), rows.numel()) if direct and contiguous else None
@@ -185,17 +290,23 @@ class LogitStats(torch.autograd.Function):
                                _grad_slices(g_soft, rows), ctx.anchor, out=out)
             if out is None:
                 _put(grad_logits, rows, grad.to(logits.dtype))
+
+        for_each_chunk(active, ctx.rows_per_chunk, logits.shape[1], backward_chunk)
         return grad_logits, None, None, None, None, None
 
 
 class LinearStats(torch.autograd.Function):
-    """Per-row statistics of hidden @ weight.T + bias for [M, H] hidden rows, logits recomputed per chunk."""
+    """Per-row statistics of hidden @ weight.T + bias for [M, H] hidden rows, logits recomputed per chunk.
+
+    Its chunks run in order in both passes: they are mostly matrix products, which torch runs on all threads in long
+    calls, and both passes recompute the logits of the same chunks (the same rounding)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows_per_chunk, with_entropy, anchor):
         acc = acc_dtype(hidden.dtype)
-        return _fused_forward(ctx, (hidden, weight, bias), targets, rows_per_chunk=rows_per_chunk, with_entropy=with_entropy,
-                              anchor=anchor, dtype=acc, chunk_logits=lambda rows: _project(take_rows(hidden, rows), weight, bias).to(acc))
+        return _fused_forward(ctx, (hidden, weight, bias), targets, vocab=weight.shape[0], parallel=False,
+                              rows_per_chunk=rows_per_chunk, with_entropy=with_entropy, anchor=anchor, dtype=acc,
+                              chunk_logits=lambda rows: _project(take_rows(hidden, rows), weight, bias).to(acc))
 
     @staticmethod
     @once_differentiable

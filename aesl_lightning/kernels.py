@@ -18,7 +18,10 @@ variant never builds the logits at all: it recomputes `hidden @ weight.T + bias`
 (the idea of Liger-Kernel's fused linear cross-entropy; an independent implementation).
 
 Chunks are sized by a memory budget (`DEFAULT_CHUNK_ELEMS` float32 elements), not by a CPU cache: a loop of
-tiny kernels is slow on a GPU (launches) and on a shared CPU (every op waits for its OpenMP team).
+tiny kernels is slow on a GPU (launches). On a CPU the chunks run concurrently on `torch.get_num_threads()`
+single-threaded workers (`set_cpu_workers`), each taking the next chunk when done: torch's own ops split evenly
+across their threads and wait for the slowest, so beside another busy process a loop of them runs at the speed of
+the shared core. (The linear variant, mostly matrix products, runs its chunks in order.)
 
 This module is the checked public interface; the autograd Functions and their chunk maths are in
 `aesl_lightning.kernel_autograd`.
@@ -32,7 +35,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from aesl_lightning.kernel_autograd import IGNORE_INDEX, Anchor, LinearStats, LogitStats, acc_dtype, row_entropy, take_rows
+from aesl_lightning.kernel_autograd import (IGNORE_INDEX, Anchor, LinearStats, LogitStats, acc_dtype, for_each_chunk, row_entropy,
+                                           set_cpu_workers, take_rows)
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMS",
@@ -42,6 +46,7 @@ __all__ = [
     "linear_token_stats",
     "masked_rows",
     "row_chunk",
+    "set_cpu_workers",
     "token_entropy",
     "token_logprobs",
     "token_stats",
@@ -168,8 +173,11 @@ def token_entropy(
     rows = masked_rows(logits, mask, "token_entropy")
     acc = acc_dtype(logits.dtype)
     entropy = torch.zeros(flat.shape[0], dtype=acc, device=logits.device)
-    for chunk_rows in rows.split(chunk_size or row_chunk(logits.shape[-1])):
+
+    def chunk_entropy(chunk_rows: Tensor) -> None:
         entropy.index_copy_(0, chunk_rows, row_entropy(torch.log_softmax(take_rows(flat, chunk_rows).to(acc), dim=-1)))
+
+    for_each_chunk(rows, chunk_size or row_chunk(logits.shape[-1]), logits.shape[-1], chunk_entropy)
     if reduction == "none":
         return entropy.view(logits.shape[:-1])
     if reduction == "sum":

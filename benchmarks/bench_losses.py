@@ -39,6 +39,7 @@ from aesl_lightning.losses import IGNORE_INDEX, LossConfig, chunked_sft_loss, sf
 PATHS = {
     "ce": "F.cross_entropy on logits",
     "aesl": "AESL sft_loss on logits",
+    "aesl_serial": "AESL sft_loss on logits, chunks in order (set_cpu_workers(1))",
     "aesl_entropy": "AESL sft_loss on logits, return_entropy=True",
     "ce_linear": "hidden @ W.T then F.cross_entropy",
     "aesl_chunked": "AESL chunked_sft_loss(hidden, W)",
@@ -66,11 +67,13 @@ def step(path: str, inputs: dict, args: argparse.Namespace) -> None:
         targets[:, :-1] = labels[:, 1:]
         logits = inputs["logits"] if path == "ce" else inputs["hidden"] @ inputs["weight"].t()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-    elif path in ("aesl", "aesl_entropy"):
+    elif path in ("aesl", "aesl_entropy", "aesl_serial"):
+        kernels.set_cpu_workers(1 if path == "aesl_serial" else None)
         loss = sft_loss(inputs["logits"], labels, config, return_entropy=path == "aesl_entropy").loss
     else:
         loss = chunked_sft_loss(inputs["hidden"], inputs["weight"], labels, config).loss
     loss.backward()
+    kernels.set_cpu_workers(None)
     del loss
     for tensor in inputs.values():
         if isinstance(tensor, torch.Tensor):
@@ -171,6 +174,8 @@ def main() -> None:
     ratios = []
     for num, den, target in (
         ("aesl", "ce", "time <= 1.10, memory <= 1.0"),
+        ("aesl_serial", "ce", "none (the chunks in order, as before 2026-11-30)"),
+        ("aesl", "aesl_serial", "none (what the CPU workers change)"),
         ("aesl_entropy", "ce", "none (entropy + accuracy included)"),
         ("aesl_chunked", "ce_linear", "memory well below 1"),
     ):

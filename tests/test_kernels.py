@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from aesl_lightning.kernels import IGNORE_INDEX, linear_token_stats, token_entropy, token_logprobs, token_stats
+from aesl_lightning.kernels import IGNORE_INDEX, linear_token_stats, set_cpu_workers, token_entropy, token_logprobs, token_stats
 
 
 def reference_stats(z: torch.Tensor, targets: torch.Tensor, temperature: float, anchor_logits: torch.Tensor | None):
@@ -119,3 +123,110 @@ def test_bad_targets_are_named():
         token_stats(torch.zeros(2, 5), torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="integer token ids"):
         token_stats(torch.zeros(2, 5), torch.tensor([0.0, 1.0]))
+
+
+@pytest.fixture
+def cpu_workers():
+    """Set the kernels' CPU workers for one test; back to the default afterwards."""
+    yield set_cpu_workers
+    set_cpu_workers(None)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_cpu_workers_give_the_serial_values_and_gradients(cpu_workers, workers):
+    # 300 rows x 1000: the workers get several pieces, cut at the ignored rows
+    z, targets, base, (w_logp, w_h, w_x) = make(rows=300, vocab=1000, seed=3)
+    targets[100:140] = IGNORE_INDEX
+    threads = set()
+
+    def anchor(rows, _z):
+        threads.add(threading.current_thread().name)
+        return torch.log_softmax(base.index_select(0, rows), dim=-1)
+
+    results = {}
+    for count in (1, workers):
+        cpu_workers(count)
+        stats = token_stats(z, targets, temperature=0.7, with_entropy=True, anchor=anchor)
+        objective = (w_logp * stats.logprob + w_h * stats.entropy + w_x * stats.soft_ce).sum()
+        results[count] = (stats, torch.autograd.grad(objective, z)[0], token_entropy(z.detach(), targets != IGNORE_INDEX, reduction="none"))
+        if count == 1:
+            assert threads == {threading.current_thread().name}
+    assert any(name.startswith("aesl-kernel") for name in threads), "the pieces should run on the worker threads"
+    (serial, serial_grad, serial_h), (pooled, pooled_grad, pooled_h) = results[1], results[workers]
+    for name in ("logprob", "entropy", "soft_ce", "anchor_logprob", "anchor_entropy"):
+        torch.testing.assert_close(getattr(pooled, name), getattr(serial, name), rtol=0, atol=1e-12, msg=name)
+    assert torch.equal(pooled.correct, serial.correct)
+    torch.testing.assert_close(pooled_grad, serial_grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pooled_h, serial_h, rtol=0, atol=1e-12)
+    assert pooled_grad[targets == IGNORE_INDEX].abs().max() == 0
+
+
+def test_cpu_workers_leave_the_callers_thread_count_and_raise_a_pieces_error(cpu_workers):
+    cpu_workers(2)
+    before = torch.get_num_threads()
+    z, targets, base, _ = make(rows=300, vocab=1000, seed=4)
+    token_stats(z, targets, with_entropy=True)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert torch.get_num_threads() == before and seen == [before]
+
+    def broken(rows, _z):
+        if int(rows[0]) > 150:
+            raise RuntimeError("anchor failed")
+        return torch.log_softmax(base.index_select(0, rows), dim=-1)
+
+    with pytest.raises(RuntimeError, match="anchor failed"):
+        token_stats(z, targets, with_entropy=True, anchor=broken)
+    assert token_stats(z, targets).logprob.shape == (300,)  # the workers still serve
+    with pytest.raises(ValueError, match="workers must be None or >= 1"):
+        cpu_workers(0)
+
+
+def _logprob_sum_in_child(queue):
+    torch.set_num_threads(1)  # as a DataLoader worker does: a forked child cannot use the parent's OpenMP team
+    z, targets, _, _ = make(rows=300, vocab=1000, seed=5)
+    queue.put(float(token_stats(z.detach(), targets).logprob.sum()))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_cpu_workers_serve_a_forked_child(cpu_workers):
+    cpu_workers(2)
+    z, targets, _, _ = make(rows=300, vocab=1000, seed=5)
+    expected = float(token_stats(z.detach(), targets).logprob.sum())  # the parent's pool exists before the fork
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_logprob_sum_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == pytest.approx(expected, abs=1e-9)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_workers_follow_inference_mode_and_leave_dispatch_modes_in_the_callers_thread(cpu_workers):
+    z, targets, _, _ = make(rows=300, vocab=1000, seed=6)
+    z = z.detach()
+    entropies, calls = {}, {}
+    for count in (1, 2):
+        cpu_workers(count)
+        with torch.inference_mode():  # Lightning validates under it: the workers must write inference tensors
+            logits = z.clone()
+            entropies[count] = (token_entropy(logits, targets != IGNORE_INDEX, reduction="none"),
+                                token_stats(logits, targets, with_entropy=True).entropy)
+        with _CountOps() as counter:  # a dispatch mode is thread-local: every op must still pass through it
+            token_stats(z, targets, with_entropy=True)
+        calls[count] = counter.calls
+    for serial, pooled in zip(entropies[1], entropies[2]):
+        torch.testing.assert_close(pooled, serial, rtol=0, atol=1e-12)
+    assert calls[2] == calls[1] > 0
