@@ -252,6 +252,7 @@ def _generation_worker(rank: int, world: int, port: int, out: str) -> None:
               "equal": torch.equal(sharded.completion_ids, expected.completion_ids),
               "samples_equal": torch.equal(samples[0], samples[1]), "samples_shape": list(samples[0].shape)}
     Path(out, f"generation_rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # no rank tears its gloo connections down while the other still uses them
     dist.destroy_process_group()
 
 
