@@ -151,7 +151,8 @@ def for_each_chunk(rows: Tensor, size: int, row_elems: int, fn: Callable[[Tensor
         with torch.inference_mode(inference), torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
             fn(piece)
 
-    futures = [_worker_pool(workers).submit(run, piece) for piece in pieces]
+    pool = _worker_pool(workers)
+    futures = [pool.submit(run, piece) for piece in pieces]
     wait(futures)
     for future in futures:
         future.result()  # the first error, after every piece has stopped writing

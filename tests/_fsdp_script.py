@@ -20,8 +20,7 @@ import hashlib
 import json
 import os
 import sys
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -217,7 +216,7 @@ def _sampled_sharded_and_plain(model, plain, tokenizer, prompt, rank: int) -> li
     samples = []
     for target in (model, plain):
         torch.manual_seed(7 + rank)
-        with unsharded_for_generation(model) if target is model else contextlib.nullcontext():
+        with unsharded_for_generation(model) if target is model else nullcontext():
             samples.append(generate(target, tokenizer, prompt["input_ids"], prompt["attention_mask"], sampling).completion_ids)
     return samples
 
