@@ -8,7 +8,7 @@
 The design, the claims and the verdict rules are fixed in `experiments/results/real/plan.md` (written before
 any run); the sizes in `experiments/real_track.yaml`. Every training stage is the toolkit itself (SFTModule,
 GRPOModule, the data modules reading the JSONL splits of `aesl_lightning.data.word_problems`); evaluation is
-per problem (`evaluate_problems`), so that arms can be paired by seed and by problem (`real_stats.py`).
+per problem (`evaluate_problems`), so that arms can be paired by seed and by problem (`aesl_lightning/study/stats.py`).
 Each finished run writes `<out>/runs/<run id>.json` atomically (the CPU track's records, imported from
 `reproduce.py`); a rerun skips those.
 """
@@ -359,7 +359,7 @@ def grpo_check(config: dict, paths: Paths) -> dict:
     must rise by >= 0.05 (mean of the last half of the steps minus the first half, and the OLS slope)."""
     import lightning as L
 
-    from real_stats import ols_slope
+    from aesl_lightning.study.stats import ols_slope
 
     p = config["preflight"]
     L.seed_everything(0, verbose=False)
@@ -662,7 +662,7 @@ DESIGN = {"discordance": 0.3, "seed_sd": 0.03}  # plan.md's assumptions for the 
 
 def outcome_matrix(records: list[dict], split: str = PRIMARY[0], field: str = PRIMARY[1]) -> tuple[list[list[float]], list[dict]]:
     """Seeds x problems outcomes of one arm (records sorted by seed), checked to be the same problems."""
-    from real_stats import align
+    from aesl_lightning.study.stats import align
 
     records = sorted(records, key=lambda r: r["seed"])
     rows = [r["eval"][split]["rows"] for r in records]
@@ -676,12 +676,12 @@ def compare(a: list[dict], b: list[dict], replicates: int = 2000) -> dict:
     and the MDE of this comparison from its observed discordance and seed spread."""
     import numpy as np
 
-    from real_stats import discordant_pairs, hierarchical_bootstrap, mcnemar_exact, minimum_detectable_effect, paired_differences, seed_signs
+    from aesl_lightning.study.stats import discordant_pairs, hierarchical_bootstrap, mcnemar_exact, minimum_detectable_effect, paired_differences, seed_signs
 
     seeds = sorted({r["seed"] for r in a} & {r["seed"] for r in b})
     ma, rows_a = outcome_matrix([r for r in a if r["seed"] in seeds])
     mb, rows_b = outcome_matrix([r for r in b if r["seed"] in seeds])
-    from real_stats import align
+    from aesl_lightning.study.stats import align
 
     align(rows_a, rows_b, key="id")
     d = paired_differences(ma, mb)
@@ -700,7 +700,7 @@ def rl_moved(grpo: list[dict], start: list[dict]) -> dict:
     """Manipulation check of one arm: the paired gain after - before RL on the primary endpoint, and the training
     reward's OLS slope per step and last-quarter minus first-quarter change (means over seeds). RL moved when
     the gain's interval lies above 0 or the reward change is at least 0.05 (plan.md)."""
-    from real_stats import ols_slope
+    from aesl_lightning.study.stats import ols_slope
 
     gain = compare(grpo, start)
     slopes, changes = [], []
@@ -853,7 +853,7 @@ def write_curve_figure(summary: dict, out: Path) -> None:
 
 
 def minimum_design_mde(config: dict) -> float:
-    from real_stats import minimum_detectable_effect
+    from aesl_lightning.study.stats import minimum_detectable_effect
 
     return minimum_detectable_effect(len(config["seeds"]), config["eval"]["test_problems"], DESIGN["discordance"], DESIGN["seed_sd"])
 

@@ -1,17 +1,14 @@
-"""Statistics of the real-model track (experiments/real_stats.py) against slow, obvious references."""
+"""The studies' paired statistics (aesl_lightning/study/stats.py) against slow, obvious references."""
 
 from __future__ import annotations
 
 import math
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-import real_stats as S  # noqa: E402
+from aesl_lightning.study import stats as S
 
 
 def _mcnemar_reference(n10: int, n01: int) -> float:
@@ -111,3 +108,35 @@ def test_minimum_detectable_effect_formula_and_power():
 
 def test_seed_signs():
     assert S.seed_signs([[1, 0, 0], [0, -1, 0], [0, 0, 0]]) == [1, -1, 0]
+
+
+def test_sign_flip_p_is_exact_on_a_case_with_a_known_answer():
+    # 5 seeds all positive: only the all-plus and all-minus patterns reach |mean| -> p = 2 / 32
+    d = [[1.0, 0.0], [0.5, 0.5], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]]
+    assert S.sign_flip_p(d) == pytest.approx(2 / 32)
+    # a reference by brute force over sign patterns on random data
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.1, 1.0, size=(6, 7))
+    m = d.mean(axis=1)
+    count = 0
+    for pattern in range(64):
+        signs = np.array([1 if pattern >> i & 1 else -1 for i in range(6)])
+        count += abs((signs * m).mean()) >= abs(m.mean()) - 1e-12
+    assert S.sign_flip_p(d) == pytest.approx(count / 64)
+
+
+def test_sign_flip_p_does_not_pool_problems_as_independent():
+    # two seeds with large, opposite-free but tiny-seed-count effects: many problems cannot make p small
+    d = np.ones((2, 500))
+    assert S.sign_flip_p(d) == pytest.approx(0.5)
+    assert S.mcnemar_exact(1000, 0) < 1e-100  # the pooled test would call this certain
+
+
+def test_verdict_rules():
+    I = S.Interval
+    assert S.verdict(I(0.1, 0.05, 0.15, 0.95, 100), 0.01, 0.05) == "supported"
+    assert S.verdict(I(0.1, 0.05, 0.15, 0.95, 100), 0.2, 0.05) == "inconclusive"
+    assert S.verdict(I(0.0, -0.02, 0.03, 0.95, 100), 0.9, 0.05) == "refuted"
+    assert S.verdict(I(0.0, -0.02, 0.07, 0.95, 100), 0.9, 0.05) == "inconclusive"
+    assert S.verdict(I(-0.1, -0.15, -0.05, 0.95, 100), 0.01, 0.05) == "opposite"
+    assert S.seed_sd([[1.0, 1.0], [0.0, 0.0], [0.5, 0.5]]) == pytest.approx(0.5)

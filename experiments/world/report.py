@@ -1,0 +1,128 @@
+"""preflight.md / results.md, results.json and the figures of the strategy world, rebuilt from the unit files alone."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from aesl_lightning.study.units import UnitStore, strict_json
+from world import analysis as A
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _interval(c: dict) -> str:
+    d = c["difference"]
+    return f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def summarise(cfg: dict, records: dict) -> dict:
+    out: dict = {"costs": A.unit_costs(records), "units": {k: {"kind": r["kind"], "busy": r["machine"]["busy"], "seconds": r["machine"]["seconds"],
+                                                                 "start": r["machine"]["start"], "end": r["machine"]["end"]} for k, r in records.items()}}
+    if "base-check" in records:
+        out.update(A.m1_m2(records["base-check"]["result"]))
+    if "sft-narrow-ce-s0" in records:
+        out["M3"] = A.m3(records["sft-narrow-ce-s0"]["result"])
+    pilots = {k: A.m4(r["result"], cfg) for k, r in records.items() if k.startswith("pilot-rl-") and "test" in r["result"]}
+    if pilots:
+        out["M4"] = {"runs": pilots, "pass": sum(p["pass"] for p in pilots.values()) * 2 > len(pilots)}
+    seeds = cfg["main"]["seeds"]
+    if any(k.startswith("rl-") for k in records):
+        out["comparisons"] = {name: A.compare(records, a, b, seeds) for name, (a, b) in A.COMPARISONS.items()}
+        arms = {}
+        for arm in cfg["main"]["arms"]:
+            got = [records[f"rl-{arm}-s{s}"]["result"] for s in seeds if f"rl-{arm}-s{s}" in records]
+            if got:
+                arms[arm] = {"seeds": len(got),
+                             "test_accuracy": [g["test"]["summary"]["greedy_accuracy"] for g in got],
+                             "start_accuracy": [g["start_test"]["summary"]["greedy_accuracy"] for g in got],
+                             "shares_after": [g["test"]["summary"].get("strategy_shares") for g in got],
+                             "shares_before": [g["start_test"]["summary"].get("strategy_shares") for g in got],
+                             "manipulation": [A.passes(g, cfg["rl"]["pool_size"], cfg["rl"]["prompts_per_step"]) for g in got]}
+        out["arms"] = arms
+    for coldstart in ("narrow", "best", "all"):
+        if any(k.startswith(f"sft-{coldstart}-ce-") for k in records):
+            out[f"C1_{coldstart}"] = A.c1(records, coldstart, seeds)
+    return out
+
+
+def _preflight_lines(s: dict) -> list[str]:
+    lines = ["## Pre-flight checks", ""]
+    if "M1" in s:
+        m = s["M1"]
+        shares = ", ".join(f"{k} {_f(v)}" for k, v in m["shares"].items())
+        success = ", ".join(f"{k} {_f(v)}" for k, v in m["success"].items())
+        lines += [f"- **M1** ({A.check(m['pass'])}): base strategy shares among k samples: {shares} (each >= {A.M1_MIN_SHARE}); "
+                  f"success (right value, any format): {success}; spread {_f(m['spread'])} (>= {A.M1_MIN_SPREAD}); best minus round "
+                  f"{_f(m['best_minus_round'])} (>= {A.M1_ROUND_BELOW_BEST})."]
+    if "M2" in s:
+        lines += [f"- **M2** ({A.check(s['M2']['pass'])}): base target-format rate {_f(s['M2']['target_rate'])} (<= {A.M2_MAX_TARGET})."]
+    if "M3" in s:
+        m = s["M3"]
+        lines += [f"- **M3** ({A.check(m['pass'])}): CE (narrow, seed 0) learns the format (target rate >= 0.8) at step {m['format_step']} "
+                  f"(<= {A.M3_FORMAT_BY_STEP}); at the end the other strategies hold {_f(m['end_not_coldstart_share'])} of samples "
+                  f"(<= {A.M3_MAX_OTHER_AT_END}); end shares: " + ", ".join(f"{k} {_f(v)}" for k, v in m["end_shares"].items()) + "."]
+    if "M4" in s:
+        lines += [f"- **M4** ({A.check(s['M4']['pass'])}): RL raises its training reward, pass 2 minus pass 1 over the fixed pool, paired by prompt:"]
+        for k, m in s["M4"]["runs"].items():
+            lines += [f"  - {k}: {_f(m['pass1'])} -> {_f(m['pass2'])}, gain {_f(m['gain'])} (SE {_f(m['se'])}; >= {A.M4_MIN_GAIN} and > 2 SE), "
+                      f"test target rate after RL {_f(m['test_target_rate_after'])} (>= 0.9): {A.check(m['pass'])}"]
+    lines += ["", "## Unit costs (idle units only)", "", "| kind | median minutes | idle units | busy units |", "|---|---|---|---|"]
+    for k, c in sorted(s["costs"].items()):
+        lines.append(f"| {k} | {_f(c['median_seconds'] / 60 if c['median_seconds'] else None, 1)} | {c['idle_units']} | {c['busy_units']} |")
+    return lines
+
+
+def _main_lines(s: dict) -> list[str]:
+    lines = ["", "## Accuracy after RL (test, greedy, target format)", "", "| arm | seeds | before RL | after RL |", "|---|---|---|---|"]
+    for arm, a in s.get("arms", {}).items():
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        lines.append(f"| {arm} | {a['seeds']} | {_f(mean(a['start_accuracy']))} | {_f(mean(a['test_accuracy']))} |")
+    lines += ["", "## Comparisons (paired by seed and problem; 95 % hierarchical bootstrap; sign-flip p over seeds)", "",
+              "| comparison | seeds | A - B [95 % CI] | p | MDE | verdict |", "|---|---|---|---|---|---|"]
+    for name, c in s.get("comparisons", {}).items():
+        if c["verdict"] == "not run":
+            lines.append(f"| {name} | {c['seeds']} | - | - | - | not run |")
+        else:
+            lines.append(f"| {name} | {c['seeds']} | {_interval(c)} | {_f(c['sign_flip_p'])} | {_f(c['mde'])} | {c['verdict']} |")
+    for coldstart in ("narrow", "best", "all"):
+        c = s.get(f"C1_{coldstart}")
+        if not c:
+            continue
+        lines += ["", f"## Diversity during CE SFT ({coldstart} cold start)", "",
+                  f"Paper's rule detected a turning point in {c['detected']} of {len(c['seeds'])} seeds; the ground truth's rule in "
+                  f"{c['truth_detected']}.", ""]
+        if "decline" in c:
+            lines.append(f"Strategy entropy, paper's peak minus end (bits per problem): {_interval(c['decline'])}, p {_f(c['decline']['sign_flip_p'])}: "
+                         f"{c['decline']['verdict']} (smallest effect of interest {A.SESOI_BITS} bits).")
+        lines += ["", "| seed | format step | paper peak | detected | truth peak | Spearman(paper, truth) |", "|---|---|---|---|---|---|"]
+        for x in c["seeds"]:
+            lines.append(f"| {x['seed']} | {x['paper']['format_step']} | {x['paper']['peak_step']} | {x['paper']['detected']} | "
+                         f"{x['truth']['peak_step']} | {_f(x['spearman_paper_vs_truth'])} |")
+    return lines
+
+
+def write(cfg: dict, store: UnitStore, out: Path) -> Path:
+    records = store.records()
+    s = summarise(cfg, records)
+    (out / "results.json").write_text(json.dumps(strict_json(s), indent=1, sort_keys=True, allow_nan=False) + "\n")
+    main = any(k.startswith("rl-") for k in records)
+    title = "results.md" if main else "preflight.md"
+    lines = [f"# Strategy world: {'results' if main else 'pre-flight'}", "",
+             "A mechanism test in a controlled world (a from-scratch ~1M-parameter model), not evidence about 7B models. "
+             "Rebuilt by `python experiments/strategy_world.py --report` from `units/*.json` alone; the plan is plan.md.", ""]
+    lines += _preflight_lines(s) + (_main_lines(s) if main or any(k.startswith("C1_") for k in s) else [])
+    path = out / title
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        from world.figures import write_figures
+
+        write_figures(s, out)
+    except ImportError:
+        pass
+    return path

@@ -1,0 +1,123 @@
+"""The strategy world as units (aesl_lightning.study.units): which units exist, how each runs, and the checks.
+
+Unit ids: `base`, `base-check`, `sft-<coldstart>-<loss>-s<seed>`, `rl-<arm>-s<seed>`, `pilot-rl-<arm>-s<seed>`.
+An RL unit's starting snapshot is chosen from its SFT unit's recorded grid by the rules in `rules.py`, so the
+choice is made from committed records, never from anything left in the work folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from aesl_lightning.study.units import Unit, UnitStore, run_units
+from world import rules, stages
+
+# arm -> (cold start, SFT loss, which grid point); `rl_only` starts from the base
+ARMS = {
+    "rl_only": (None, None, "base"),
+    "ce_best_acc": ("narrow", "ce", "best_accuracy"),
+    "ce_turning": ("narrow", "ce", "turning_point"),
+    "ce_end": ("narrow", "ce", "end"),
+    "dft_end": ("narrow", "dft", "end"),
+    "aesl_end": ("narrow", "aesl", "end"),
+    "anchored_end": ("narrow", "aesl_entropy_floor", "end"),
+    "best_ce_best_acc": ("best", "ce", "best_accuracy"),
+    "best_ce_turning": ("best", "ce", "turning_point"),
+}
+
+
+def config_digest(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def sft_id(coldstart: str, loss: str, seed: int) -> str:
+    return f"sft-{coldstart}-{loss}-s{seed}"
+
+
+def rl_units(arms: list[str], seeds: list[int], prefix: str = "rl") -> list[Unit]:
+    out = []
+    for seed in seeds:
+        for arm in arms:
+            coldstart, loss, _ = ARMS[arm]
+            deps = ("base",) if coldstart is None else (sft_id(coldstart, loss, seed),)
+            out.append(Unit(f"{prefix}-{arm}-s{seed}", "rl", deps, {"arm": arm, "seed": seed}))
+    return out
+
+
+def sft_units(pairs: list[tuple[str, str]], seeds: list[int]) -> list[Unit]:
+    return [Unit(sft_id(c, loss, seed), "sft", ("base",), {"coldstart": c, "loss": loss, "seed": seed}) for seed in seeds for c, loss in pairs]
+
+
+def preflight_units(cfg: dict) -> list[Unit]:
+    p = cfg["preflight"]
+    return ([Unit("base", "base"), Unit("base-check", "eval", ("base",))]
+            + sft_units([("narrow", "ce")], p["sft_seeds"])
+            + rl_units(p["rl_arms"], p["rl_seeds"], prefix="pilot-rl"))
+
+
+def main_units(cfg: dict) -> list[Unit]:
+    m = cfg["main"]
+    sft = sorted({(ARMS[a][0], ARMS[a][1]) for a in m["arms"] if ARMS[a][0]} | {tuple(x) for x in m.get("sft_only", [])})
+    return [Unit("base", "base")] + sft_units(sft, m["seeds"]) + rl_units(m["arms"], m["seeds"])
+
+
+def start_of(cfg: dict, work: Path, store: UnitStore, arm: str, seed: int) -> tuple[Path, dict]:
+    """The snapshot an arm starts RL from, and why (from the SFT unit's committed grid)."""
+    coldstart, loss, which = ARMS[arm]
+    if coldstart is None:
+        return work / "base", {"rule": "base"}
+    record = store.load(sft_id(coldstart, loss, seed))["result"]
+    grid = record["grid"]
+    if which == "end":
+        step, why = grid[-1]["step"], {"rule": "end"}
+    elif which == "best_accuracy":
+        row = rules.best_accuracy(grid)
+        step, why = row["step"], {"rule": "best_accuracy", "greedy_accuracy": row["summary"]["greedy_accuracy"]}
+    else:
+        tp = rules.turning_point(grid, "paper")
+        step = tp["peak_step"] if tp["peak_step"] is not None else grid[-1]["step"]
+        why = {"rule": "turning_point", **tp}
+    path = work / "runs" / sft_id(coldstart, loss, seed) / "snapshots" / f"step{step:05d}"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: the snapshot of {sft_id(coldstart, loss, seed)} at step {step} is missing from the work folder; "
+                                f"delete {store.path(sft_id(coldstart, loss, seed))} to rerun that SFT unit")
+    return path, {"step": step, **why}
+
+
+def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
+    if unit.kind == "base":
+        cached = work / "base" / "train.json"
+        if cached.is_file() and json.loads(cached.read_text()).get("config") == config_digest(cfg["base"] | {"world": cfg["world"]}):
+            return {**json.loads(cached.read_text()), "reused": str(cached)}  # weights kept from an earlier attempt of this unit
+        result = stages.pretrain_base(cfg, work) | {"config": config_digest(cfg["base"] | {"world": cfg["world"]})}
+        cached.write_text(json.dumps(result))
+        return result
+    if unit.id == "base-check":
+        return stages.base_check(cfg, work)
+    if unit.kind == "sft":
+        p = unit.params
+        return stages.run_sft(cfg, work, p["coldstart"], p["loss"], p["seed"], unit.id)
+    if unit.kind == "rl":
+        arm, seed = unit.params["arm"], unit.params["seed"]
+        start, why = start_of(cfg, work, store, arm, seed)
+        for other_id, other in store.records().items():  # the same start and seed was already trained: same run
+            if other.get("kind") == "rl" and other["result"].get("start") == str(start.relative_to(work)) and other["result"].get("seed") == seed \
+                    and other_id.split("-")[0] == unit.id.split("-")[0] and "same_as" not in other["result"]:
+                return {**other["result"], "same_as": other_id, "start_rule": why}
+        return stages.run_grpo(cfg, work, start, seed, unit.id) | {"start_rule": why}
+    raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+def run(cfg: dict, work: Path, out: Path, units: list[Unit], deadline: float | None) -> list[str]:
+    store = UnitStore(out)
+    work.mkdir(parents=True, exist_ok=True)
+    return run_units(units, store, lambda u: execute(cfg, work, store, u), cfg["estimates"], deadline=deadline,
+                     repo=Path(__file__).resolve().parents[2])
+
+
+def report(cfg: dict, out: Path) -> Path:
+    from world import report as rep
+
+    return rep.write(cfg, UnitStore(out), out)

@@ -1,0 +1,91 @@
+"""The unit runner: deadline refusal, resume at unit granularity, dependencies, and records read back alone."""
+
+import json
+
+import pytest
+
+from aesl_lightning.study.units import Unit, UnitStore, estimate, pending, run_units
+
+
+def _units():
+    return [Unit("base", "base"), Unit("sft-s0", "sft", deps=("base",), params={"seed": 0}),
+            Unit("sft-s1", "sft", deps=("base",), params={"seed": 1}), Unit("rl-s0", "rl", deps=("sft-s0",))]
+
+
+def test_runs_in_order_and_resumes_at_unit_granularity(tmp_path):
+    store = UnitStore(tmp_path)
+    calls = []
+
+    def execute(unit):
+        calls.append(unit.id)
+        if unit.id == "sft-s1" and calls.count("sft-s1") == 1:
+            raise RuntimeError("killed")
+        return {"value": len(unit.id)}
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_units(_units(), store, execute, planned={"base": 1, "sft": 1, "rl": 1}, log=lambda m: None)
+    assert calls == ["base", "sft-s0", "sft-s1"]
+    assert pending(_units(), store) == ["sft-s1", "rl-s0"]  # the failed unit left no record
+    assert not list((tmp_path / "units").glob(".*"))  # and no temporary file
+    ran = run_units(_units(), store, execute, planned={"base": 1, "sft": 1, "rl": 1}, log=lambda m: None)
+    assert ran == ["sft-s1", "rl-s0"] and calls[3:] == ["sft-s1", "rl-s0"]  # finished units never rerun
+    records = UnitStore(tmp_path).records()  # a fresh store reads everything back from the files alone
+    assert set(records) == {"base", "sft-s0", "sft-s1", "rl-s0"}
+    assert records["sft-s0"]["result"] == {"value": 6} and records["sft-s0"]["params"] == {"seed": 0}
+    machine = records["base"]["machine"]
+    assert {"start", "end", "seconds", "busy"} <= set(machine) and "commit" in machine["start"] and len(machine["start"]["loadavg"]) == 3
+
+
+def test_deadline_refuses_a_unit_that_would_end_after_it(tmp_path):
+    store = UnitStore(tmp_path)
+    now = [1000.0]
+    messages = []
+
+    def execute(unit):
+        now[0] += {"base": 60, "sft": 600, "rl": 60}[unit.kind]
+        return {}
+
+    planned = {"base": 60, "sft": 600, "rl": 60}
+    ran = run_units(_units(), store, execute, planned, deadline=1000.0 + 730, log=messages.append, clock=lambda: now[0])
+    # base (60 s) fits, sft-s0 (600 s) ends at 1660 <= 1730, sft-s1 would end at 2260: refused; rl-s0 (60 s) ends at 1720: fits
+    assert ran == ["base", "sft-s0", "rl-s0"]
+    assert any(m.startswith("[refused] sft-s1") for m in messages)
+
+
+def test_dependencies_wait_and_unknown_ones_are_errors(tmp_path):
+    store = UnitStore(tmp_path)
+    ran = run_units([Unit("a", "x"), Unit("b", "x", deps=("a",))][::-1], store, lambda u: {}, {"x": 1}, log=lambda m: None)
+    assert ran == ["a"]  # b came first and waited
+    with pytest.raises(ValueError, match="unknown units"):
+        run_units([Unit("c", "x", deps=("zzz",))], store, lambda u: {}, {"x": 1})
+    with pytest.raises(ValueError, match="unique"):
+        run_units([Unit("c", "x"), Unit("c", "x")], store, lambda u: {}, {"x": 1})
+
+
+def test_estimates_use_idle_records_only(tmp_path):
+    records = {"a": {"kind": "sft", "machine": {"seconds": 100, "busy": False}},
+               "b": {"kind": "sft", "machine": {"seconds": 300, "busy": False}},
+               "c": {"kind": "sft", "machine": {"seconds": 9000, "busy": True}}}
+    assert estimate("sft", records, {"sft": 5}) == 200
+    assert estimate("rl", records, {"rl": 5}) == 5
+    with pytest.raises(KeyError, match="no cost estimate"):
+        estimate("eval", records, {})
+
+
+def test_store_refuses_paths_and_names_the_file_of_a_broken_record(tmp_path):
+    store = UnitStore(tmp_path)
+    with pytest.raises(ValueError, match="plain file name"):
+        store.path("../x")
+    store.save("ok", {"a": 1})
+    (tmp_path / "units" / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json"):
+        store.records()
+    assert json.loads((tmp_path / "units" / "ok.json").read_text()) == {"a": 1}
+
+
+def test_records_are_strict_json(tmp_path):
+    store = UnitStore(tmp_path)
+    store.save("x", {"a": float("nan"), "b": [float("inf"), 1.5], "c": (1, 2)})
+    text = (tmp_path / "units" / "x.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert store.load("x") == {"a": None, "b": [None, 1.5], "c": [1, 2]}
