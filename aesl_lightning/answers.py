@@ -37,6 +37,7 @@ from typing import Any
 from aesl_lightning.answer_values import answer_values, names_several_values
 
 __all__ = [
+    "GOLD_CHARS",
     "MAX_ANSWER_CHARS",
     "MAX_COMPLETION_CHARS",
     "completion_text",
@@ -60,6 +61,7 @@ MAX_FACTORIAL = 1_000
 MAX_EXPONENT_PRODUCT = 1_000_000
 MAX_SCIENTIFIC_EXPONENT = 100
 MAX_BOXED = 16
+GOLD_CHARS = 4 * MAX_ANSWER_CHARS
 
 _BOX_RE = re.compile(r"\\boxed\s*\{")
 _BRACE_RE = re.compile(r"[{}]")
@@ -268,8 +270,9 @@ def plain_compare(answer: str, gold: str) -> bool | None:
 
 
 def gold_reason(gold: str) -> str | None:
-    """Why a ground-truth answer cannot be checked against (None: it can): too long, or control characters."""
-    if len(gold) > 4 * MAX_ANSWER_CHARS or _CONTROL.search(gold):
+    """Why a ground-truth answer cannot be checked against (None: it can): longer than `GOLD_CHARS`, or control
+    characters. The data formats refuse such answers when the data loads."""
+    if len(gold) > GOLD_CHARS or _CONTROL.search(gold):
         return f"ground truth {gold[:60]!r}... is not a usable answer"
     return None
 
