@@ -184,7 +184,8 @@ class _Reader:
         if braced or (name == "sqrt" and k < n and text[k] == "["):
             # A command with arguments is one term; its arguments are then read as groups of their own.
             last = k
-            if text[last] == "[":
+            if text[last] == "[":  # \sqrt[3]{8}
+                self.arg_braces.add(last)
                 close = text.find("]", last)
                 last = close + 1 if close >= 0 else n
                 while last < n and text[last] == " ":
@@ -253,7 +254,7 @@ class _Reader:
                 self.item(i, 1)
                 i += 1
             elif char in "([{":
-                if char == "{" and i in self.arg_braces:
+                if i in self.arg_braces:
                     role = "arg"
                 elif char == "(" and i > 0 and text[i - 1].isalpha() and not lv.script:
                     role = "apply"  # f(2): a function's argument

@@ -250,6 +250,7 @@ def test_the_values_an_answer_names_are_read_from_its_grammar():
         assert answer_values(single) == ([single], False), single
     assert answer_values("(43 ó 42)") == (["(43 ó 42)"], True)  # named inside brackets
     assert answer_values("6 \\times 7 = 42") == (["6 \\times 7", "42"], False)
+    assert answer_values("\\sqrt[3]{8} = 2") == (["\\sqrt[3]{8}", "2"], False)  # each value whole, arguments included
     assert names_several_values("\\{2,3\\}") and names_several_values("2, 3") and not names_several_values("42")
     started = time.perf_counter()
     for hostile in ["|" * 20_000, "(" * 20_000 + "1", "\\text{" * 10_000, "1 | " * 5_000, "\\"]:
