@@ -51,7 +51,8 @@ _IGNORED = frozenset("left right big Big bigg Bigg bigl bigr Bigl Bigr displayst
 _SPACING = frozenset(", ; : ! > ".split()) | {" "}
 _SIGNS = frozenset("+-−±∓")
 _BINARY_CHARS = frozenset("*/×÷·⋅∗")
-_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d])|\d+(?:\.\d*)?|\.\d+")
+# thousands written 1,000 or, in LaTeX, 1{,}000 are one number
+_NUMBER = re.compile(r"\d{1,3}(?:(?:,|\{,\})\d{3})+(?:\.\d+)?(?![\d])|\d+(?:\.\d*)?|\.\d+")
 _COMMAND = re.compile(r"\\(?:[A-Za-z]+|.)", re.DOTALL)
 
 

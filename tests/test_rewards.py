@@ -214,6 +214,7 @@ def test_hedges_in_any_language_or_symbol_score_0():
         ("\\boxed{\\frac{1}{2}}", "1/2"),
         ("\\boxed{-3}", "-3"),
         ("\\boxed{1,000}", "1000"),
+        ("\\boxed{1{,}234{,}567}", "1234567"),  # LaTeX's thousands separator
         ("\\boxed{3.5}", "3.5"),
         ("\\boxed{x = 4}", "4"),
         ("\\boxed{\\sqrt{2}}", "\\sqrt{2}"),
