@@ -136,3 +136,17 @@ def test_too_few_examples_for_the_held_out_split_is_an_error_naming_the_option(t
     with pytest.raises(DataFormatError, match=r"data\.val_size=3, data\.test_size=2: .* has 5 examples"):
         PromptDataModule.validate_sources(train=prompts, val_size=3, test_size=2)
     PromptDataModule.validate_sources(train=prompts, val_size=3, test_size=1)
+
+
+def test_the_cli_reports_a_too_small_training_file_before_building_the_model(tmp_path, capsys, monkeypatch):
+    from aesl_lightning.cli import main
+
+    monkeypatch.delenv("AESL_DEBUG", raising=False)
+    lines = [json.dumps({"prompt": f"q{i}", "completion": "c"}) for i in range(8)]
+    path = _jsonl(tmp_path / "small.jsonl", *lines)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data.train", path, "--model.name_or_path", str(tmp_path / "no-such-model"),
+              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: data.val_size=32: data.train ({path}) has 8 examples"), err  # before the model path
