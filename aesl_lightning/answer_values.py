@@ -11,8 +11,9 @@ A hedge joins two values with something that is not arithmetic: a word in any la
   them (`+` or `-` after a term, `*`, `/`, `\\times`, `\\cdot`, `\\div`, `\\pm`, `\\mp`, `\\bmod`). Otherwise a
   number always starts a new value (no notation multiplies a number written after another term: `43 ó 42`,
   `43 = 42`), and a group or command does when a symbol, a non-arithmetic command or a word (two or more
-  letters, or a letter outside Latin and Greek, after a space or inside `\\text{}`) stands between them
-  (`43 ó \\frac{84}{2}`); juxtaposition alone is a product (`2(x+1)`, `2x\\sqrt{3}`, `3\\frac{1}{2}`).
+  letters, or a letter outside Latin and Greek, after a space; anything inside `\\text{}`, brackets too, is
+  prose) stands between them (`43 ó \\frac{84}{2}`); juxtaposition alone is a product (`2(x+1)`,
+  `2x\\sqrt{3}`, `3\\frac{1}{2}`).
 - `,` `;` `&` and `\\\\` outside brackets make a list; inside brackets they separate the items of a tuple,
   set, interval or matrix, which is one value (`(1, 2)`, `\\{2, 3\\}`, `[0, 1)`).
 
@@ -253,6 +254,9 @@ class _Reader:
                     i = self.command(i, name, end)
             elif char in ",;&":
                 self.item(i, 1)
+                i += 1
+            elif char in "()[]" and self.in_text():
+                self.separator()  # brackets in prose: `42 \text{ (or 43)}` names two values
                 i += 1
             elif char in "([{":
                 if i in self.arg_braces:

@@ -196,7 +196,8 @@ HEDGES = [
 
 def test_hedges_in_any_language_or_symbol_score_0():
     # beyond the list: the same hedges with the right value as a fraction, negative, nested or in text
-    more = ["43 ó \\frac{84}{2}", "43 = 42", "(43 ó 42)", "\\text{43 ó 42}", "43 \\quad 42", "43 \\\\ 42", "x = 43 \\text{ ó } x = 42"]
+    more = ["43 ó \\frac{84}{2}", "43 = 42", "(43 ó 42)", "\\text{43 ó 42}", "43 \\quad 42", "43 \\\\ 42", "x = 43 \\text{ ó } x = 42",
+            "42 \\text{ (ó 43)}", "\\{43\\} \\cup \\{42\\}", "43^{ó} 42"]
     completions = [f"\\boxed{{{hedge}}}" for hedge in HEDGES + more] + ["The answer is $43 | 42$", "\\boxed{43 ó -42}"]
     golds = ["42"] * (len(completions) - 1) + ["-42"]
     assert math_accuracy(["p"] * len(completions), completions, answer=golds) == [0.0] * len(completions)
