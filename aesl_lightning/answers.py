@@ -11,6 +11,11 @@ Which answer counts (`final_answers`), so that hedging cannot be rewarded:
   distinct segment scores 0); else its numbers, which must all be the same number ("The answer is 42 or
   43" scores 0; "12 + 35 = 47" without a box is ambiguous and scores 0 too).
 - An answer joined by "or" (`\\lor`, `\\vee`, the word) scores 0 unless the ground truth has one too.
+- An answer that names several values (`43 ó 42`, `43 \\mid 42`, `42 \\approx 43`, `2, 3`: the rule of
+  `aesl_lightning.answer_values`, which reads the grammar, not a list of words) is split into its values when
+  the gold names one value, and scores 1 only if every value equals the gold (`6 \\times 7 = 42`); values
+  named inside brackets or `\\text{}` (`(43 ó 42)`) then score 0. A gold that names several values (a list,
+  tuple, set, interval) leaves the answer whole, for math-verify to compare as a set.
 
 Cheap pre-filters (`prefilter_reason`) reject pathological answers in microseconds: longer than
 `MAX_ANSWER_CHARS`, braces nested deeper than `MAX_BRACE_DEPTH`, digit runs longer than `MAX_DIGITS` (or the
@@ -29,7 +34,10 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
+from aesl_lightning.answer_values import answer_values, names_several_values
+
 __all__ = [
+    "GOLD_CHARS",
     "MAX_ANSWER_CHARS",
     "MAX_COMPLETION_CHARS",
     "completion_text",
@@ -40,6 +48,7 @@ __all__ = [
     "gold_reason",
     "or_reason",
     "plain_compare",
+    "single_values",
 ]
 
 BOXED = "\\boxed{"
@@ -52,6 +61,7 @@ MAX_FACTORIAL = 1_000
 MAX_EXPONENT_PRODUCT = 1_000_000
 MAX_SCIENTIFIC_EXPONENT = 100
 MAX_BOXED = 16
+GOLD_CHARS = 4 * MAX_ANSWER_CHARS
 
 _BOX_RE = re.compile(r"\\boxed\s*\{")
 _BRACE_RE = re.compile(r"[{}]")
@@ -260,8 +270,9 @@ def plain_compare(answer: str, gold: str) -> bool | None:
 
 
 def gold_reason(gold: str) -> str | None:
-    """Why a ground-truth answer cannot be checked against (None: it can): too long, or control characters."""
-    if len(gold) > 4 * MAX_ANSWER_CHARS or _CONTROL.search(gold):
+    """Why a ground-truth answer cannot be checked against (None: it can): longer than `GOLD_CHARS`, or control
+    characters. The data formats refuse such answers when the data loads."""
+    if len(gold) > GOLD_CHARS or _CONTROL.search(gold):
         return f"ground truth {gold[:60]!r}... is not a usable answer"
     return None
 
@@ -271,3 +282,33 @@ def or_reason(answers: list[str], gold: str) -> str | None:
     if not _OR.search(gold) and any(_OR.search(a) for a in answers):
         return "answers joined by 'or'"
     return None
+
+
+def _body(answer: str) -> tuple[str, tuple[str, str]]:
+    """(the maths inside an answer of `final_answers`, the wrapper around it)."""
+    if answer.startswith(BOXED) and answer.endswith("}"):
+        return answer[len(BOXED) : -1], (BOXED, "}")
+    if len(answer) > 1 and answer.startswith("$") and answer.endswith("$"):
+        return answer[1:-1], ("$", "$")
+    return answer, ("$", "$")
+
+
+def single_values(answers: list[str], gold: str) -> tuple[list[str], str | None]:
+    """(the answers to check, each naming one value, or a reason for scoring 0) when `gold` names one value;
+    `answers` unchanged when the gold names several (see the module docstring). Every answer comes back
+    wrapped (`\\boxed{}` or `$...$`), so that math-verify reads it as maths and never salvages a number
+    out of text it cannot parse."""
+    if names_several_values(gold):
+        return [answer if answer.startswith((BOXED, "$")) else f"${answer}$" for answer in answers], None
+    out: list[str] = []
+    for answer in answers:
+        body, wrapper = _body(answer)
+        values, nested = answer_values(body)
+        if nested:
+            return [], "several values inside brackets or text"
+        # a full stop closing the sentence is no part of the value (`\\boxed{42.}`)
+        out.extend(wrapper[0] + (value.rstrip(" .") or value) + wrapper[1] for value in (values if len(values) > 1 else [body]))
+    out = list(dict.fromkeys(out))
+    if len(out) > MAX_BOXED:
+        return [], f"more than {MAX_BOXED} values"
+    return out, None

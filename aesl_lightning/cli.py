@@ -15,7 +15,7 @@ import argparse
 import logging
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 
@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
         synthetic_main(argv[1:])
         return
     if argv and argv[0] == "export":
-        export_main(argv[1:])
+        # On the command line a refused target, a missing checkpoint, a full or read-only disk is one line;
+        # a caller of main(argv) gets the exception itself.
+        with _clean_errors() if from_command_line else nullcontext():
+            export_main(argv[1:])
         return
     make_cli(None if from_command_line else argv)

@@ -27,6 +27,7 @@ from aesl_lightning.answers import (
     or_reason,
     plain_compare,
     prefilter_reason,
+    single_values,
 )
 from aesl_lightning.verifier import DEFAULT_TIME_LIMIT, LOG_CHARS, VerifierPool, verifier_pool
 
@@ -55,6 +56,8 @@ def _plan(completion: str, gold: str) -> tuple[bool | None, list[str]]:
     reason = reason or or_reason(answers, gold)
     if reason is None:
         reason = next((r for r in (prefilter_reason(a, gold) for a in answers) if r is not None), None)
+    if reason is None:
+        answers, reason = single_values(answers, gold)
     if reason is not None:
         log.debug("answer check: %s; counted as wrong (%r)", reason, completion[-LOG_CHARS:])
         return False, []

@@ -5,7 +5,8 @@ math-verify (LaTeX into sympy, never executed) runs in worker *processes* (`Veri
 answer gets a hard wall-clock limit (`time_limit`, default `DEFAULT_TIME_LIMIT` = 1 s), after which its
 worker is killed and replaced and the answer counts as wrong; answers are checked in parallel across the
 workers. math-verify's own signal-based timeouts are off (`parsing_timeout=None`, `timeout_seconds=None`)
-and its log messages are cut to `LOG_CHARS` characters.
+and its log messages are cut to `LOG_CHARS` characters. Answers are parsed as LaTeX only (no number salvaged
+from text that does not parse: that is how hedges such as `43 ó 42` used to score 1).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ def _parse_gold(gold: str) -> list:
 
 
 def _verify_in_process(answer: str, gold: str) -> bool:
-    """math-verify with its signal timeouts off (the caller bounds the time)."""
-    from math_verify import parse, verify
+    """math-verify with its signal timeouts off (the caller bounds the time). The answer is read as LaTeX only:
+    math-verify's default falls back to the last number of text it cannot parse, which scored `43 ó 42` as 42."""
+    from math_verify import LatexExtractionConfig, parse, verify
 
     gold_parsed = _parse_gold(gold)
-    pred = parse(answer, parsing_timeout=None)
+    pred = parse(answer, extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
     if not gold_parsed or not pred:
         return False
     return bool(verify(gold_parsed, pred, timeout_seconds=None))

@@ -183,3 +183,85 @@ def test_math_verify_log_messages_are_cut(caplog):
         logger.setLevel(logging.WARNING)
         logger.warning("Timeout during parsing: %s", "x" * 100_000)
     assert caplog.records and len(caplog.records[-1].getMessage()) < LOG_CHARS + 40
+
+
+# ----------------------------------------------------------------------------------------------------
+# An answer that names several values scores 0 unless the gold names the same set (issue 26, item 5)
+
+HEDGES = [
+    "43 ó 42", "43 或 42", "43 или 42", "43 または 42", "43 hoặc 42", "43 أو 42", "43 या 42", "43 אוֹ 42",
+    "43 | 42", "43 \\mid 42", "43 \\cup 42", "43 \\& 42", "43 \\text{, } 42", "43 \\colon 42", "42 \\approx 43",
+]
+
+
+def test_hedges_in_any_language_or_symbol_score_0():
+    # beyond the issue's list: the same hedges with the right value as a fraction, negative, nested or in text
+    more = ["43 ó \\frac{84}{2}", "43 = 42", "(43 ó 42)", "\\text{43 ó 42}", "43 \\quad 42", "43 \\\\ 42", "x = 43 \\text{ ó } x = 42",
+            "42 \\text{ (ó 43)}", "\\{43\\} \\cup \\{42\\}", "43^{ó} 42"]
+    completions = [f"\\boxed{{{hedge}}}" for hedge in HEDGES + more] + ["The answer is $43 | 42$", "\\boxed{43 ó -42}"]
+    golds = ["42"] * (len(completions) - 1) + ["-42"]
+    assert math_accuracy(["p"] * len(completions), completions, answer=golds) == [0.0] * len(completions)
+
+
+@pytest.mark.parametrize(
+    "completion, gold",
+    [
+        ("\\boxed{42}", "42"),
+        ("\\boxed{2, 3}", "2, 3"),
+        ("\\boxed{2, 3}", "\\{2,3\\}"),
+        ("\\boxed{\\{3, 2\\}}", "2, 3"),
+        ("\\boxed{x=2, y=3}", "x=2, y=3"),
+        ("\\boxed{[0, 1]}", "[0, 1]"),
+        ("\\boxed{\\frac{1}{2}}", "1/2"),
+        ("\\boxed{-3}", "-3"),
+        ("\\boxed{1,000}", "1000"),
+        ("\\boxed{1{,}234{,}567}", "1234567"),  # LaTeX's thousands separator
+        ("\\boxed{3.5}", "3.5"),
+        ("\\boxed{x = 4}", "4"),
+        ("\\boxed{\\sqrt{2}}", "\\sqrt{2}"),
+        ("\\boxed{2^{10}}", "1024"),
+        ("\\boxed{10\\%}", "10"),
+        ("\\boxed{42 \\text{ cm}}", "42"),
+        ("\\boxed{42 \\text{ cm}^2}", "42"),
+        ("\\boxed{\\$42}", "42"),
+        ("\\boxed{42^\\circ}", "42"),
+        ("\\boxed{|{-42}|}", "42"),
+        ("\\boxed{\\log_2 8}", "3"),
+        ("\\boxed{6 \\times 7 = 42}", "42"),  # two expressions of one value
+        ("\\boxed{\\frac{84}{2} = 42}", "42"),
+        ("\\boxed{42.}", "42"),
+    ],
+    ids=lambda value: repr(value)[:40],
+)
+def test_single_values_and_equal_sets_still_score_1(completion, gold):
+    from aesl_lightning.rewards import check_answers
+
+    assert check_answers([completion], [gold], time_limit=30) == [True]  # a generous limit: a loaded machine is no verdict
+
+
+def test_the_values_an_answer_names_are_read_from_its_grammar():
+    from aesl_lightning.answer_values import answer_values, names_several_values
+
+    for hedge in HEDGES:
+        values, nested = answer_values(hedge)
+        assert sorted(values) == ["42", "43"] and not nested, hedge
+    singles = ["42", "\\frac{1}{2}", "-3", "1,000", "3.5", "x = 4", "\\sqrt{2}", "2^{10}", "10\\%", "42 \\text{ cm}", "2(x+1)",
+               "x^2+3x+2", "2xy + 3", "2x\\sqrt{3}", "3\\frac{1}{2}", "\\log_2 8", "f(2) = 3", "|x - 3| + 2", "1.5 \\times 10^{3}",
+               "(1, 2)", "\\{2, 3\\}", "[0, 1)", "\\{x \\mid x > 2\\}", "0.\\overline{3}", "e^{i\\pi} + 1", "x = \\pm 2"]
+    for single in singles:
+        assert answer_values(single) == ([single], False), single
+    assert answer_values("(43 ó 42)") == (["(43 ó 42)"], True)  # named inside brackets
+    assert answer_values("6 \\times 7 = 42") == (["6 \\times 7", "42"], False)
+    assert answer_values("\\sqrt[3]{8} = 2") == (["\\sqrt[3]{8}", "2"], False)  # each value whole, arguments included
+    assert names_several_values("\\{2,3\\}") and names_several_values("2, 3") and not names_several_values("42")
+    started = time.perf_counter()
+    for hostile in ["|" * 20_000, "(" * 20_000 + "1", "\\text{" * 10_000, "1 | " * 5_000, "\\"]:
+        answer_values(hostile)
+    assert time.perf_counter() - started < 2.0  # linear: no recursion, no rescanning
+
+
+def test_math_verify_salvages_no_number_from_text_it_cannot_parse():
+    from aesl_lightning.verifier import _verify_in_process
+
+    assert not _verify_in_process("\\boxed{43 ó 42}", "42")  # math-verify's default read it as 42
+    assert _verify_in_process("\\boxed{\\frac{84}{2}}", "42")

@@ -142,7 +142,7 @@ class SFTDataModule(ResumableTraining, L.LightningDataModule):
         self.seed = seed
         self.split = split
         self.val_split = val_split
-        self.validate_sources(train=train, val=val)
+        self.validate_sources(train=train, val=val, val_size=val_size)
 
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_data: list[EncodedSFT] = []
@@ -152,10 +152,11 @@ class SFTDataModule(ResumableTraining, L.LightningDataModule):
         self.num_dropped: dict[str, int] = {}
 
     @staticmethod
-    def validate_sources(train: str | None = SYNTHETIC, val: str | None = None, **_) -> None:
-        """Check the local files of `train` and `val` as SFT data now (see `validate_local_sources`); the
+    def validate_sources(train: str | None = SYNTHETIC, val: str | None = None, val_size: int = 32, **_) -> None:
+        """Check the local files of `train` and `val` as SFT data now, and that a local `train` has more than
+        `val_size` examples when the validation set is held out of it (see `validate_local_sources`); the
         constructor calls it, and the CLI before it builds the model."""
-        validate_local_sources({"train": train, "val": val}, sft_examples)
+        validate_local_sources({"train": train, "val": val}, sft_examples, held_out={"val": val_size})
 
     def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Use this tokenizer object (takes precedence over `tokenizer` and the LightningModule's)."""
@@ -277,7 +278,7 @@ class PromptDataModule(ResumableTraining, L.LightningDataModule):
         self.split = split
         self.val_split = val_split
         self.test_split = test_split
-        self.validate_sources(train=train, val=val, test=test)
+        self.validate_sources(train=train, val=val, test=test, val_size=val_size, test_size=test_size)
 
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.data: dict[str, list[EncodedPrompt]] = {}
@@ -285,10 +286,13 @@ class PromptDataModule(ResumableTraining, L.LightningDataModule):
         self.num_dropped: dict[str, int] = {}
 
     @staticmethod
-    def validate_sources(train: str | None = SYNTHETIC, val: str | None = None, test: str | None = None, **_) -> None:
-        """Check the local files of `train`, `val` and `test` as prompt data now (see `validate_local_sources`);
-        the constructor calls it, and the CLI before it builds the model."""
-        validate_local_sources({"train": train, "val": val, "test": test}, prompt_examples)
+    def validate_sources(train: str | None = SYNTHETIC, val: str | None = None, test: str | None = None,
+                         val_size: int = 32, test_size: int = 0, **_) -> None:
+        """Check the local files of `train`, `val` and `test` as prompt data now, and that a local `train` has
+        more examples than `val_size` + `test_size` held out of it (see `validate_local_sources`); the
+        constructor calls it, and the CLI before it builds the model."""
+        validate_local_sources({"train": train, "val": val, "test": test}, prompt_examples,
+                               held_out={"val": val_size, "test": test_size})
 
     def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Use this tokenizer object (takes precedence over `tokenizer` and the LightningModule's)."""

@@ -22,12 +22,15 @@ what was expected and what was found.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aesl_lightning.answers import GOLD_CHARS, gold_reason
+from aesl_lightning.data.jsonl import RECORD_CHARS_ENV, capped_lines, invalid_utf8_line, max_record_chars, strict_json
 from aesl_lightning.data.synthetic import ArithmeticConfig, disjoint_splits
 
 Messages = list[dict[str, str]]
@@ -80,28 +83,65 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
+def _invalid_utf8(path: Path) -> DataFormatError:
+    where = invalid_utf8_line(path)
+    at = f":{where[0]}: byte {where[1]} of the file" if where else ""
+    return DataFormatError(f"{path}{at}: not valid UTF-8; save the file as UTF-8")
+
+
+def _too_deep(where: str) -> DataFormatError:
+    return DataFormatError(f"{where}: JSON nested too deeply to read (thousands of brackets); expected a flat record")
+
+
+def _too_long(where: str, limit: int) -> DataFormatError:
+    return DataFormatError(
+        f"{where}: record longer than {limit:,} characters, refused before tokenising; set the environment variable "
+        f"{RECORD_CHARS_ENV} to a larger number of characters to read it"
+    )
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (often a trailing one) carry no record
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line.rstrip("\r\n"))  # keeps the error's column on this line
-            except json.JSONDecodeError as error:
-                raise DataFormatError(f"{where}: invalid JSON: {error.msg} at column {error.colno}; expected one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{where}: expected a JSON object per line, found {_describe(record)}")
-            records.append((where, record))
-    return records
+    limit = max_record_chars()
+    lines = capped_lines(path, limit)
+    while True:
+        try:
+            number, line = next(lines, (0, ""))
+        except UnicodeDecodeError:
+            raise _invalid_utf8(path) from None
+        if not number:
+            return records
+        where = f"{path}:{number}"
+        if line is None:
+            raise _too_long(where, limit)
+        if not line.strip():
+            continue  # blank lines (often a trailing one) carry no record
+        try:
+            record = strict_json(line)  # one line, so the error's column is on this line
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{where}: invalid JSON: {error.msg} at column {error.colno}; expected one JSON object per line") from None
+        except RecursionError:
+            raise _too_deep(where) from None
+        except ValueError as error:  # StrictJSONError, or an integer with more digits than Python converts
+            raise DataFormatError(f"{where}: refused JSON: {error}") from None
+        if not isinstance(record, dict):
+            raise DataFormatError(f"{where}: expected a JSON object per line, found {_describe(record)}")
+        records.append((where, record))
 
 
 def _read_json(path: Path) -> list[tuple[str, dict]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _invalid_utf8(path) from None
+    try:
+        data = strict_json(text)
     except json.JSONDecodeError as error:
         raise DataFormatError(f"{path}:{error.lineno}: invalid JSON: {error.msg} at column {error.colno}") from None
+    except RecursionError:
+        raise _too_deep(str(path)) from None
+    except ValueError as error:
+        raise DataFormatError(f"{path}: refused JSON: {error}") from None
     if not isinstance(data, list):
         raise DataFormatError(f"{path}: expected a JSON array of objects (for one object per line use .jsonl), found {type(data).__name__}")
     records = []
@@ -209,10 +249,14 @@ def normalize_answer(value: Any, where: str, name: str = "answer") -> tuple[str,
     """`(answer, solution)`: the final answer as a string and, for GSM8K style `"... #### 42"`, the text before `####`.
 
     Numbers become strings (`42.0` -> `"42"`); a thousands-separated number loses its commas (`"1,234"` -> `"1234"`).
+    Refused (`DataFormatError` naming `where` and the field): NaN and infinite numbers, and an answer the math
+    reward cannot check (`aesl_lightning.answers.gold_reason`: longer than `GOLD_CHARS`, control characters).
     """
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise _field_error(where, name, "a string or a number", value)
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _field_error(where, name, "a finite number or a string", value)
         return (str(int(value)) if value.is_integer() else repr(value)), None
     if isinstance(value, int):
         return str(value), None
@@ -226,11 +270,30 @@ def normalize_answer(value: Any, where: str, name: str = "answer") -> tuple[str,
         text = text.replace(",", "")
     if not text:
         raise _field_error(where, name, "a non-empty answer" + (" after '####'" if solution is not None else ""), value)
+    if gold_reason(text) is not None:  # the math reward would raise on it in the middle of a run
+        raise _field_error(where, name, f"an answer the math reward can check (at most {GOLD_CHARS} characters, no "
+                           "control characters)", text)
     return text, solution
+
+
+def _check_size(record: Mapping, where: str) -> None:
+    """Refuse a record whose strings hold more than `max_record_chars()` characters, before it is tokenised."""
+    limit, total, stack = max_record_chars(), 0, [record]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        if total > limit:
+            raise _too_long(where, limit)
 
 
 def to_sft_example(record: Mapping, where: str) -> SFTExample:
     """Normalise one SFT record (module docstring lists the formats); raises DataFormatError naming `where`."""
+    _check_size(record, where)
     answer = normalize_answer(record["answer"], where)[0] if record.get("answer") is not None else None
     if "messages" in record:
         messages = _messages(record["messages"], where, "messages")
@@ -261,6 +324,7 @@ def to_sft_example(record: Mapping, where: str) -> SFTExample:
 
 def to_prompt_example(record: Mapping, where: str) -> PromptExample:
     """Normalise one RL / evaluation record; raises DataFormatError naming `where`."""
+    _check_size(record, where)
     key = next((k for k in PROMPT_KEYS if k in record), None)
     if key is None:
         raise DataFormatError(

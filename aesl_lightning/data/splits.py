@@ -15,7 +15,7 @@ from pathlib import Path
 from aesl_lightning.data.formats import LOCAL_FORMATS, SYNTHETIC, DataFormatError, load_records, synthetic_records
 from aesl_lightning.data.synthetic import ArithmeticConfig
 
-__all__ = ["load_splits", "validate_local_sources", "report_split"]
+__all__ = ["check_hold_out", "load_splits", "validate_local_sources", "report_split"]
 
 log = logging.getLogger("aesl_lightning")
 
@@ -52,8 +52,7 @@ def load_splits(
     }
     if held_out:
         examples, _ = splits["train"]
-        if sum(held_out.values()) >= len(examples):
-            raise DataFormatError(f"{train}: has {len(examples)} examples, too few to hold out {held_out} and keep some for training")
+        check_hold_out(train, len(examples), held_out)
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
         start = 0
@@ -73,11 +72,27 @@ def load_splits(
     return splits
 
 
-def validate_local_sources(sources: dict[str, str | None], normalise: Callable, owner: str = "data") -> None:
+def check_hold_out(train: str, available: int, held_out: dict[str, int], owner: str = "data") -> None:
+    """Raise DataFormatError naming the `<name>_size` options when holding `held_out[name]` examples out of the
+    `available` examples of `train` would leave none for training."""
+    if sum(held_out.values()) >= available:
+        sizes = ", ".join(f"{owner}.{name}_size={size}" for name, size in held_out.items())
+        raise DataFormatError(
+            f"{sizes}: {owner}.train ({train}) has {available} examples, too few to hold out {sum(held_out.values())} "
+            f"and keep some for training; lower {' / '.join(f'{owner}.{name}_size' for name in held_out)} (0 for none) "
+            f"or give {' / '.join(f'{owner}.{name}' for name in held_out)} its own file"
+        )
+
+
+def validate_local_sources(sources: dict[str, str | None], normalise: Callable, owner: str = "data",
+                           held_out: dict[str, int] | None = None) -> None:
     """Read and normalise every local-file source now, so that a malformed file (bad JSON, a missing field, no
     records) is reported at once, before any model is built. `sources` maps option names to sources; the error
-    is `DataFormatError("<owner>.<option>: <file:line>: ...")`. Hugging Face names and "synthetic" are checked
-    at `setup` (they need the network or a generator)."""
+    is `DataFormatError("<owner>.<option>: <file:line>: ...")`. `held_out[name]` examples are to be held out of
+    a local `train` for each split `name` without a source of its own: too few examples is an error naming the
+    `<name>_size` option (`check_hold_out`). Hugging Face names and "synthetic" are checked at `setup` (they need
+    the network or a generator)."""
+    counts = {}
     for option, source in sources.items():
         if source is None or source == SYNTHETIC:
             continue
@@ -85,9 +100,12 @@ def validate_local_sources(sources: dict[str, str | None], normalise: Callable, 
         if path.suffix.lower() not in LOCAL_FORMATS and not path.exists():
             continue  # a Hugging Face dataset name
         try:
-            normalise(load_records(source), source)
+            counts[option] = len(normalise(load_records(source), source))
         except DataFormatError as error:
             raise DataFormatError(f"{owner}.{option}: {error}") from None
+    wanted = {name: size for name, size in (held_out or {}).items() if sources.get(name) is None and size > 0}
+    if wanted and "train" in counts:
+        check_hold_out(str(sources["train"]), counts["train"], wanted, owner)
 
 
 def report_split(kind: str, name: str, origin: str, kept: int, dropped: int, limit_name: str, limit: int) -> None:
