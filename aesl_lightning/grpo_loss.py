@@ -59,33 +59,48 @@ def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     return ((logp - old_logp) * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
+ZERO_SPREAD_RTOL = 1e-6
+"""A group's rewards count as all equal when max - min <= ZERO_SPREAD_RTOL * max(1, max |r|): float noise, not signal."""
+
+
+def constant_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[N / group_size] bool: the groups (consecutive `group_size` rewards) whose rewards are all equal, up to
+    `ZERO_SPREAD_RTOL` (a weighted sum of identical rewards is bit-identical, but a reward function's own float
+    arithmetic, 0.1 + 0.2 against 0.3, is not). Such a group has nothing to learn from: its advantages are 0."""
+    grouped = rewards.detach().reshape(-1, group_size).double()
+    high, low = grouped.amax(dim=1), grouped.amin(dim=1)
+    return (high - low) <= ZERO_SPREAD_RTOL * torch.maximum(high.abs(), low.abs()).clamp(min=1.0)
+
+
 def group_advantages(rewards: Tensor, group_size: int, scale: ScaleRewards = "group", eps: float = 1e-4,
                      batch_std: Tensor | float | None = None) -> Tensor:
-    """A_i = (r_i - mean_g(r)) / (std + eps) for rewards [N] in consecutive groups of `group_size`.
+    """A_i = (r_i - mean_g(r)) / (std + eps) for rewards [N] in consecutive groups of `group_size`; float32.
 
     mean_g is the mean of the group of completion i (the G completions of one prompt). std is the standard
     deviation (Bessel-corrected, as torch.std) of the group (`scale="group"`, GRPO), of the whole batch
-    (`"batch"`), or 1 with eps = 0 (`"none"`, Dr. GRPO: no scaling). A group whose rewards are all equal gets
-    A = 0 exactly (its numerator is 0), never NaN; with group_size 1 every advantage is 0. `batch_std`, with
-    `"batch"`, is the std of the global batch when `rewards` is one rank's share of it (default: std(rewards)).
+    (`"batch"`), or 1 with eps = 0 (`"none"`, Dr. GRPO: no scaling). Computed in float64. A group whose rewards
+    are all equal (`constant_groups`) gets A = 0 exactly, never NaN: a float32 mean of eight rewards of 0.1 is not
+    0.1, and divided by std + eps ~ 1e-4 its residue would become a spurious advantage. With group_size 1 every
+    advantage is 0. `batch_std`, with `"batch"`, is the std of the global batch when `rewards` is one rank's share
+    of it (default: std(rewards)).
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"group_advantages: rewards must be 1-D with a multiple of group_size={group_size} entries, found shape {list(rewards.shape)}")
-    grouped = rewards.view(-1, group_size).float()
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    grouped = rewards.view(-1, group_size).double()
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).masked_fill(constant_groups(rewards, group_size)[:, None], 0.0)
     if scale == "none":
-        return centred.view(-1)
+        return centred.view(-1).float()
     if group_size == 1:
         return torch.zeros_like(rewards, dtype=torch.float32)
     if scale == "group":
         std = grouped.std(dim=1, keepdim=True)
     elif scale == "batch" and batch_std is not None:
         std = torch.as_tensor(batch_std, dtype=grouped.dtype, device=grouped.device)
-    elif scale == "batch":
-        std = grouped.reshape(-1).std() if grouped.numel() > 1 else grouped.new_zeros(())
+    elif scale == "batch":  # in the rewards' dtype, as a rank's share gets it (`batch_std`): the same advantages
+        std = (rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())).to(grouped.dtype)
     else:
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
-    return (centred / (std + eps)).view(-1)
+    return (centred / (std + eps)).view(-1).float()
 
 
 class Surrogate(NamedTuple):
