@@ -85,9 +85,7 @@ def prefix_confidence(logprob: Tensor, mask: Tensor, window: int = 0) -> Tensor:
 
 
 def _protected(weight: Tensor, view: TokenView, config: LossConfig) -> Tensor:
-    """Full weight for tokens the model has not learned: w_t = 1 where p_t < protect_below."""
-    if config.protect_below <= 0:
-        return weight
+    """Full weight for tokens the model has not learned: w_t = 1 where p_t < protect_below (>= 0.5, `LossConfig`)."""
     return torch.where(view.prob < config.protect_below, torch.ones_like(weight), weight) * view.mask
 
 
@@ -121,7 +119,9 @@ def gem_terms(view: TokenView, config: LossConfig) -> LossTerms:
 def aesl_v1_terms(view: TokenView, config: LossConfig) -> LossTerms:
     """First reading of AESL: w_t = tokgate(p_t) * [1 if P_t < tau_seq else rho], P_t over the whole prefix.
 
-    Kept to reproduce old runs; it silences every token after a confident prefix (rho = 0), learned or not.
+    Kept to reproduce old runs only. It does NOT meet the protection rule (a token with p_t < 0.5 keeps at least
+    half its CE gradient): with rho = 0 it silences every token after a confident prefix, learned or not (p = 0.002
+    after six tokens at 0.99 gets weight 0).
     """
     prob, m = view.prob, view.mask.to(view.logprob.dtype)
     confidence = prefix_confidence(view.logprob, view.mask, 0)

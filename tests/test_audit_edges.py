@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from aesl_lightning import loss_registry
+from aesl_lightning.gates import TokenView, aesl_terms, aesl_v1_terms
 from aesl_lightning.grpo_loss import group_advantages
+from aesl_lightning.losses import LOSSES, LossConfig
 from aesl_lightning.rollout import reward_metrics
 
 # ------------------------------------------------------------------------------------ zero-variance groups
@@ -45,3 +50,47 @@ def test_frac_reward_zero_std_counts_groups_of_equal_rewards():
     metrics = reward_metrics(noisy, torch.tensor([1.0]), ["r"], 8)
     assert metrics["train/frac_reward_zero_std"].item() == 0.5
     assert group_advantages(noisy.squeeze(1), 8)[:8].abs().max().item() == 0.0
+
+
+# ------------------------------------------------------------------------------------ the protection rule
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.parametrize("name", ["aesl", "aesl_anchor", "aesl_entropy_floor", "aesl_drift"])
+@pytest.mark.parametrize("protect_below", [0.0, 0.3, 0.49])
+def test_protect_below_under_one_half_is_refused_for_the_protected_losses(name, protect_below):
+    with pytest.raises(ValueError, match=r"LossConfig\.protect_below: .*>= 0\.5"):
+        LossConfig(name=name, protect_below=protect_below)
+
+
+def test_protect_below_of_one_half_or_more_is_accepted_and_aesl_v1_is_labelled():
+    for value in (0.5, 0.8):
+        assert LossConfig(protect_below=value).protect_below == value
+    LossConfig(name="aesl_v1", protect_below=0.0)  # reads no protect_below
+    assert LOSSES["aesl"].protected and not LOSSES["aesl_v1"].protected
+    # every place that lists aesl_v1 says it does not meet the rule: the CLI help, its function, the registry, README
+    for text in (LossConfig.__doc__, aesl_v1_terms.__doc__, loss_registry.__doc__):
+        assert "does NOT meet the protection rule" in " ".join(text.split())
+    readme = README.read_text()
+    assert "| `aesl_v1` (first reading; reproduction only) | tok_t * seq1_t | none; does NOT meet the protection rule" in readme
+
+
+def test_protection_keeps_an_unlearned_token_after_a_confident_prefix():
+    """p = 0.002 after six tokens at 0.99: weight 1 under the default aesl, 0 under aesl_v1 (the rule it breaks)."""
+    view = TokenView(logprob=torch.tensor([[0.99] * 6 + [0.002]]).log(), mask=torch.ones(1, 7, dtype=torch.bool))
+    assert aesl_terms(view, LossConfig()).nll[0, -1].item() == 1.0
+    assert aesl_v1_terms(view, LossConfig(name="aesl_v1")).nll[0, -1].item() == 0.0
+
+
+def test_readme_example_weights_are_what_the_default_thresholds_give():
+    """README: p = [.99, .99, .01, .5] under aesl_v1 gives [0, 0, 0, 1] at tau_tok = tau_seq = 0.9, [1, 0, 0, 1] with
+    tau_tok = 1, and the default aesl gives [0, 0, 1, 1]."""
+    view = TokenView(logprob=torch.tensor([[0.99, 0.99, 0.01, 0.5]]).log(), mask=torch.ones(1, 4, dtype=torch.bool))
+    assert aesl_v1_terms(view, LossConfig(name="aesl_v1")).nll.tolist() == [[0.0, 0.0, 0.0, 1.0]]
+    assert aesl_v1_terms(view, LossConfig(name="aesl_v1", tau_tok=1.0)).nll.tolist() == [[1.0, 0.0, 0.0, 1.0]]
+    assert aesl_terms(view, LossConfig()).nll.tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    readme = " ".join(README.read_text().split())
+    assert ("p = [.99, .99, .01, .5] gives weights [0, 0, 0, 1] at the default tau_tok = tau_seq = 0.9, and [1, 0, 0, 1] "
+            "with the token gate off, tau_tok = 1") in readme
+    assert "the default `aesl` gives [0, 0, 1, 1]" in readme
