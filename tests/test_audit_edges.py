@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aesl_lightning import loss_registry
-from aesl_lightning.gates import TokenView, aesl_terms, aesl_v1_terms
+from aesl_lightning.gates import TokenView, aesl_terms, aesl_v1_terms, prefix_mean
 from aesl_lightning.grpo_loss import group_advantages
 from aesl_lightning.losses import LOSSES, LossConfig
 from aesl_lightning.rollout import reward_metrics
@@ -94,3 +94,33 @@ def test_readme_example_weights_are_what_the_default_thresholds_give():
     assert ("p = [.99, .99, .01, .5] gives weights [0, 0, 0, 1] at the default tau_tok = tau_seq = 0.9, and [1, 0, 0, 1] "
             "with the token gate off, tau_tok = 1") in readme
     assert "the default `aesl` gives [0, 0, 1, 1]" in readme
+
+
+# ------------------------------------------------------------------------------------ packed rows
+
+
+@pytest.mark.parametrize("name", ["aesl", "aesl_v1"])
+def test_a_second_completion_in_a_packed_row_gets_the_weights_it_gets_alone(name):
+    """[.7, .6] after six tokens at 0.99: packed behind them in one row (a masked hole between the two samples) it must
+    be weighted as alone ([1, 1]: nothing before it in its own completion); before the fix the window ran over the
+    hole and gave [0, 0] under both (aesl's protection does not cover p >= 0.5)."""
+    config = LossConfig(name=name, protect_below=0.5)
+    terms = aesl_terms if name == "aesl" else aesl_v1_terms
+    first, second = [0.99] * 6, [0.7, 0.6]
+    packed = TokenView(logprob=torch.tensor([first + [1.0, 1.0] + second]).log(),
+                       mask=torch.tensor([[True] * 6 + [False, False] + [True, True]]))
+    alone = TokenView(logprob=torch.tensor([second]).log(), mask=torch.ones(1, 2, dtype=torch.bool))
+    weights = terms(packed, config).nll
+    assert weights[0, -2:].tolist() == terms(alone, config).nll[0].tolist() == [1.0, 1.0]
+    assert weights[0, :6].tolist() == [0.0] * 6  # the first sample's own confident tokens are still gated
+    assert terms(packed, config).gates["prefix_confidence"][0, -2].item() == 0.0  # an empty prefix
+
+
+def test_the_window_restarts_after_each_hole_and_counts_within_the_span():
+    values = torch.tensor([[1.0, 2.0, 3.0, 0.0, 10.0, 20.0, 30.0, 40.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False, True, True, True, True]])
+    mean, count = prefix_mean(values, mask, window=2)
+    assert count.tolist() == [[0, 1, 2, 0, 0, 1, 2, 2]]
+    assert mean.tolist() == [[0.0, 1.0, 1.5, 0.0, 0.0, 10.0, 15.0, 25.0]]
+    mean, count = prefix_mean(values, mask, window=0)
+    assert count.tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]] and mean[0, -1].item() == 20.0
