@@ -124,3 +124,56 @@ def test_the_window_restarts_after_each_hole_and_counts_within_the_span():
     assert mean.tolist() == [[0.0, 1.0, 1.5, 0.0, 0.0, 10.0, 15.0, 25.0]]
     mean, count = prefix_mean(values, mask, window=0)
     assert count.tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]] and mean[0, -1].item() == 20.0
+
+
+# ------------------------------------------------------------------------------------ validation means
+
+
+def test_validation_means_are_token_weighted(tmp_path):
+    """Two validation batches of 60 and 2 completion tokens: val/loss, val/token_entropy and the gate means are the
+    means over all 62 tokens (sum of each batch's sums / 62), not the mean of the two batch means."""
+    import lightning as L
+
+    from aesl_lightning.sft import SFTModule, ValidationGeneration
+
+    module = SFTModule("tiny-llama", loss=LossConfig(tau_tok=0.02, tau_seq=0.5), val_generation=ValidationGeneration(num_prompts=0),
+                       gate_check_batches=0)
+    gen = torch.Generator().manual_seed(0)
+    vocab = module.model.config.vocab_size
+
+    def batch(rows, length, prompt):
+        input_ids = torch.randint(3, vocab, (rows, length), generator=gen)
+        labels = input_ids.clone()
+        labels[:, :prompt] = -100
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+    batches = [batch(2, 33, 3), batch(2, 8, 7)]  # 2 rows x 30 completion tokens, 2 rows x 1
+    with torch.no_grad():  # the long batch continues greedily: its tokens are likelier than the short one's random ones
+        ids = batches[0]["input_ids"]
+        for t in range(3, ids.shape[1]):
+            ids[:, t] = module.model(input_ids=ids[:, :t]).logits[:, -1].argmax(-1)
+        batches[0]["labels"][:, 3:] = ids[:, 3:]
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    assert counts == [60, 2]
+
+    module.eval()
+    sums: dict[str, float] = {}
+    means: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for b in batches:
+            out = module.compute_loss(b)
+            stats = out.gate_stats()
+            tokens = int(stats.pop("completion_tokens"))
+            for key, value in {"loss": out.loss, **stats}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * tokens
+                means.setdefault(key, []).append(float(value))
+    expected = {key: total / sum(counts) for key, total in sums.items()}
+    # the case separates the two readings: the mean of the two batches' means (both hold 2 sequences) is far off
+    assert abs(sum(means["loss"]) / 2 - expected["loss"]) > 0.05
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    logged = trainer.validate(module, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)[0]
+    for key in ("loss", "token_entropy", "token_gate_mean", "seq_gate_mean", "loss_weight_mean", "token_accuracy"):
+        assert logged[f"val/{key}"] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    assert logged["val/completion_tokens"] == 62
