@@ -16,6 +16,7 @@ TRL's GRPOConfig where one exists.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -137,6 +138,26 @@ def clipped_surrogate(
     return Surrogate(loss, low, high, ratio)
 
 
+def sampler_importance_weights(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling against the sampler (TIS, Yao et al. 2025; TRL's vllm_importance_sampling_cap):
+
+        w_{i,t} = min(pi_old(o_{i,t}) / pi_sampler(o_{i,t}), C) = min(exp(old_logp - sampler_logp), C),
+
+    detached, 0 off the mask. The rollouts were drawn from pi_sampler (another precision or engine than the policy
+    pass that gives pi_old); w reweights each token's surrogate towards pi_old, and the cap C bounds its variance."""
+    if not cap > 0:
+        raise ValueError(f"sampler_importance_weights: cap must be > 0, got {cap!r}")
+    log_ratio = (old_logp.detach() - sampler_logp.detach()).clamp(max=math.log(cap))
+    return torch.where(mask.bool(), log_ratio.exp(), 0.0)
+
+
+def sampler_mismatch(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
+    """mean over the masked tokens of |log pi_old - log pi_sampler|: how far the sampler's log-probs of the sampled
+    tokens are from the policy pass's (0 when both computed the same numbers)."""
+    m = mask.to(old_logp.dtype)
+    return ((old_logp.detach() - sampler_logp.detach()).abs() * m).sum() / m.sum().clamp(min=1.0)
+
+
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Schulman's k3 estimator of KL(pi_theta || pi_ref) per sampled token: exp(d) - d - 1, d = ref_logp - logp.
 
@@ -184,6 +205,7 @@ class GRPOLossOutput:
     clip_high: Tensor
     clip_total: Tensor
     ratio_mean: Tensor
+    sampler_logp_diff: Tensor | None = None  # mean |old_logp - sampler_logp| when the sampler's log-probs are given
 
 
 def grpo_loss(
@@ -200,10 +222,16 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_tokens: float | Tensor | None = None,
     importance_sampling_level: str = "token",
+    token_weights: Tensor | None = None,
+    sampler_logp: Tensor | None = None,
+    sampler_is_cap: float | None = None,
 ) -> GRPOLossOutput:
-    """loss = aggregate(clipped_surrogate + beta * kl_k3), with eps_low = `epsilon`, eps_high = `epsilon_high`
+    """loss = aggregate(w * clipped_surrogate + beta * kl_k3), with eps_low = `epsilon`, eps_high = `epsilon_high`
     (None: `epsilon`) and the importance weight of `importance_sampling_level` ("token": GRPO, "sequence":
-    GSPO). `ref_logp` is required when beta > 0 and ignored when beta == 0; the KL stays per token.
+    GSPO). `ref_logp` is required when beta > 0 and ignored when beta == 0; the KL stays per token. w =
+    `token_weights` [N, L] (detached), 1 when None. Given the sampler's log-probs of the tokens (`sampler_logp`,
+    when the rollouts were drawn by another pass than old_logp's), the output reports `sampler_mismatch`, and
+    `sampler_is_cap` C multiplies w by `sampler_importance_weights(old_logp, sampler_logp, mask, C)`.
 
     With one inner iteration (mu = 1) pass old_logp = logp.detach(): the ratio is 1 but the gradient
     A * grad logp flows; with mu > 1 pass the log-probs recorded at generation time.
@@ -214,6 +242,14 @@ def grpo_loss(
     surrogate = clipped_surrogate(logp, old_logp, advantages, mask, epsilon, eps_high, importance_sampling_level)
     mask_f = mask.to(logp.dtype)
     count = mask_f.sum().clamp(min=1.0)
+    sampler_diff = None
+    if sampler_logp is not None:
+        sampler_diff = sampler_mismatch(old_logp, sampler_logp, mask)
+        if sampler_is_cap is not None:
+            correction = sampler_importance_weights(old_logp, sampler_logp, mask, sampler_is_cap)
+            token_weights = correction if token_weights is None else token_weights * correction
+    if token_weights is not None:
+        surrogate = surrogate._replace(loss=surrogate.loss * token_weights.detach().to(logp.dtype))
     per_token = surrogate.loss
     kl_mean = logp.new_zeros(())
     if beta > 0:
@@ -227,4 +263,4 @@ def grpo_loss(
     low = surrogate.clipped_low.sum() / count
     high = surrogate.clipped_high.sum() / count
     ratio_mean = (surrogate.ratio.detach() * mask_f).sum() / count
-    return GRPOLossOutput(loss, policy_loss, kl_mean, low, high, low + high, ratio_mean)
+    return GRPOLossOutput(loss, policy_loss, kl_mean, low, high, low + high, ratio_mean, sampler_diff)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,105 @@ def test_validation_means_are_token_weighted(tmp_path):
     for key in ("loss", "token_entropy", "token_gate_mean", "seq_gate_mean", "loss_weight_mean", "token_accuracy"):
         assert logged[f"val/{key}"] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
     assert logged["val/completion_tokens"] == 62
+
+
+# ------------------------------------------------------------------------------------ sampler precision mismatch
+
+
+def test_truncated_importance_sampling_against_the_sampler_has_the_known_answer():
+    """pi_old = 0.5 on every token; the sampler gave 0.25 (ratio 2, capped at C = 1.5) or 1.0 (ratio 0.5). With
+    logp = old_logp (rho = 1), the per-token loss is -A w: rows A = +1 (two tokens, w = [1.5, 0.5]) and A = -1 (one
+    token, w = 1.5) give the grpo loss (-(1.5 + 0.5) / 2 + 1.5) / 2 = 0.25, gradient -A w / (|o_i| N)."""
+    from aesl_lightning.grpo_loss import grpo_loss, sampler_importance_weights, sampler_mismatch
+
+    old = torch.full((2, 2), 0.5, dtype=torch.float64).log()
+    sampler = torch.tensor([[0.25, 1.0], [0.25, 1.0]], dtype=torch.float64).log()
+    mask = torch.tensor([[True, True], [True, False]])
+    weights = sampler_importance_weights(old, sampler, mask, cap=1.5)
+    assert weights.tolist() == [[1.5, 0.5], [1.5, 0.0]]
+    assert sampler_mismatch(old, sampler, mask).item() == pytest.approx(math.log(2), abs=1e-12)
+
+    logp = old.clone().requires_grad_()
+    out = grpo_loss(logp, old, torch.tensor([1.0, -1.0]), mask, sampler_logp=sampler, sampler_is_cap=1.5)
+    assert out.loss.item() == pytest.approx(0.25, abs=1e-12)
+    assert out.sampler_logp_diff.item() == pytest.approx(math.log(2), abs=1e-12)
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.5 / 4, -0.5 / 4], [1.5 / 2, 0.0]], dtype=torch.float64))
+    # off by default: the sampler's log-probs only measure, the loss is the plain one
+    plain = grpo_loss(old, old, torch.tensor([1.0, -1.0]), mask, sampler_logp=sampler)
+    assert plain.loss.item() == pytest.approx((-1.0 + 1.0) / 2, abs=1e-12) and plain.sampler_logp_diff is not None
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        sampler_importance_weights(old, sampler, mask, cap=0.0)
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_generate_records_the_samplers_log_probs_of_the_sampled_tokens(num_samples):
+    """The recorded log softmax(z / T)[token] equal the teacher-forced pass of the same model in float32 (to float32
+    rounding: the KV cache against a full forward), with and without the shared prefill; sampled in bf16 they do not."""
+    from aesl_lightning.generation import SamplingConfig, generate
+    from aesl_lightning.models import load_causal_lm, load_tokenizer
+    from aesl_lightning.rollout import completion_log_probs
+
+    model, tokenizer = load_causal_lm("tiny-llama"), load_tokenizer("tiny-llama")
+    tokenizer.padding_side = "left"
+    prompts = tokenizer(["12 + 3 =", "7 * 6 is"], return_tensors="pt", padding=True)
+    sampling = SamplingConfig(num_samples=num_samples, temperature=0.7, max_new_tokens=7)
+    differences = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            gen = generate(model, tokenizer, prompts["input_ids"], prompts["attention_mask"], sampling, record_logprobs=True)
+        assert gen.sampler_logp.shape == gen.completion_ids.shape and gen.sampler_logp.dtype == torch.float32
+        assert (gen.sampler_logp[~gen.completion_mask] == 0).all()
+        with torch.no_grad():
+            trainer, _ = completion_log_probs(model, torch.cat([gen.prompt_ids, gen.completion_ids], 1),
+                                              torch.cat([gen.prompt_mask, gen.completion_mask.long()], 1), gen.completion_ids,
+                                              gen.completion_mask, temperature=0.7)
+        differences.append((gen.sampler_logp - trainer)[gen.completion_mask].abs().max().item())
+    assert differences[0] < 1e-5, differences
+    assert differences[1] > 1e-4, differences  # a bf16 sampler is measurably another distribution
+
+
+def test_grpo_logs_the_sampler_mismatch_and_the_capped_correction_changes_nothing_when_they_agree(tmp_path):
+    """Full fine-tuning in float32: the sampler and the policy pass compute the same numbers (to rounding), so
+    train/sampler_logp_diff is ~0 and min(pi_old / pi_sampler, 2) = 1: the loss equals the run without correction."""
+    import lightning as L
+
+    from aesl_lightning.data import PromptDataModule
+    from aesl_lightning.data.synthetic import ArithmeticConfig
+    from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
+
+    losses = {}
+    for cap in (None, 2.0):
+        L.seed_everything(0)
+        config = GRPOConfig(num_generations=4, max_new_tokens=6, beta=0.0, log_completions_every_n_steps=0,
+                            reward_funcs=["aesl_lightning.rewards.boxed_format"], log_sampler_mismatch=True, sampler_is_cap=cap)
+        module = GRPOModule("tiny-llama", lr=1e-2, grpo=config, evaluation=GRPOEvaluation(num_samples=0))
+        data = PromptDataModule(train="synthetic", synthetic=ArithmeticConfig(num_examples=2, seed=1, max_steps=1), val_size=0,
+                                test_size=0, batch_size=2, max_prompt_length=400)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path, max_steps=1)
+        trainer.fit(module, data)
+        metrics = trainer.callback_metrics
+        assert 0.0 <= metrics["train/sampler_logp_diff"].item() < 1e-5
+        losses[cap] = metrics["train/loss"].item()
+    assert losses[2.0] == pytest.approx(losses[None], abs=1e-6)
+    with pytest.raises(ValueError, match=r"grpo\.sampler_is_cap must be None or > 0"):
+        GRPOConfig(sampler_is_cap=0.0)
+
+
+def test_checkpoints_naming_the_config_classes_in_grpo_still_load(tmp_path):
+    """Before grpo_config.py, checkpoints pickled aesl_lightning.grpo.GRPOConfig / GRPOEvaluation."""
+    from aesl_lightning import grpo
+    from aesl_lightning.grpo_config import GRPOConfig, GRPOEvaluation
+
+    path = tmp_path / "old.ckpt"
+    try:  # pickle them under their old names, as an old checkpoint has them
+        GRPOConfig.__module__ = GRPOEvaluation.__module__ = "aesl_lightning.grpo"
+        torch.save({"grpo": GRPOConfig(beta=0.1), "evaluation": GRPOEvaluation(num_samples=2)}, path)
+    finally:
+        GRPOConfig.__module__ = GRPOEvaluation.__module__ = "aesl_lightning.grpo_config"
+    assert b"grpo_config" not in path.read_bytes()
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["grpo"] == GRPOConfig(beta=0.1) and loaded["evaluation"] == GRPOEvaluation(num_samples=2)
+    assert grpo.GRPOConfig is GRPOConfig
