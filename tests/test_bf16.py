@@ -185,37 +185,43 @@ class _Losses(L.Callback):
 
 
 def _fit_trainer(tmp_path, precision, **kwargs):
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path, log_every_n_steps=1,
-                     limit_val_batches=0, precision=precision, **kwargs)
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path, log_every_n_steps=1,
+                    limit_val_batches=0)
+    return L.Trainer(**{**defaults, **kwargs}, precision=precision)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 7])
-@pytest.mark.parametrize("lora", [None, LoRAConfig(r=4)], ids=["full", "lora"])
-def test_sft_fit_under_bf16_mixed_follows_the_fp32_run(tmp_path, lora, chunk_size):
-    """4 SFT steps of the default AESL loss (logits path and chunked path) under `bf16-mixed`: every train/loss is
-    finite and within 5e-3 of the float32 run with the same seed (and not identical to it: bf16 did run)."""
+@pytest.mark.parametrize(("lora", "chunk_size", "loss"), [
+    (None, None, "aesl"), (None, 7, "aesl"), (LoRAConfig(r=4), None, "aesl"), (LoRAConfig(r=4), 7, "aesl_anchor"),
+], ids=["full", "full-chunked", "lora", "lora-chunked-anchored"])
+def test_sft_fit_under_bf16_mixed_follows_the_fp32_run(tmp_path, lora, chunk_size, loss):
+    """4 SFT steps (logits and chunked paths; the base-anchored loss with the adapter-disabled base) under `bf16-mixed`,
+    then a validation: every train/loss and the validation's loss, entropy and KL to the base are finite and within
+    5e-3 of the float32 run with the same seed (and not identical to it: bf16 did run)."""
     from aesl_lightning.data import SFTDataModule
     from aesl_lightning.data.synthetic import ArithmeticConfig
     from aesl_lightning.sft import SFTModule, ValidationGeneration
 
-    runs = {}
+    runs, validation = {}, {}
     for precision in ("32-true", "bf16-mixed"):
         L.seed_everything(0)
-        module = SFTModule("tiny-llama", lr=3e-3, warmup_steps=0, lora=lora, loss=LossConfig(chunk_size=chunk_size),
-                           val_generation=ValidationGeneration(num_prompts=0), gate_check_batches=0)
+        module = SFTModule("tiny-llama", lr=3e-3, warmup_steps=0, lora=lora, loss=LossConfig(name=loss, chunk_size=chunk_size),
+                           val_generation=ValidationGeneration(num_prompts=0, kl_to_base=True), gate_check_batches=0)
         data = SFTDataModule(train="synthetic", synthetic=ArithmeticConfig(num_examples=16, seed=1, max_steps=1), val_size=4,
                              batch_size=4, max_length=400)
         record = _Losses("train/loss")
-        trainer = _fit_trainer(tmp_path, precision, max_steps=4, callbacks=[record])
+        trainer = _fit_trainer(tmp_path, precision, max_steps=4, callbacks=[record], limit_val_batches=1, val_check_interval=4)
         trainer.fit(module, data)
         assert trainer.precision == precision
         runs[precision] = torch.tensor(record.values)
+        validation[precision] = torch.tensor([float(trainer.callback_metrics[f"val/{k}"]) for k in ("loss", "token_entropy", "kl_to_base")])
     fp32, bf16 = runs["32-true"], runs["bf16-mixed"]
     assert len(bf16) == 4 and bf16.isfinite().all()
     assert (bf16 - fp32).abs().max() <= 5e-3, (fp32, bf16)
     assert (bf16 != fp32).any()
     assert fp32[-1] < fp32[0] - 0.1  # the runs learn something, so the comparison is over moving weights
+    assert validation["bf16-mixed"].isfinite().all() and validation["32-true"][2] > 0
+    assert (validation["bf16-mixed"] - validation["32-true"]).abs().max() <= 5e-3, validation
 
 
 def _grpo_module(lora):
