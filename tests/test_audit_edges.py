@@ -1,4 +1,6 @@
-"""Edge cases found by an independent maths audit (issue 23): each fails on the code before its fix."""
+"""Edge cases of issue 23: items 2-6 of its maths audit, and the rollout sampler's precision mismatch.
+
+Each fix has a test that fails on the code before it; `test_protection_keeps_...` pins the rule aesl_v1 breaks."""
 
 from __future__ import annotations
 
