@@ -55,28 +55,34 @@ def smooth_gate(value: Tensor, tau: float, config: LossConfig) -> Tensor:
 
 
 def prefix_mean(values: Tensor, mask: Tensor, window: int = 0) -> tuple[Tensor, Tensor]:
-    """(mean, count) of `values` over the completion tokens s < t of each row, the last `window` of them (0 = all).
+    """(mean, count) of `values` over the tokens s < t of t's completion span, the last `window` of them (0 = all).
 
-    The mean is 0 where that prefix is empty and off the mask. Holes in the mask (several completion spans in a
-    row) are skipped: the window counts completion tokens, not positions.
+    A completion span is a maximal run of mask = 1 in a row: a masked position (a prompt, or padding between two
+    samples packed into one row) ends it, and the next completion starts with an empty prefix, so a sample never
+    sees another sample's tokens as its prefix. The mean is 0 where that prefix is empty and off the mask.
     """
+    mask = mask.bool()
     m = mask.to(values.dtype)
     values = values * m
     running = values.cumsum(-1)
-    total, count = running - values, m.cumsum(-1) - m  # sums over the completion tokens s < t
-    if window > 0:
-        # first_k[k] = sum of the row's first k completion values; subtract the part that lies before the window
-        seen = m.cumsum(-1).long()
-        first_k = values.new_zeros(values.shape[0], values.shape[1] + 1)
-        first_k.scatter_(1, torch.where(mask, seen, 0), torch.where(mask, running, 0.0))
-        total = total - first_k.gather(1, (count.long() - window).clamp(min=0))
-        count = count.clamp(max=window)
+    seen = m.cumsum(-1).long()  # completion tokens up to and including t; token t is the row's (seen - 1)-th
+    # first_k[k] = sum of the row's first k completion values, so a run of them [lo, hi) sums to first_k[hi] - first_k[lo]
+    first_k = values.new_zeros(values.shape[0], values.shape[1] + 1)
+    first_k.scatter_(1, torch.where(mask, seen, 0), torch.where(mask, running, 0.0))
+    starts = mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+    # completion tokens before the current span: fixed at each span's start, and larger at every later start
+    before_span = torch.where(starts, seen - 1, 0).cummax(dim=-1).values
+    hi = seen - mask.long()
+    lo = torch.maximum(before_span, hi - window) if window > 0 else before_span
+    lo = torch.minimum(lo, hi)
+    total = first_k.gather(1, hi) - first_k.gather(1, lo)
+    count = (hi - lo).to(values.dtype)
     mean = torch.where(count > 0, total / count.clamp(min=1), 0.0) * m
     return mean, count * m
 
 
 def prefix_confidence(logprob: Tensor, mask: Tensor, window: int = 0) -> Tensor:
-    """P_t = exp(mean of log p_s over the completion tokens s < t of the row, the last `window` of them (0 = all)).
+    """P_t = exp(mean of log p_s over the tokens s < t of t's completion span, the last `window` of them (0 = all)).
 
     0 where that prefix is empty (the first completion token is always learned) and off the mask.
     """
@@ -85,9 +91,7 @@ def prefix_confidence(logprob: Tensor, mask: Tensor, window: int = 0) -> Tensor:
 
 
 def _protected(weight: Tensor, view: TokenView, config: LossConfig) -> Tensor:
-    """Full weight for tokens the model has not learned: w_t = 1 where p_t < protect_below."""
-    if config.protect_below <= 0:
-        return weight
+    """Full weight for tokens the model has not learned: w_t = 1 where p_t < protect_below (>= 0.5, `LossConfig`)."""
     return torch.where(view.prob < config.protect_below, torch.ones_like(weight), weight) * view.mask
 
 
@@ -121,7 +125,9 @@ def gem_terms(view: TokenView, config: LossConfig) -> LossTerms:
 def aesl_v1_terms(view: TokenView, config: LossConfig) -> LossTerms:
     """First reading of AESL: w_t = tokgate(p_t) * [1 if P_t < tau_seq else rho], P_t over the whole prefix.
 
-    Kept to reproduce old runs; it silences every token after a confident prefix (rho = 0), learned or not.
+    Kept to reproduce old runs only. It does NOT meet the protection rule (a token with p_t < 0.5 keeps at least
+    half its CE gradient): with rho = 0 it silences every token after a confident prefix, learned or not (p = 0.002
+    after six tokens at 0.99 gets weight 0).
     """
     prob, m = view.prob, view.mask.to(view.logprob.dtype)
     confidence = prefix_confidence(view.logprob, view.mask, 0)

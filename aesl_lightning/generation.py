@@ -48,7 +48,8 @@ class Generation:
     `completion_mask` is True on the completion tokens up to and including the first EOS (the tokens that
     carry log-probs and loss); `truncated` marks rows that hit `max_new_tokens` without an EOS; `entropy` is
     the model's predictive entropy (nats, temperature 1, before any sampling warper) at each generated
-    position, when recorded.
+    position, when recorded; `sampler_logp` the sampler's log softmax(z / T)[token] of each generated token (the
+    logits as the sampling pass computed them, before top-p; 0 after the first EOS), when recorded.
     """
 
     prompt_ids: torch.Tensor  # [N, P] left-padded
@@ -58,6 +59,7 @@ class Generation:
     truncated: torch.Tensor  # [N] bool
     texts: list[str]
     entropy: torch.Tensor | None = None  # [N, L]
+    sampler_logp: torch.Tensor | None = None  # [N, L]
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -74,6 +76,28 @@ class _EntropyRecorder(LogitsProcessor):
         logp = torch.log_softmax(scores.float(), dim=-1)
         self.steps.append(-(logp.exp() * logp).nan_to_num().sum(dim=-1))
         return scores
+
+
+class _SampledLogProbRecorder(LogitsProcessor):
+    """Records log softmax(scores / T) of each sampled token and leaves the scores alone.
+
+    The token drawn from step k's scores is only known at step k + 1 (the last column of its input_ids), so one
+    step's [N, V] log-probabilities are kept until then, never the whole [N, L, V]; `finish` picks the last one."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature, self.steps, self.pending = temperature, [], None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, completion_ids: torch.Tensor) -> torch.Tensor | None:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, completion_ids[:, len(self.steps), None]).squeeze(1))
+            self.pending = None
+        return torch.stack(self.steps, dim=1) if self.steps else None
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,17 +152,22 @@ def generate(
     sampling: SamplingConfig,
     record_entropy: bool = False,
     share_prefill: bool = True,
+    record_logprobs: bool = False,
 ) -> Generation:
     """Sample `sampling.num_samples` completions for each left-padded prompt in one batched call.
 
     With several samples per prompt the prompts' prefill runs once per prompt (`shared_prompt_cache`) rather
-    than once per sample; `share_prefill=False` leaves it all to `generate`'s own expansion."""
+    than once per sample; `share_prefill=False` leaves it all to `generate`'s own expansion. `record_logprobs`
+    keeps the sampler's log-probs of the sampled tokens (`Generation.sampler_logp`; one float32 log-softmax over
+    the vocabulary per decoding step)."""
     if input_ids.shape[1] > 0 and attention_mask[:, -1].min() == 0:
         raise ValueError("prompts must be left-padded for batched generation (a row ends in padding)")
     eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     recorder = _EntropyRecorder() if record_entropy else None
     greedy = sampling.temperature == 0
+    sampled = _SampledLogProbRecorder(1.0 if greedy else sampling.temperature) if record_logprobs else None
+    processors = [p for p in (recorder, sampled) if p is not None]
     was_training = model.training
     model.eval()
     try:
@@ -157,7 +186,7 @@ def generate(
             eos_token_id=eos,
             pad_token_id=pad_id,
             use_cache=True,
-            logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
+            logits_processor=LogitsProcessorList(processors) if processors else None,
             **extra,
         )
     finally:
@@ -171,6 +200,9 @@ def generate(
         entropy = torch.stack(recorder.steps, dim=1)[:, : completion_ids.shape[1]] if recorder.steps else None
         if entropy is not None:
             entropy = entropy.masked_fill(~mask, 0.0)
+    sampler_logp = sampled.finish(sequences[:, prompt_len:]) if sampled is not None else None
+    if sampler_logp is not None:
+        sampler_logp = sampler_logp[:, : completion_ids.shape[1]].masked_fill(~mask, 0.0)
     texts = tokenizer.batch_decode(
         [row[m].tolist() for row, m in zip(completion_ids, mask)], skip_special_tokens=True
     )
@@ -182,4 +214,5 @@ def generate(
         truncated=truncated,
         texts=texts,
         entropy=entropy,
+        sampler_logp=sampler_logp,
     )

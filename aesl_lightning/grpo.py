@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +22,8 @@ import torch
 from aesl_lightning.evaluation import GenerationEval
 from aesl_lightning.fsdp import is_sharded, unsharded_for_generation, unwrap
 from aesl_lightning.generation import Generation, SamplingConfig, eos_ids, generate
-from aesl_lightning.grpo_loss import IMPORTANCE_SAMPLING, LossType, ScaleRewards, group_advantages, grpo_loss
+from aesl_lightning.grpo_config import BUILTIN_REWARDS, GRPOConfig, GRPOEvaluation  # noqa: F401  (re-exported)
+from aesl_lightning.grpo_loss import group_advantages, grpo_loss
 from aesl_lightning.lm import CausalLMModule, Scheduler
 from aesl_lightning.lora import LoRAConfig, adapters_disabled, is_peft_model
 from aesl_lightning.rollout import (PhaseTimer, Rollout, check_finite, completion_log_probs, disable_dropout, eval_mode,
@@ -33,116 +33,12 @@ from aesl_lightning.sample_metrics import SampleMetrics
 
 log = logging.getLogger("aesl_lightning")
 
-BUILTIN_REWARDS = ["aesl_lightning.rewards.math_accuracy", "aesl_lightning.rewards.boxed_format"]
 _PROMPT_KEYS = ("input_ids", "attention_mask", "prompt")
 
 
-@dataclass
-class GRPOConfig:
-    """GRPO rollouts and objective (names as in TRL's GRPOConfig where one exists).
-
-    Args:
-        num_generations: Completions sampled per prompt (G), the group of the advantages.
-        temperature: Sampling temperature of the rollouts (log-probs use the same temperature).
-        top_p: Nucleus mass of the rollouts; 1.0 disables it.
-        max_new_tokens: Longest completion in tokens; longer ones are cut and counted as truncated.
-        beta: Weight of the k3 KL to the frozen reference; 0 loads no reference at all.
-        epsilon: Lower clip range: the ratio is clipped below at 1 - epsilon.
-        epsilon_high: Upper clip range (1 + epsilon_high; DAPO's clip-higher uses 0.28); None = epsilon.
-        loss_type: Aggregation: grpo (sequence means, then mean), dapo (token mean), dr_grpo (sum / (N x max_new_tokens)).
-        scale_rewards: Advantage scale: group std, batch std, or none (Dr. GRPO).
-        importance_sampling_level: The ratio pi_theta / pi_old: "token" (GRPO) or "sequence" (GSPO's
-            length-normalised sequence ratio; use its small clip ranges, e.g. epsilon 3e-4, epsilon_high 4e-4),
-            or any name added with `aesl_lightning.grpo_loss.register_importance_sampling`.
-        num_iterations: Optimiser steps per batch of rollouts (mu); > 1 uses the generation-time log-probs.
-        reward_funcs: Reward functions by import path (`package.module.function`), TRL's signature.
-        reward_weights: One weight per reward function; None weighs each 1.0.
-        correctness_reward: Name of the reward function whose value >= 1 counts as correct (accuracy,
-            pass@k); None: math_accuracy if listed, else the first.
-        mask_truncated_completions: Leave completions that hit max_new_tokens out of the loss (DAPO).
-        max_grad_norm: Clip the gradient norm to this before each optimiser step; None: no clipping.
-        log_completions_every_n_steps: Show a few rollouts with their rewards in TensorBoard's text panel
-            every this many batches; 0 disables it.
-        num_completions_to_print: Rollouts shown in the text panel.
-        disable_dropout: Switch off every dropout of the policy (LoRA's included) for training too, as TRL's
-            `disable_dropout`. Rollouts and their old / reference log-probs never use dropout either way.
-    """
-
-    num_generations: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    beta: float = 0.04
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    loss_type: LossType = "grpo"
-    scale_rewards: ScaleRewards = "group"
-    importance_sampling_level: str = "token"
-    num_iterations: int = 1
-    reward_funcs: list[str] = field(default_factory=lambda: list(BUILTIN_REWARDS))
-    reward_weights: list[float] | None = None
-    correctness_reward: str | None = None
-    mask_truncated_completions: bool = False
-    max_grad_norm: float | None = 1.0
-    log_completions_every_n_steps: int = 10
-    num_completions_to_print: int = 4
-    disable_dropout: bool = True
-
-    def __post_init__(self) -> None:
-        if self.num_generations < 2:
-            raise ValueError(f"grpo.num_generations must be >= 2 (advantages compare completions of a prompt), got {self.num_generations}")
-        if self.num_iterations < 1:
-            raise ValueError(f"grpo.num_iterations must be >= 1, got {self.num_iterations}")
-        if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high or 0) < 0:
-            raise ValueError("grpo.beta, grpo.epsilon and grpo.epsilon_high must be >= 0")
-        if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
-            raise ValueError(f"grpo.reward_weights must be finite numbers, got {self.reward_weights}")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"grpo.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs")
-        if self.importance_sampling_level not in IMPORTANCE_SAMPLING:
-            raise ValueError(f"grpo.importance_sampling_level must be one of {sorted(IMPORTANCE_SAMPLING)}, got "
-                             f"{self.importance_sampling_level!r}")
-        self.sampling  # validates temperature, top_p, max_new_tokens
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.num_generations, self.temperature, self.top_p, self.max_new_tokens)
-
-
-@dataclass
-class GRPOEvaluation:
-    """Validation / test on held-out prompts: greedy answer accuracy and n samples per prompt.
-
-    Args:
-        num_samples: Samples per prompt (n): pass@1 is their mean accuracy, pass@n the unbiased estimate; 0 = none.
-        temperature: Sampling temperature of the n samples.
-        top_p: Nucleus mass of the n samples.
-        max_new_tokens: Longest completion in tokens (greedy and sampled).
-        greedy: Also decode greedily and log greedy_accuracy.
-        num_text_samples: Prompts shown in TensorBoard's text panel.
-    """
-
-    num_samples: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    greedy: bool = True
-    num_text_samples: int = 3
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 0 or self.num_text_samples < 0 or self.max_new_tokens < 1:
-            raise ValueError("evaluation.num_samples and num_text_samples must be >= 0 and max_new_tokens >= 1, got "
-                             f"{self.num_samples}, {self.num_text_samples}, {self.max_new_tokens}")
-
-    @property
-    def sampling(self) -> SamplingConfig | None:
-        """How the n samples are drawn; None with num_samples 0."""
-        if self.num_samples == 0:
-            return None
-        return SamplingConfig(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
-
-
-torch.serialization.add_safe_globals([GRPOConfig, GRPOEvaluation, LoRAConfig, SamplingConfig])
+# checkpoints written before grpo_config.py name the config classes aesl_lightning.grpo.*
+torch.serialization.add_safe_globals([GRPOConfig, GRPOEvaluation, LoRAConfig, SamplingConfig, (GRPOConfig, "aesl_lightning.grpo.GRPOConfig"),
+                                      (GRPOEvaluation, "aesl_lightning.grpo.GRPOEvaluation")])
 
 
 class GRPOModule(CausalLMModule):
@@ -284,7 +180,8 @@ class GRPOModule(CausalLMModule):
 
         No per-token entropy recorder runs inside `generate` (a float32 log-softmax over the vocabulary at every
         decoding step): the rollouts' entropies come from the first policy pass, which computes them anyway."""
-        return generate(self.model, self.tokenizer, input_ids, attention_mask, sampling)
+        return generate(self.model, self.tokenizer, input_ids, attention_mask, sampling,
+                        record_logprobs=self.grpo.records_sampler_logprobs)
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -305,7 +202,8 @@ class GRPOModule(CausalLMModule):
                     out = grpo_loss(logp, old, rollout.advantages, rollout.loss_mask, rollout.ref_logp, beta=cfg.beta,
                                     epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                                     max_completion_length=cfg.max_new_tokens, num_tokens=num_tokens,
-                                    importance_sampling_level=cfg.importance_sampling_level)
+                                    importance_sampling_level=cfg.importance_sampling_level,
+                                    sampler_logp=gen.sampler_logp, sampler_is_cap=cfg.sampler_is_cap)
                     if iteration == 0:  # the policy's entropy at the sampled positions (sampling temperature)
                         gen.entropy = entropy_map.detach().masked_fill(~gen.completion_mask, 0.0)
                         entropy = gen.entropy.sum() / gen.completion_mask.sum().clamp(min=1)
@@ -336,6 +234,8 @@ class GRPOModule(CausalLMModule):
                        "train/accuracy": (correct[~correct.isnan()] >= 1).float().mean(),
                        "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"])})
         values.update(reward_metrics(rewards, self.reward_weights, self.reward_names, self.grpo.num_generations))
+        if out.sampler_logp_diff is not None:
+            values["train/sampler_logp_diff"] = out.sampler_logp_diff
         self.log_dict({k: v.float() for k, v in values.items()}, batch_size=n)
         every = self.grpo.log_completions_every_n_steps
         batch_idx = self.trainer.fit_loop.epoch_loop.batch_progress.total.completed

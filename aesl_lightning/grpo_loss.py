@@ -16,6 +16,7 @@ TRL's GRPOConfig where one exists.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -59,33 +60,48 @@ def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     return ((logp - old_logp) * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
+ZERO_SPREAD_RTOL = 1e-6
+"""A group's rewards count as all equal when max - min <= ZERO_SPREAD_RTOL * max(1, max |r|): float noise, not signal."""
+
+
+def constant_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[N / group_size] bool: the groups (consecutive `group_size` rewards) whose rewards are all equal, up to
+    `ZERO_SPREAD_RTOL` (a weighted sum of identical rewards is bit-identical, but a reward function's own float
+    arithmetic, 0.1 + 0.2 against 0.3, is not). Such a group has nothing to learn from: its advantages are 0."""
+    grouped = rewards.detach().reshape(-1, group_size).double()
+    high, low = grouped.amax(dim=1), grouped.amin(dim=1)
+    return (high - low) <= ZERO_SPREAD_RTOL * torch.maximum(high.abs(), low.abs()).clamp(min=1.0)
+
+
 def group_advantages(rewards: Tensor, group_size: int, scale: ScaleRewards = "group", eps: float = 1e-4,
                      batch_std: Tensor | float | None = None) -> Tensor:
-    """A_i = (r_i - mean_g(r)) / (std + eps) for rewards [N] in consecutive groups of `group_size`.
+    """A_i = (r_i - mean_g(r)) / (std + eps) for rewards [N] in consecutive groups of `group_size`; float32.
 
     mean_g is the mean of the group of completion i (the G completions of one prompt). std is the standard
     deviation (Bessel-corrected, as torch.std) of the group (`scale="group"`, GRPO), of the whole batch
-    (`"batch"`), or 1 with eps = 0 (`"none"`, Dr. GRPO: no scaling). A group whose rewards are all equal gets
-    A = 0 exactly (its numerator is 0), never NaN; with group_size 1 every advantage is 0. `batch_std`, with
-    `"batch"`, is the std of the global batch when `rewards` is one rank's share of it (default: std(rewards)).
+    (`"batch"`), or 1 with eps = 0 (`"none"`, Dr. GRPO: no scaling). Computed in float64. A group whose rewards
+    are all equal (`constant_groups`) gets A = 0 exactly, never NaN: a float32 mean of eight rewards of 0.1 is not
+    0.1, and divided by std + eps ~ 1e-4 its residue would become a spurious advantage. With group_size 1 every
+    advantage is 0. `batch_std`, with `"batch"`, is the std of the global batch when `rewards` is one rank's share
+    of it (default: std(rewards)).
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"group_advantages: rewards must be 1-D with a multiple of group_size={group_size} entries, found shape {list(rewards.shape)}")
-    grouped = rewards.view(-1, group_size).float()
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    grouped = rewards.view(-1, group_size).double()
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).masked_fill(constant_groups(rewards, group_size)[:, None], 0.0)
     if scale == "none":
-        return centred.view(-1)
+        return centred.view(-1).float()
     if group_size == 1:
         return torch.zeros_like(rewards, dtype=torch.float32)
     if scale == "group":
         std = grouped.std(dim=1, keepdim=True)
     elif scale == "batch" and batch_std is not None:
         std = torch.as_tensor(batch_std, dtype=grouped.dtype, device=grouped.device)
-    elif scale == "batch":
-        std = grouped.reshape(-1).std() if grouped.numel() > 1 else grouped.new_zeros(())
+    elif scale == "batch":  # in the rewards' dtype, as a rank's share gets it (`batch_std`): the same advantages
+        std = (rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())).to(grouped.dtype)
     else:
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
-    return (centred / (std + eps)).view(-1)
+    return (centred / (std + eps)).view(-1).float()
 
 
 class Surrogate(NamedTuple):
@@ -120,6 +136,26 @@ def clipped_surrogate(
     low = (ratio < 1.0 - eps_low) & (adv < 0) & mask
     high = (ratio > 1.0 + eps_high) & (adv > 0) & mask
     return Surrogate(loss, low, high, ratio)
+
+
+def sampler_importance_weights(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling against the sampler (TIS, Yao et al. 2025; TRL's vllm_importance_sampling_cap):
+
+        w_{i,t} = min(pi_old(o_{i,t}) / pi_sampler(o_{i,t}), C) = min(exp(old_logp - sampler_logp), C),
+
+    detached, 0 off the mask. The rollouts were drawn from pi_sampler (another precision or engine than the policy
+    pass that gives pi_old); w reweights each token's surrogate towards pi_old, and the cap C bounds its variance."""
+    if not cap > 0:
+        raise ValueError(f"sampler_importance_weights: cap must be > 0, got {cap!r}")
+    log_ratio = (old_logp.detach() - sampler_logp.detach()).clamp(max=math.log(cap))
+    return torch.where(mask.bool(), log_ratio.exp(), 0.0)
+
+
+def sampler_mismatch(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
+    """mean over the masked tokens of |log pi_old - log pi_sampler|: how far the sampler's log-probs of the sampled
+    tokens are from the policy pass's (0 when both computed the same numbers)."""
+    m = mask.to(old_logp.dtype)
+    return ((old_logp.detach() - sampler_logp.detach()).abs() * m).sum() / m.sum().clamp(min=1.0)
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -169,6 +205,7 @@ class GRPOLossOutput:
     clip_high: Tensor
     clip_total: Tensor
     ratio_mean: Tensor
+    sampler_logp_diff: Tensor | None = None  # mean |old_logp - sampler_logp| when the sampler's log-probs are given
 
 
 def grpo_loss(
@@ -185,10 +222,16 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_tokens: float | Tensor | None = None,
     importance_sampling_level: str = "token",
+    token_weights: Tensor | None = None,
+    sampler_logp: Tensor | None = None,
+    sampler_is_cap: float | None = None,
 ) -> GRPOLossOutput:
-    """loss = aggregate(clipped_surrogate + beta * kl_k3), with eps_low = `epsilon`, eps_high = `epsilon_high`
+    """loss = aggregate(w * clipped_surrogate + beta * kl_k3), with eps_low = `epsilon`, eps_high = `epsilon_high`
     (None: `epsilon`) and the importance weight of `importance_sampling_level` ("token": GRPO, "sequence":
-    GSPO). `ref_logp` is required when beta > 0 and ignored when beta == 0; the KL stays per token.
+    GSPO). `ref_logp` is required when beta > 0 and ignored when beta == 0; the KL stays per token. w =
+    `token_weights` [N, L] (detached), 1 when None. Given the sampler's log-probs of the tokens (`sampler_logp`,
+    when the rollouts were drawn by another pass than old_logp's), the output reports `sampler_mismatch`, and
+    `sampler_is_cap` C multiplies w by `sampler_importance_weights(old_logp, sampler_logp, mask, C)`.
 
     With one inner iteration (mu = 1) pass old_logp = logp.detach(): the ratio is 1 but the gradient
     A * grad logp flows; with mu > 1 pass the log-probs recorded at generation time.
@@ -199,6 +242,14 @@ def grpo_loss(
     surrogate = clipped_surrogate(logp, old_logp, advantages, mask, epsilon, eps_high, importance_sampling_level)
     mask_f = mask.to(logp.dtype)
     count = mask_f.sum().clamp(min=1.0)
+    sampler_diff = None
+    if sampler_logp is not None:
+        sampler_diff = sampler_mismatch(old_logp, sampler_logp, mask)
+        if sampler_is_cap is not None:
+            correction = sampler_importance_weights(old_logp, sampler_logp, mask, sampler_is_cap)
+            token_weights = correction if token_weights is None else token_weights * correction
+    if token_weights is not None:
+        surrogate = surrogate._replace(loss=surrogate.loss * token_weights.detach().to(logp.dtype))
     per_token = surrogate.loss
     kl_mean = logp.new_zeros(())
     if beta > 0:
@@ -212,4 +263,4 @@ def grpo_loss(
     low = surrogate.clipped_low.sum() / count
     high = surrogate.clipped_high.sum() / count
     ratio_mean = (surrogate.ratio.detach() * mask_f).sum() / count
-    return GRPOLossOutput(loss, policy_loss, kl_mean, low, high, low + high, ratio_mean)
+    return GRPOLossOutput(loss, policy_loss, kl_mean, low, high, low + high, ratio_mean, sampler_diff)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
@@ -222,6 +223,28 @@ def _chunk_grad(
     return grad.mul_(1.0 / temperature) if temperature != 1.0 else grad
 
 
+def _save_autocast(ctx, device: torch.device) -> None:
+    """Keep the forward's autocast state (CPU and `device`'s type) for `_forward_autocast`."""
+    kinds = {"cpu", device.type}
+    ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                    for kind in sorted(kinds) if torch.amp.is_autocast_available(kind)]
+
+
+def _forward_autocast(ctx) -> ExitStack:
+    """The forward's autocast state, entered for the backward pass.
+
+    The backward recomputes the logits (LinearStats) and the anchor (a base model's logits) and combines them with
+    the forward's logsumexp: computed under another autocast state (Lightning's `bf16-mixed` autocasts only around
+    training_step, so the backward runs outside it) they differ from the forward's, the recomputed softmax no longer
+    sums to 1 and the gradient is wrong. This is what `torch.amp.custom_bwd` does, for whichever device type the
+    tensors are on.
+    """
+    stack = ExitStack()
+    for kind, enabled, dtype in ctx.autocast:
+        stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+    return stack
+
+
 def _fused_forward(ctx, saved: tuple, targets: Tensor, *, vocab: int, parallel: bool, rows_per_chunk: int, with_entropy: bool,
                    anchor: Anchor | None, dtype: torch.dtype, chunk_logits: Callable[[Tensor], Tensor]) -> tuple[Tensor, ...]:
     """The forward pass of both Functions over the chunks of `chunk_logits(rows)` (scaled logits in `dtype`).
@@ -230,6 +253,7 @@ def _fused_forward(ctx, saved: tuple, targets: Tensor, *, vocab: int, parallel: 
     targets, H and the logsumexp for the backward pass.
     """
     n, device = targets.shape[0], targets.device
+    _save_autocast(ctx, device)
     entropy_rows, anchor_rows = (n if with_entropy else 0), (n if anchor is not None else 0)
     # log p_y, H, X, correct, log r_y, H(r), and the logsumexp kept for the backward pass
     sizes = (n, entropy_rows, anchor_rows, entropy_rows, anchor_rows, anchor_rows, n)
@@ -292,7 +316,8 @@ class LogitStats(torch.autograd.Function):
             if out is None:
                 _put(grad_logits, rows, grad.to(logits.dtype))
 
-        for_each_chunk(active, ctx.rows_per_chunk, logits.shape[1], backward_chunk)
+        with _forward_autocast(ctx):  # the anchor recomputes the base's logits as the forward did
+            for_each_chunk(active, ctx.rows_per_chunk, logits.shape[1], backward_chunk)
         return grad_logits, None, None, None, None, None
 
 
@@ -318,21 +343,23 @@ class LinearStats(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
-        for rows in _chunks(_active_rows(targets, g_logp, g_entropy, g_soft), ctx.rows_per_chunk):
-            chunk_hidden = take_rows(hidden, rows)
-            z = _project(chunk_hidden, weight, bias).to(acc)
-            grad = _chunk_grad(z, take_rows(targets, rows), rows, 1.0, take_rows(lse, rows), _grad_slices(g_logp, rows), _grad_slices(g_entropy, rows),
-                               _grad_slices(entropy, rows) if g_entropy is not None else None, _grad_slices(g_soft, rows), ctx.anchor)
-            if need_bias:
-                grad_bias += grad.sum(dim=0)
-            grad = grad.to(hidden.dtype)
-            if need_hidden:
-                _put(grad_hidden, rows, grad @ weight)
-            if need_weight:
-                if grad_weight.dtype == hidden.dtype:
-                    grad_weight.addmm_(grad.t(), chunk_hidden)
-                else:
-                    grad_weight += grad.t() @ chunk_hidden
+        with _forward_autocast(ctx):  # the same logits as the forward's (bf16 under bf16 autocast), the same lse
+            for rows in _chunks(_active_rows(targets, g_logp, g_entropy, g_soft), ctx.rows_per_chunk):
+                chunk_hidden = take_rows(hidden, rows)
+                z = _project(chunk_hidden, weight, bias).to(acc)
+                grad = _chunk_grad(z, take_rows(targets, rows), rows, 1.0, take_rows(lse, rows), _grad_slices(g_logp, rows),
+                                   _grad_slices(g_entropy, rows), _grad_slices(entropy, rows) if g_entropy is not None else None,
+                                   _grad_slices(g_soft, rows), ctx.anchor)
+                if need_bias:
+                    grad_bias += grad.sum(dim=0)
+                grad = grad.to(hidden.dtype)
+                if need_hidden:
+                    _put(grad_hidden, rows, grad @ weight)
+                if need_weight:
+                    if grad_weight.dtype == hidden.dtype:
+                        grad_weight.addmm_(grad.t(), chunk_hidden)
+                    else:
+                        grad_weight += grad.t() @ chunk_hidden
         return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
                 grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None)
 

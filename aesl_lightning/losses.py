@@ -43,8 +43,9 @@ class LossConfig:
     """Which SFT loss to train with, and its knobs (each loss reads the ones it names).
 
     Args:
-        name: Loss in the registry: ce, dft, gem, aesl (default AESL), aesl_v1 (first reading), aesl_anchor,
-            aesl_entropy_floor, aesl_drift, or a name added with `register_loss`.
+        name: Loss in the registry: ce, dft, gem, aesl (default AESL), aesl_anchor, aesl_entropy_floor, aesl_drift,
+            aesl_v1 (first reading, reproduction only: does NOT meet the protection rule, an unlearned token after a
+            confident prefix gets 0 gradient), or a name added with `register_loss`.
         tau_tok: AESL token gate: a token with p_t >= tau_tok stops being learned.
             With a hard gate, tau_tok >= 1 disables it.
         tau_seq: AESL subsequence gate: once the confidence of the preceding completion tokens (geometric mean
@@ -55,7 +56,8 @@ class LossConfig:
         window: Completion tokens before t that the subsequence gate looks at (aesl and variants); 0 = the whole
             prefix.
         protect_below: A token with p_t below this keeps its full CE weight whatever the gates say, so what the
-            model has not learned is always learned (aesl and variants; 0 disables).
+            model has not learned is always learned (aesl and its anchored variants, which refuse values < 0.5;
+            aesl_v1 has no protection).
         anchor_weight: lambda of aesl_anchor: gated tokens are pulled to the base by lambda (1 - w_t) KL(p0 || p).
         entropy_margin: delta (nats) of aesl_entropy_floor: stop learning a position once H_t < H0_t - delta.
         drift_margin: epsilon of aesl_drift: relax a token once the mean log p - log p0 of the preceding window
@@ -100,6 +102,10 @@ class LossConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
                 raise ValueError(f"{where}.{name}: expected None or a quantile in (0, 1), found {value!r}")
+        if self.spec.protected and self.protect_below < 0.5:
+            raise ValueError(f"{where}.protect_below: loss {self.name!r} must keep every token with p_t < 0.5 at full CE weight, so "
+                             f"protect_below must be >= 0.5, found {self.protect_below!r} (the first reading without protection is "
+                             "name: aesl_v1, for reproducing old runs only)")
         if self.window < 0 or self.anchor_weight < 0 or self.entropy_margin < 0:
             raise ValueError(f"{where}: window, anchor_weight and entropy_margin must be >= 0, found "
                              f"{self.window}, {self.anchor_weight}, {self.entropy_margin}")

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from aesl_lightning.generation import Generation
+from aesl_lightning.grpo_loss import constant_groups
 from aesl_lightning.kernels import token_logprobs
 
 log = logging.getLogger("aesl_lightning")
@@ -232,11 +233,12 @@ def score_completions(funcs: Sequence, names: Sequence[str], prompts: list, comp
 
 
 def reward_metrics(rewards: torch.Tensor, weights: torch.Tensor, names: Sequence[str], group_size: int) -> dict:
-    """TRL's reward logs: the weighted total's mean and std, the fraction of groups with zero std, and each
-    function's mean and std over the completions it applies to (`train/` prefixed)."""
+    """TRL's reward logs: the weighted total's mean and std, the fraction of groups with zero std (all rewards
+    equal, `constant_groups`: the groups whose advantages are 0), and each function's mean and std over the
+    completions it applies to (`train/` prefixed)."""
     weighted = (rewards * weights).nansum(dim=1)
     values = {"train/reward/mean": weighted.mean(), "train/reward/std": weighted.std(),
-              "train/frac_reward_zero_std": (weighted.view(-1, group_size).std(dim=1) == 0).float().mean()}
+              "train/frac_reward_zero_std": constant_groups(weighted, group_size).float().mean()}
     for j, name in enumerate(names):
         column = rewards[:, j][~rewards[:, j].isnan()]
         if column.numel():

@@ -165,12 +165,15 @@ class SFTModule(CausalLMModule):
         return self._base_model[0]
 
     def _log_loss(self, out: LossOutput, batch: dict, stage: str, loss: torch.Tensor) -> None:
-        batch_size = batch["input_ids"].shape[0]
         sync = stage != "train"  # epoch-level validation numbers are averaged over ranks; step-level are not
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=sync)
         stats = out.gate_stats()
         tokens = stats.pop("completion_tokens")
-        self.log_dict({f"{stage}/{k}": v for k, v in stats.items()}, batch_size=batch_size, sync_dist=sync)
+        # Each value is a mean over this batch's completion tokens; weighted by their count, Lightning's epoch mean is
+        # sum(mean x count) / sum(count) over batches (and ranks: with sync_dist it reduces both sums), i.e. the mean
+        # over every validation token, whatever the batches' lengths. (Training values are logged per step.)
+        weight = int(tokens)
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=weight, sync_dist=sync)
+        self.log_dict({f"{stage}/{k}": v for k, v in stats.items()}, batch_size=weight, sync_dist=sync)
         self.log(f"{stage}/completion_tokens", tokens.float(), batch_size=1, reduce_fx="sum", sync_dist=sync)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

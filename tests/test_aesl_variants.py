@@ -24,6 +24,7 @@ def reference_loss(logits, labels, config: LossConfig, base_logits=None):
         for t in range(length - 1):
             y = int(labels[b, t + 1])
             if y == IGNORE:
+                history = []  # a masked position ends the completion span: the next one starts a new prefix
                 continue
             logp_all = torch.log_softmax(logits[b, t], -1)
             logp = logp_all[y]
@@ -65,7 +66,7 @@ def make(batch=3, length=12, vocab=9, seed=0):
     lift = (torch.rand(batch, length, generator=gen) < 0.6).double() * 6  # many confident tokens, some not
     logits.scatter_add_(2, labels.roll(-1, 1)[..., None], lift[..., None])
     labels[:, :2] = IGNORE
-    labels[1, 6] = IGNORE  # a hole inside a completion
+    labels[1, 6] = IGNORE  # a hole: two completion spans in one row (as in a packed row)
     labels[2, -2:] = IGNORE
     width = 5
     base_hidden = torch.randn(batch, length, width, generator=gen, dtype=torch.float64)
@@ -194,7 +195,7 @@ def test_base_anchored_losses_need_base_states():
 
 
 @pytest.mark.parametrize("window", [0, 1, 3])
-def test_prefix_mean_counts_completion_tokens_not_positions(window):
+def test_prefix_mean_counts_the_tokens_of_its_own_completion_span(window):
     gen = torch.Generator().manual_seed(window)
     values = torch.randn(3, 10, generator=gen, dtype=torch.float64)
     mask = torch.rand(3, 10, generator=gen) < 0.7
@@ -204,6 +205,7 @@ def test_prefix_mean_counts_completion_tokens_not_positions(window):
         for t in range(10):
             if not mask[b, t]:
                 assert mean[b, t] == 0 and count[b, t] == 0
+                seen = []  # a masked position ends the span
                 continue
             part = seen[-window:] if window else seen
             assert count[b, t] == len(part)
