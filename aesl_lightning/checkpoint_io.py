@@ -5,7 +5,8 @@
   writing leaves the previous file under the final name untouched and never a partial file there; on an exception
   the temporary file is removed, and the leftovers of killed writers (our name pattern, a dead process) are removed
   by the next save into that folder. `install_atomic_checkpoint_io(trainer)` puts it into a trainer whose strategy
-  uses the plain `TorchCheckpointIO` (the CLI does so for every run).
+  uses the plain `TorchCheckpointIO` (the CLI and every module of the toolkit do so for every run;
+  `prepare_checkpointing` also removes the leftovers a killed run left beside the checkpoint a run resumes from).
 - `newest_readable`: the newest of several checkpoints that `torch.load(weights_only=True)` reads; unreadable ones
   (truncated, refused) are skipped with a warning.
 - `checkpoint_names`: while a module is rebuilt from a checkpoint's hyper-parameters, importing a name the
@@ -128,6 +129,24 @@ def install_atomic_checkpoint_io(trainer) -> bool:
         return False
     strategy.checkpoint_io = AtomicCheckpointIO()
     return True
+
+
+def prepare_checkpointing(trainer) -> None:
+    """At the start of fit: `install_atomic_checkpoint_io`, and when resuming, remove (rank 0) what a kill of the
+    resumed run left beside its checkpoint: temporary checkpoint files in its folder (`clean_stale_temporaries`)
+    and unfinished exports `.hf_model.tmp-*` in its run folder and its `turning_point/` folder (only the toolkit's
+    own: name, marker and a dead process, see `aesl_lightning.export.clean_stale_exports`)."""
+    from aesl_lightning.export import clean_stale_exports
+
+    install_atomic_checkpoint_io(trainer)
+    resumed = getattr(trainer, "ckpt_path", None)
+    if not resumed or not trainer.is_global_zero or "://" in str(resumed) or not Path(resumed).is_file():
+        return
+    folder = Path(resumed).resolve().parent
+    clean_stale_temporaries(folder)
+    for run in (folder, folder.parent):
+        for export in (run / "hf_model", run / "turning_point" / "hf_model"):
+            clean_stale_exports(export)
 
 
 def newest_readable(candidates: Iterable[Path]) -> tuple[Path | None, list[str]]:

@@ -195,12 +195,12 @@ class CausalLMModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Fresh metric states, made outside inference mode: a `trainer.validate()` before `fit()` resets them under
         `torch.inference_mode`, and torchmetrics' in-place updates of such tensors fail in fit's no-grad validation.
-        Checkpoints are saved atomically (`AtomicCheckpointIO`) unless the trainer has its own CheckpointIO."""
+        Checkpoints are saved atomically and a kill's leftovers are removed (`checkpoint_io.prepare_checkpointing`)."""
         from torchmetrics import Metric
 
-        from aesl_lightning.checkpoint_io import install_atomic_checkpoint_io
+        from aesl_lightning.checkpoint_io import prepare_checkpointing
 
-        install_atomic_checkpoint_io(self.trainer)
+        prepare_checkpointing(self.trainer)
 
         for module in self.modules():
             if isinstance(module, Metric):
