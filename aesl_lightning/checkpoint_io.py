@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -149,16 +149,15 @@ def prepare_checkpointing(trainer) -> None:
             clean_stale_exports(export)
 
 
-def newest_readable(candidates: Iterable[Path]) -> tuple[Path | None, list[str]]:
-    """The most recently modified of `candidates` that `aesl_lightning.lm.load_checkpoint` reads (weights_only,
-    memory-mapped), and one line per newer candidate skipped as unreadable (each also logged as a warning)."""
-    from aesl_lightning.lm import load_checkpoint
-
+def newest_readable(candidates: Iterable[Path], load: Callable[[Path], Any]) -> tuple[Path | None, list[str]]:
+    """The most recently modified of `candidates` that `load` reads without an `OSError` or `ValueError` (the CLI
+    passes `aesl_lightning.lm.load_checkpoint`: weights_only, memory-mapped), and one line per newer candidate
+    skipped as unreadable (each also logged as a warning)."""
     skipped: list[str] = []
     ordered = sorted({Path(p) for p in candidates}, key=lambda p: (p.stat().st_mtime_ns, str(p)), reverse=True)
     for path in ordered:
         try:
-            load_checkpoint(path, mmap=True)
+            load(path)
         except (OSError, ValueError) as err:
             reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             skipped.append(f"{path}: {reason}")

@@ -189,6 +189,7 @@ def resolve_last_checkpoint(trainer) -> Path:
     was written by another tool) is skipped with a warning. `FileNotFoundError` naming the places searched when
     there is none (never a silent fresh start), `ValueError` listing the unreadable ones when none is readable."""
     from aesl_lightning.checkpoint_io import newest_readable
+    from aesl_lightning.lm import load_checkpoint
 
     places = last_checkpoint_places(trainer)
     found = [p for place in places if place.is_dir() for p in place.glob("*.ckpt") if p.is_file()]
@@ -198,7 +199,7 @@ def resolve_last_checkpoint(trainer) -> Path:
             f"--ckpt_path last: no last.ckpt in {searched} (nor any other .ckpt); give the checkpoint's path, or "
             "leave --ckpt_path out to train from the start"
         )
-    newest, skipped = newest_readable(found)
+    newest, skipped = newest_readable(found, load_checkpoint)
     if newest is None:
         raise ValueError(f"--ckpt_path last: no readable checkpoint: {'; '.join(skipped)}")
     logging.getLogger("aesl_lightning").info("--ckpt_path last: resuming from %s", newest)

@@ -175,20 +175,19 @@ def completion_log_probs(
 
 
 # --------------------------------------------------------------------------------------------------- rewards
-def load_reward_funcs(paths: list[str]) -> list:
+def load_reward_funcs(paths: list[str], builtins: Sequence[str] = ()) -> list:
     """Import each `package.module.function` (or `package.module:function`) of `grpo.reward_funcs`.
 
     While a module is rebuilt from a checkpoint (`aesl_lightning.checkpoint_io.checkpoint_names`), a name that is
-    neither a built-in reward nor allowed by the caller is not imported (importing runs the module's code): it
-    becomes a `NotImportedReward` that raises, naming the checkpoint, if it is ever called.
+    neither in `builtins` (the toolkit's rewards) nor allowed by the caller is not imported (importing runs the
+    module's code): it becomes a `NotImportedReward` that raises, naming the checkpoint, if it is ever called.
     """
     from aesl_lightning.checkpoint_io import untrusted_name
-    from aesl_lightning.grpo import BUILTIN_REWARDS
 
     funcs = []
     for i, path in enumerate(paths):
         module_name, _, name = str(path).replace(":", ".").rpartition(".")
-        source = untrusted_name(f"{module_name}.{name}", BUILTIN_REWARDS)
+        source = untrusted_name(f"{module_name}.{name}", builtins)
         if source is not None:
             log.warning("grpo.reward_funcs[%d]: %r comes from %s and was not imported (a checkpoint's names are not "
                         "trusted); name it in your config or command line to use it", i, path, source)
