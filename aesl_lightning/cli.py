@@ -223,6 +223,23 @@ def _reward_names(grpo) -> set[str]:
     return {str(n).replace(":", ".") for n in names} if isinstance(names, (list, tuple)) else set()
 
 
+def _nested_class_paths(node, where: str) -> tuple[str, object] | None:
+    """The first `class_path` / `_class_path` / `_instantiator` key inside `node` (dicts and lists), with its value."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("class_path", "_class_path", "_instantiator"):
+                return f"{where}.{key}", value
+            found = _nested_class_paths(value, f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            found = _nested_class_paths(value, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def checked_checkpoint_hparams(ckpt_path: str | os.PathLike, model_config) -> dict:
     """The model hyper-parameters of a checkpoint (read with `torch.load(weights_only=True)`), refused with
     `UnsafeCheckpointError` (naming the file and the field) when the checkpoint names code to import that the
@@ -230,8 +247,9 @@ def checked_checkpoint_hparams(ckpt_path: str | os.PathLike, model_config) -> di
 
     - `_class_path` (the model class): the user's own class path, or a LightningModule of `aesl_lightning`;
     - `grpo.reward_funcs`: built-in reward functions, or functions the user's `grpo.reward_funcs` names;
-    - `trust_remote_code: true` (runs a model repository's code) only if the user's config sets it as well.
-    Lightning's `_instantiator` entry is dropped (Lightning allows only its own)."""
+    - `trust_remote_code: true` (runs a model repository's code) only if the user's config sets it as well;
+    - no `class_path` anywhere below the top level (a nested class to build).
+    Lightning's top-level `_instantiator` entry is dropped (Lightning allows only its own)."""
     from lightning.pytorch import LightningModule
 
     from aesl_lightning.grpo import BUILTIN_REWARDS
@@ -248,13 +266,22 @@ def checked_checkpoint_hparams(ckpt_path: str | os.PathLike, model_config) -> di
         module, _, name = str(class_path).rpartition(".")
         cls = None
         if re.fullmatch(r"aesl_lightning(\.[A-Za-z_]\w*)*", module) and name.isidentifier():
-            cls = getattr(importlib.import_module(module), name, None)  # the toolkit's own modules only
+            try:
+                cls = getattr(importlib.import_module(module), name, None)  # the toolkit's own modules only
+            except ImportError:
+                pass
         if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
             raise UnsafeCheckpointError(
                 f"{ckpt_path}: hyper_parameters._class_path names {class_path!r}, not a model class of aesl_lightning "
                 "nor your config's model.class_path; a checkpoint's names are not imported. If you trust it, pass "
                 f"--model {class_path}"
             )
+    nested = _nested_class_paths({k: v for k, v in hparams.items() if k != "_class_path"}, "hyper_parameters")
+    if nested:
+        raise UnsafeCheckpointError(
+            f"{ckpt_path}: {nested[0]} names a class to build ({nested[1]!r}); a checkpoint's names are not imported. "
+            "Resume with the settings in your config instead"
+        )
     allowed = set(BUILTIN_REWARDS) | _reward_names(_get(init_args, "grpo"))
     refused = sorted(_reward_names(hparams.get("grpo")) - allowed)
     if refused:

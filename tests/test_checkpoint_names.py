@@ -107,3 +107,16 @@ def test_names_in_the_users_config_are_honoured(tmp_path, evil):
     # the toolkit's own classes are always allowed
     torch.save({"hyper_parameters": {"_class_path": "aesl_lightning.grpo.GRPOModule"}}, tmp_path / "own.ckpt")
     assert checked_checkpoint_hparams(tmp_path / "own.ckpt", {"class_path": "aesl_lightning.SFTModule"})
+
+
+def test_a_nested_class_path_or_a_missing_toolkit_module_is_refused_with_the_field(tmp_path, evil):
+    from aesl_lightning.cli import checked_checkpoint_hparams
+
+    user = {"class_path": "aesl_lightning.SFTModule", "init_args": {}}
+    torch.save({"hyper_parameters": {"lora": {"class_path": "evil_reward.Module", "init_args": {}}}}, tmp_path / "a.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match=r"a.ckpt: hyper_parameters.lora.class_path names a class"):
+        checked_checkpoint_hparams(tmp_path / "a.ckpt", user)
+    torch.save({"hyper_parameters": {"_class_path": "aesl_lightning.no_such_module.Module"}}, tmp_path / "b.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match=r"b.ckpt: hyper_parameters._class_path names 'aesl_lightning.no_such"):
+        checked_checkpoint_hparams(tmp_path / "b.ckpt", user)
+    assert not evil.exists()
