@@ -12,8 +12,10 @@ point runs every stage. Defaults: `aesl_lightning.SFTModule` and `aesl_lightning
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -38,6 +40,34 @@ def make_cli(args: list[str] | None, run: bool = True):
         def instantiate_classes(self) -> None:
             with _clean_errors():
                 super().instantiate_classes()
+
+        def _parse_ckpt_path(self) -> None:
+            """Lightning re-reads the model settings of `--ckpt_path FILE` into the config (the class included); here
+            only after `checked_checkpoint_hparams` has refused any name the checkpoint holds that would import code
+            the user's own config does not name."""
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            with _clean_errors():
+                hparams = checked_checkpoint_hparams(ckpt_path, self.config[subcommand].get("model"))
+            if not hparams:
+                return
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            try:
+                self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+            except SystemExit:
+                sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+                raise
+
+        def instantiate_trainer(self, **kwargs):
+            """The trainer, with checkpoints saved atomically beside their target (`AtomicCheckpointIO`)."""
+            from aesl_lightning.checkpoint_io import install_atomic_checkpoint_io
+
+            trainer = super().instantiate_trainer(**kwargs)
+            install_atomic_checkpoint_io(trainer)
+            return trainer
 
         def before_fit(self) -> None:
             """`--ckpt_path last`: the newest last.ckpt of this run's earlier versions, or a clear stop (Lightning
@@ -154,18 +184,118 @@ def last_checkpoint_places(trainer) -> list[Path]:
 
 
 def resolve_last_checkpoint(trainer) -> Path:
-    """The most recently written `last*.ckpt` among `last_checkpoint_places(trainer)`; `FileNotFoundError`
-    naming the places searched when there is none (never a silent fresh start)."""
-    found = [p for place in last_checkpoint_places(trainer) if place.is_dir() for p in place.glob("last*.ckpt") if p.is_file()]
+    """The most recently written checkpoint (`*.ckpt`) among `last_checkpoint_places(trainer)` that
+    `torch.load(weights_only=True)` reads: a newer one that is truncated or refused (a kill or a full disk while it
+    was written by another tool) is skipped with a warning. `FileNotFoundError` naming the places searched when
+    there is none (never a silent fresh start), `ValueError` listing the unreadable ones when none is readable."""
+    from aesl_lightning.checkpoint_io import newest_readable
+    from aesl_lightning.lm import load_checkpoint
+
+    places = last_checkpoint_places(trainer)
+    found = [p for place in places if place.is_dir() for p in place.glob("*.ckpt") if p.is_file()]
     if not found:
-        searched = ", ".join(str(p) for p in last_checkpoint_places(trainer))
+        searched = ", ".join(str(p) for p in places)
         raise FileNotFoundError(
-            f"--ckpt_path last: no last.ckpt in {searched}; give the checkpoint's path, or leave --ckpt_path out "
-            "to train from the start"
+            f"--ckpt_path last: no last.ckpt in {searched} (nor any other .ckpt); give the checkpoint's path, or "
+            "leave --ckpt_path out to train from the start"
         )
-    newest = max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+    newest, skipped = newest_readable(found, load_checkpoint)
+    if newest is None:
+        raise ValueError(f"--ckpt_path last: no readable checkpoint: {'; '.join(skipped)}")
     logging.getLogger("aesl_lightning").info("--ckpt_path last: resuming from %s", newest)
     return newest
+
+
+def _get(node, *keys):
+    """`node[k1][k2]...` through dicts, jsonargparse Namespaces and dataclasses; None where a key is missing."""
+    for key in keys:
+        if node is None:
+            return None
+        if isinstance(node, dict) or hasattr(node, "__contains__") and hasattr(node, "get"):
+            node = node.get(key) if key in node else None
+        else:
+            node = getattr(node, key, None)
+    return node
+
+
+def _reward_names(grpo) -> set[str]:
+    names = _get(grpo, "reward_funcs")
+    return {str(n).replace(":", ".") for n in names} if isinstance(names, (list, tuple)) else set()
+
+
+def _nested_class_paths(node, where: str) -> tuple[str, object] | None:
+    """The first `class_path` / `_class_path` / `_instantiator` key inside `node` (dicts and lists), with its value."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("class_path", "_class_path", "_instantiator"):
+                return f"{where}.{key}", value
+            found = _nested_class_paths(value, f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            found = _nested_class_paths(value, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def checked_checkpoint_hparams(ckpt_path: str | os.PathLike, model_config) -> dict:
+    """The model hyper-parameters of a checkpoint (read with `torch.load(weights_only=True)`), refused with
+    `UnsafeCheckpointError` (naming the file and the field) when the checkpoint names code to import that the
+    user's config (`model_config`: its `class_path` and `init_args`) does not:
+
+    - `_class_path` (the model class): the user's own class path, or a LightningModule of `aesl_lightning`;
+    - `grpo.reward_funcs`: built-in reward functions, or functions the user's `grpo.reward_funcs` names;
+    - `trust_remote_code: true` (runs a model repository's code) only if the user's config sets it as well;
+    - no `class_path` anywhere below the top level (a nested class to build).
+    Lightning's top-level `_instantiator` entry is dropped (Lightning allows only its own)."""
+    from lightning.pytorch import LightningModule
+
+    from aesl_lightning.grpo import BUILTIN_REWARDS
+    from aesl_lightning.lm import UnsafeCheckpointError, load_checkpoint
+
+    hparams = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
+    if not isinstance(hparams, dict):
+        raise UnsafeCheckpointError(f"{ckpt_path}: hyper_parameters is a {type(hparams).__name__}, expected a dict")
+    hparams = dict(hparams)
+    hparams.pop("_instantiator", None)
+    init_args = _get(model_config, "init_args")
+    class_path = hparams.get("_class_path")
+    if class_path is not None and class_path != _get(model_config, "class_path"):
+        module, _, name = str(class_path).rpartition(".")
+        cls = None
+        if re.fullmatch(r"aesl_lightning(\.[A-Za-z_]\w*)*", module) and name.isidentifier():
+            try:
+                cls = getattr(importlib.import_module(module), name, None)  # the toolkit's own modules only
+            except ImportError:
+                pass
+        if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+            raise UnsafeCheckpointError(
+                f"{ckpt_path}: hyper_parameters._class_path names {class_path!r}, not a model class of aesl_lightning "
+                "nor your config's model.class_path; a checkpoint's names are not imported. If you trust it, pass "
+                f"--model {class_path}"
+            )
+    nested = _nested_class_paths({k: v for k, v in hparams.items() if k != "_class_path"}, "hyper_parameters")
+    if nested:
+        raise UnsafeCheckpointError(
+            f"{ckpt_path}: {nested[0]} names a class to build ({nested[1]!r}); a checkpoint's names are not imported. "
+            "Resume with the settings in your config instead"
+        )
+    allowed = set(BUILTIN_REWARDS) | _reward_names(_get(init_args, "grpo"))
+    refused = sorted(_reward_names(hparams.get("grpo")) - allowed)
+    if refused:
+        raise UnsafeCheckpointError(
+            f"{ckpt_path}: hyper_parameters.grpo.reward_funcs names {refused[0]!r}, which is neither a built-in reward "
+            "nor in your config's model.init_args.grpo.reward_funcs; a checkpoint's names are not imported. If you "
+            "trust it, name it in your config (--model.init_args.grpo.reward_funcs)"
+        )
+    if hparams.get("trust_remote_code") is True and _get(init_args, "trust_remote_code") is not True:
+        raise UnsafeCheckpointError(
+            f"{ckpt_path}: hyper_parameters.trust_remote_code is true (it runs code from the model repository "
+            f"{hparams.get('name_or_path')!r}); set model.init_args.trust_remote_code in your config if you trust it"
+        )
+    return hparams
 
 
 def export_main(argv: list[str]) -> Path:

@@ -114,6 +114,7 @@ class DiversityEarlyStopping(Callback):
         self._resumed_from: str | None = None
         self._exported_index: int | None = None
         self._warned: set[str] = set()
+        self._resumed_finished = False  # resumed from a run that had stopped: no training, no validation, no new files
 
     @property
     def state_key(self) -> str:
@@ -135,7 +136,7 @@ class DiversityEarlyStopping(Callback):
         self._run_dir = Path(trainer.strategy.broadcast(str(run_dir(trainer))))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self._resumed_finished:
             return
         logged = _logged_this_validation(trainer)
         values, unusable = {}, {}
@@ -168,8 +169,11 @@ class DiversityEarlyStopping(Callback):
                 self._finish(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "fit" and self.rule.history:
-            self._finish(trainer, pl_module)
+        if trainer.state.fn != "fit" or not self.rule.history:
+            return
+        if self._resumed_finished and self._json_records_stop():
+            return  # nothing new since the run that stopped wrote its files (a kill before that rewrites them)
+        self._finish(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         """The rule's history, where the peak checkpoint is (relative to the run folder when it lies inside it,
@@ -193,8 +197,30 @@ class DiversityEarlyStopping(Callback):
         self.stopped_at_step = state_dict.get("stopped_at_step")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After resuming: adopt the recorded peak; and if the resumed run had already stopped at its turning point
+        (`stop=True`), stop again before any training step or validation: the resumed finished run is a no-op."""
         if self.rule.peak is not None and self.peak_checkpoint is None:
             self._adopt_peak(trainer)
+        if self.stop and self.rule.fired and self._resumed_from is not None:
+            self._resumed_finished = True
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                log.warning(
+                    "DiversityEarlyStopping: %s is from a run that already stopped at its turning point (declared at "
+                    "step %s, peak at step %s); nothing more to train. Resume with DiversityEarlyStopping(stop=False) "
+                    "or drop the callback to train past it", self._resumed_from, self.rule.fired_at["step"],
+                    self.rule.peak["step"] if self.rule.peak is not None else None,
+                )
+
+    def _json_records_stop(self) -> bool:
+        """Whether `turning_point.json` in `dirpath` already holds this run's decision and whole history."""
+        import json
+
+        try:
+            written = json.loads((self.out_dir / TURNING_POINT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return written.get("stopped_at_step") == self.stopped_at_step and written.get("history") == self.rule.history
 
     # ---------------------------------------------------------------------------------------- helpers
     def _warn_unusable(self, trainer: L.Trainer, values: dict[str, float], unusable: dict[str, str]) -> None:

@@ -92,7 +92,7 @@ class GRPOModule(CausalLMModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.grpo, self.evaluation = grpo, evaluation
-        self.reward_funcs = load_reward_funcs(grpo.reward_funcs)
+        self.reward_funcs = load_reward_funcs(grpo.reward_funcs, builtins=BUILTIN_REWARDS)
         self.reward_names = [f.__name__ for f in self.reward_funcs]
         self.reward_weights = torch.tensor(grpo.reward_weights or [1.0] * len(self.reward_funcs))
         wanted = grpo.correctness_reward or ("math_accuracy" if "math_accuracy" in self.reward_names else self.reward_names[0])

@@ -15,6 +15,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch.optim.lr_scheduler import LambdaLR
 
 from aesl_lightning.lora import LoRAConfig, apply_lora
@@ -171,10 +172,35 @@ class CausalLMModule(L.LightningModule):
             self._unsharded_ndim = {id(p): p.ndim for p in self.model.parameters()}
             self.model = wrap_fsdp1(self.model, strategy.kwargs.get("auto_wrap_policy"))
 
+    @_restricted_classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only=None, **kwargs):
+        """Lightning's `load_from_checkpoint`, except that names the checkpoint's hyper-parameters hold are not
+        imported (`aesl_lightning.checkpoint_io.checkpoint_names`): a reward function other than the built-ins is
+        allowed only if passed here (`grpo=GRPOConfig(reward_funcs=[...])`), else it is kept as a name that refuses
+        to be called. With `hparams_file` (the caller's own settings) nothing is restricted."""
+        from lightning.pytorch.core.saving import _load_from_checkpoint
+
+        from aesl_lightning.checkpoint_io import checkpoint_names
+
+        def load():
+            return _load_from_checkpoint(cls, checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+
+        if hparams_file is not None:
+            return load()
+        names = getattr(kwargs.get("grpo"), "reward_funcs", None) or []
+        with checkpoint_names({str(n).replace(":", ".") for n in names}, f"checkpoint {checkpoint_path}"):
+            return load()
+
     def on_fit_start(self) -> None:
         """Fresh metric states, made outside inference mode: a `trainer.validate()` before `fit()` resets them under
-        `torch.inference_mode`, and torchmetrics' in-place updates of such tensors fail in fit's no-grad validation."""
+        `torch.inference_mode`, and torchmetrics' in-place updates of such tensors fail in fit's no-grad validation.
+        Checkpoints are saved atomically and a kill's leftovers are removed (`checkpoint_io.prepare_checkpointing`)."""
         from torchmetrics import Metric
+
+        from aesl_lightning.checkpoint_io import prepare_checkpointing
+
+        prepare_checkpointing(self.trainer)
 
         for module in self.modules():
             if isinstance(module, Metric):

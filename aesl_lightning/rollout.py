@@ -176,11 +176,24 @@ def completion_log_probs(
 
 
 # --------------------------------------------------------------------------------------------------- rewards
-def load_reward_funcs(paths: list[str]) -> list:
-    """Import each `package.module.function` (or `package.module:function`) of `grpo.reward_funcs`."""
+def load_reward_funcs(paths: list[str], builtins: Sequence[str] = ()) -> list:
+    """Import each `package.module.function` (or `package.module:function`) of `grpo.reward_funcs`.
+
+    While a module is rebuilt from a checkpoint (`aesl_lightning.checkpoint_io.checkpoint_names`), a name that is
+    neither in `builtins` (the toolkit's rewards) nor allowed by the caller is not imported (importing runs the
+    module's code): it becomes a `NotImportedReward` that raises, naming the checkpoint, if it is ever called.
+    """
+    from aesl_lightning.checkpoint_io import untrusted_name
+
     funcs = []
     for i, path in enumerate(paths):
-        module_name, _, name = path.replace(":", ".").rpartition(".")
+        module_name, _, name = str(path).replace(":", ".").rpartition(".")
+        source = untrusted_name(f"{module_name}.{name}", builtins)
+        if source is not None:
+            log.warning("grpo.reward_funcs[%d]: %r comes from %s and was not imported (a checkpoint's names are not "
+                        "trusted); name it in your config or command line to use it", i, path, source)
+            funcs.append(NotImportedReward(str(path), source))
+            continue
         try:
             func = getattr(importlib.import_module(module_name), name)
         except (ImportError, AttributeError, ValueError) as err:
@@ -189,6 +202,20 @@ def load_reward_funcs(paths: list[str]) -> list:
             raise ValueError(f"grpo.reward_funcs[{i}]: {path!r} is a {type(func).__name__}, not a function")
         funcs.append(func)
     return funcs
+
+
+class NotImportedReward:
+    """A reward function a checkpoint names but nobody allowed: it keeps the name and refuses to be called."""
+
+    def __init__(self, path: str, source: str) -> None:
+        self.path, self.source = path, source
+        self.__name__ = path.replace(":", ".").rpartition(".")[2]
+
+    def __call__(self, *args, **kwargs):
+        raise PermissionError(
+            f"reward function {self.path!r} was named by {self.source} and not imported (a checkpoint's names are "
+            "not trusted); pass it in grpo.reward_funcs of your config or command line to allow it"
+        )
 
 
 def score_completions(funcs: Sequence, names: Sequence[str], prompts: list, completions: list[str],

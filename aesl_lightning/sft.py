@@ -273,7 +273,12 @@ class SFTModule(CausalLMModule):
         if wants_quantiles:
             log.info("loss thresholds from the starting model's quantiles: tau_tok %.4f, tau_seq %.4f", resolved.tau_tok, resolved.tau_seq)
             self.loss_config = resolved
-        self.log("train/learned_share_step0", share, batch_size=1, rank_zero_only=True)
+        # written and flushed now, at step 0: `self.log` from this hook reaches the loggers only at the epoch's end,
+        # and a run killed before then would lose it
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"train/learned_share_step0": float(share)}, step=0)
+                logger.save()
         if share < MIN_LEARNED_SHARE and cfg.name != "ce":
             log.warning("!!! loss %r keeps only %.1f%% of %d completion tokens at step 0 (weight > 0.5): its gates leave almost "
                         "nothing to learn. Raise tau_tok / tau_seq, use rho > 0, or set thresholds by quantile "

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import gguf
 import numpy as np
@@ -278,6 +279,37 @@ def test_a_file_added_to_a_previous_export_is_not_deleted_without_overwrite(tmp_
     export_hf(second, char_tokenizer(), out, overwrite=True)
     assert not (out / "notes.txt").exists()
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), logits(second), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("change", ["folder", "symlink", "edited config", "nested file"])
+def test_a_previous_export_modified_by_its_user_is_not_replaced_without_overwrite(tmp_path, change):
+    out = tmp_path / "exports" / "export"
+    export_hf(tiny_model(seed=1), char_tokenizer(), out)
+    export_hf(tiny_model(seed=1), char_tokenizer(), out)  # unmodified: replaced without asking
+    if change == "folder":
+        (out / "my_runs").mkdir()
+    elif change == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        (out / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    elif change == "edited config":
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**config, "my_note": "tuned"}))
+    else:
+        (out / "my_runs").mkdir()
+        (out / "my_runs" / "eval.txt").write_text("mine")
+    snapshot = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    config_text = (out / "config.json").read_text()
+    expected = {"folder": "added my_runs (folder)", "symlink": "added link (symbolic link)",
+                "edited config": "changed config.json", "nested file": "added my_runs"}[change]
+    with pytest.raises(ExportTargetError, match=re.escape(expected) + ".*--overwrite"):
+        export_hf(tiny_model(seed=2), char_tokenizer(), out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == snapshot
+    assert (out / "config.json").read_text() == config_text and siblings(out) == []
+    if change == "symlink":
+        assert (tmp_path / "elsewhere").is_dir()
+    export_hf(tiny_model(seed=2), char_tokenizer(), out, overwrite=True)
+    assert not (out / "my_runs").exists() and not (out / "link").exists()
+    assert "my_note" not in json.loads((out / "config.json").read_text())
 
 
 def test_a_users_folder_is_refused_before_any_work_and_left_intact(tmp_path, monkeypatch):

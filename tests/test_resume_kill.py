@@ -68,13 +68,13 @@ def train(root: Path, kill: str | None) -> None:
                 _die()  # while the checkpoint of this step is being put together
 
     if kind == "export":
-        write_info = export._write_info
+        write_info = export.write_info
 
         def dying_write_info(out_dir, **info):
             write_info(out_dir, **info)
             _die()  # the export is complete in its temporary folder, not yet renamed into place
 
-        export._write_info = dying_write_info
+        export.write_info = dying_write_info
 
     L.seed_everything(0)
     module = Scripted("tiny-llama", lr=1e-2, warmup_steps=0, scheduler="linear",

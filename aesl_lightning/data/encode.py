@@ -20,7 +20,10 @@ Over-long examples are never truncated: `overlong="drop"` skips and counts them,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,8 +69,48 @@ def chat_messages(prompt: str | Messages, system_prompt: str | None = None) -> M
     return messages
 
 
-def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
+CHAT_TEMPLATE_SECONDS = 5.0
+"""Time limit of one chat-template rendering. A template is code from the model's folder (jinja, sandboxed by
+transformers against escapes but not against runaway loops); a normal one renders in milliseconds."""
+
+
+class ChatTemplateTimeout(ValueError):
+    """A chat template did not finish rendering within its time limit."""
+
+
+@contextmanager
+def time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise `ChatTemplateTimeout` in the Python code this thread runs inside the block once `seconds` have passed.
+
+    Checked by a trace function (every 256th event looks at the clock) on every call, and on every line of the
+    code jinja compiles a template to (`<template>`): a template's loops are stopped wherever they are, while the
+    library code around it runs untraced. A single long C-level operation is not interrupted until it returns.
+    The previous trace function (a debugger, coverage) is restored after the block."""
+    deadline, calls = time.monotonic() + seconds, [0]
+
+    def trace(frame, event, arg):
+        calls[0] += 1
+        if calls[0] % 256 == 0 and time.monotonic() > deadline:
+            raise ChatTemplateTimeout(f"{what} did not finish within {seconds:g} s")
+        return trace if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool,
+                  source: str = "chat template") -> list[int]:
+    try:
+        with time_limit(CHAT_TEMPLATE_SECONDS, "the tokenizer's chat template"):
+            out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                                return_dict=False)
+    except ChatTemplateTimeout as err:
+        raise ChatTemplateTimeout(f"{source}: {err} (a template with a runaway loop?); fix or replace the "
+                                  "tokenizer's chat_template") from None
     # Some tokenizer versions still return a BatchEncoding despite return_dict=False.
     ids = out["input_ids"] if isinstance(out, Mapping) else out
     return [int(i) for i in ids]
@@ -84,7 +127,7 @@ def encode_prompt(
 ) -> list[int]:
     """Ids to generate from: the chat-templated prompt ending with the generation prompt (or the plain prompt)."""
     if has_chat_template(tokenizer):
-        return _template_ids(tokenizer, chat_messages(prompt, system_prompt), add_generation_prompt=True)
+        return _template_ids(tokenizer, chat_messages(prompt, system_prompt), add_generation_prompt=True, source=source)
     return list(tokenizer(_plain_prompt(prompt, system_prompt, source))["input_ids"])
 
 
@@ -93,8 +136,9 @@ def encode_sft(tokenizer: PreTrainedTokenizerBase, example: SFTExample, system_p
     eos = tokenizer.eos_token_id
     if has_chat_template(tokenizer):
         messages = chat_messages(example.prompt, system_prompt)
-        prompt_ids = _template_ids(tokenizer, messages, add_generation_prompt=True)
-        full_ids = _template_ids(tokenizer, messages + [{"role": "assistant", "content": example.completion}], add_generation_prompt=False)
+        prompt_ids = _template_ids(tokenizer, messages, add_generation_prompt=True, source=example.source)
+        full_ids = _template_ids(tokenizer, messages + [{"role": "assistant", "content": example.completion}], add_generation_prompt=False,
+                                 source=example.source)
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise ValueError(
                 f"{example.source}: the chat template's prompt (with generation prompt, {len(prompt_ids)} tokens) is not a prefix of "
