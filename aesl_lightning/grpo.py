@@ -26,6 +26,7 @@ from aesl_lightning.generation import Generation, SamplingConfig, eos_ids, gener
 from aesl_lightning.grpo_loss import IMPORTANCE_SAMPLING, LossType, ScaleRewards, group_advantages, grpo_loss
 from aesl_lightning.lm import CausalLMModule, Scheduler
 from aesl_lightning.lora import LoRAConfig, adapters_disabled, is_peft_model
+from aesl_lightning.rng_state import ResumableRandomState
 from aesl_lightning.rollout import (PhaseTimer, Rollout, check_finite, completion_log_probs, disable_dropout, eval_mode,
                                     global_std, load_reward_funcs, mean_tokens_per_rank, reward_metrics, sampling_weights,
                                     score_completions, warn_missing_groups)
@@ -145,7 +146,7 @@ class GRPOEvaluation:
 torch.serialization.add_safe_globals([GRPOConfig, GRPOEvaluation, LoRAConfig, SamplingConfig])
 
 
-class GRPOModule(CausalLMModule):
+class GRPOModule(ResumableRandomState, CausalLMModule):
     """Group Relative Policy Optimization of a causal LM (typically an SFT export) with verifiable rewards.
 
     Args:
@@ -392,4 +393,5 @@ class GRPOModule(CausalLMModule):
             (folder / "test_results.json").write_text(json.dumps(record, indent=2))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # the random states (rollouts resume where they stood)
         self._loaded_step = int(checkpoint.get("global_step", 0))
