@@ -70,19 +70,19 @@ class ResumableRandomState:
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        states = checkpoint.get("aesl_lightning", {}).get(CHECKPOINT_KEY)
-        if states is None:
-            log.warning("the checkpoint holds no random states: the resumed run samples from its own seed, not from "
-                        "where the interrupted run stood")
-        self._pending_random_states = states
+        # [] marks a checkpoint without states (warned only if training resumes from it, not for `test`)
+        self._pending_random_states = checkpoint.get("aesl_lightning", {}).get(CHECKPOINT_KEY) or []
 
     def on_train_start(self) -> None:
         super().on_train_start()
         states, self._pending_random_states = self._pending_random_states, None
         if states is None:
             return
-        if len(states) != self.trainer.world_size:
+        if not states:
+            log.warning("the checkpoint holds no random states: the resumed run samples from its own seed, not from "
+                        "where the interrupted run stood")
+        elif len(states) != self.trainer.world_size:
             log.warning("the checkpoint holds random states of %d ranks, this run has %d: they are not restored",
                         len(states), self.trainer.world_size)
-            return
-        restore_random_state(states[self.global_rank], self.device)
+        else:
+            restore_random_state(states[self.global_rank], self.device)
