@@ -26,6 +26,7 @@ from aesl_lightning.grpo_config import BUILTIN_REWARDS, GRPOConfig, GRPOEvaluati
 from aesl_lightning.grpo_loss import group_advantages, grpo_loss
 from aesl_lightning.lm import CausalLMModule, Scheduler
 from aesl_lightning.lora import LoRAConfig, adapters_disabled, is_peft_model
+from aesl_lightning.rng_state import ResumableRandomState
 from aesl_lightning.rollout import (PhaseTimer, Rollout, check_finite, completion_log_probs, disable_dropout, eval_mode,
                                     global_std, load_reward_funcs, mean_tokens_per_rank, reward_metrics, sampling_weights,
                                     score_completions, warn_missing_groups)
@@ -41,7 +42,7 @@ torch.serialization.add_safe_globals([GRPOConfig, GRPOEvaluation, LoRAConfig, Sa
                                       (GRPOEvaluation, "aesl_lightning.grpo.GRPOEvaluation")])
 
 
-class GRPOModule(CausalLMModule):
+class GRPOModule(ResumableRandomState, CausalLMModule):
     """Group Relative Policy Optimization of a causal LM (typically an SFT export) with verifiable rewards.
 
     Args:
@@ -292,4 +293,5 @@ class GRPOModule(CausalLMModule):
             (folder / "test_results.json").write_text(json.dumps(record, indent=2))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # the random states (rollouts resume where they stood)
         self._loaded_step = int(checkpoint.get("global_step", 0))

@@ -77,12 +77,34 @@ class SeededGRPO(GRPOModule):
         SeededGRPO.full_loads += not empty
         return super()._build_model(empty, frozen)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # the gradient before clipping and AdamW, which both hide a uniformly scaled gradient (clip norm 1.0 is
+        # active in these runs): its global norm, the same number on every rank
+        self.grad_norms = getattr(self, "grad_norms", [])
+        self.grad_norms.append(global_grad_norm(self.model))
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def make_rollout(self, batch, timer=None):
         rollout = super().make_rollout(batch, timer)
         g = self.grpo.num_generations  # advantages per prompt, to compare across batch splits
         self.advantages = getattr(self, "advantages", [])
         self.advantages.append({p: rollout.advantages[i * g : (i + 1) * g].tolist() for i, p in enumerate(batch["prompt"])})
         return rollout
+
+
+def global_grad_norm(model) -> float:
+    """||grad|| over all parameters in float64: each rank's share summed over ranks when the model is sharded
+    (FSDP2 DTensor shards, FSDP1 flat shards); a DDP replica or a single process holds the whole gradient."""
+    import torch.distributed as dist
+
+    squares = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            squares += grad.detach().double().pow(2).sum().cpu()
+    if fsdp.is_sharded(model) and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(squares)
+    return squares.sqrt().item()
 
 
 class RecordLosses(L.Callback):
@@ -168,7 +190,9 @@ def main():
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", save_last=True, save_top_k=0)
     fit = trainer(args, args.steps, [record, ckpt], module)
     fit.fit(module, data)
+    grad_norms = []
     if args.resume_steps:
+        grad_norms = module.grad_norms
         module, data = build(args)
         fit = trainer(args, args.resume_steps, [record], module)
         fit.fit(module, data, ckpt_path=str(out / "ckpt" / "last.ckpt"))
@@ -178,6 +202,7 @@ def main():
         name = f"params_rank{rank}.pt" if args.ddp and rank else "params.pt"
         torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, out / name)
     info = {"losses": record.losses, "kl": record.kl, "advantages": getattr(module, "advantages", []),
+            "grad_norms": grad_norms + getattr(module, "grad_norms", []),
             "full_loads": SeededGRPO.full_loads,
             "reference_sharded": None if module.reference_model is None else fsdp.is_sharded(module.reference_model), "global_step": fit.global_step, "world_size": fit.world_size,
             "pid": os.getpid(), "sharded": fsdp.is_sharded(module.model), "model_class": type(module.model).__name__,

@@ -125,15 +125,37 @@ def test_bf16_model_and_dtype_cast(tmp_path):
         export_hf(model, char_tokenizer(), tmp_path / "bad", dtype="int8")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_model_on_accelerator(tmp_path):
-    model = tiny_model().cuda().eval()
-    out = export_hf(model, char_tokenizer(), tmp_path / "cuda")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_export_copies_the_model_where_it_lives_and_leaves_it_untouched(tmp_path, device):
+    """The model stays on its device, in training mode, with the very same parameter tensors (objects, storage,
+    values, dtype), while the export holds CPU copies equal to them; cast exports cast the copy only; the reload
+    reproduces the model's logits computed on its device. (On CPU a move to the CPU would pass unseen.)"""
+    model = tiny_model().to(device).train()
+    before = {name: (p, p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+    out = export_hf(model, char_tokenizer(), tmp_path / "full")
+    cast = export_hf(model, char_tokenizer(), tmp_path / "cast", dtype="bfloat16")
+
+    assert model.training and all(m.training for m in model.modules())
+    for name, p in model.named_parameters():
+        same, pointer, values = before[name]
+        assert p is same and p.data_ptr() == pointer and p.device.type == device and p.dtype == torch.float32, name
+        assert torch.equal(p, values), name
+    state = model.state_dict()
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            saved = f.get_tensor(key)
+            assert saved.device.type == "cpu" and torch.equal(saved, state[key].cpu()), key
+    with safe_open(str(cast / "model.safetensors"), framework="pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    model.eval()
     with torch.no_grad():
-        expected = model(input_ids=TOKENS.cuda()).logits.cpu()
+        expected = model(input_ids=TOKENS.to(device)).logits.cpu()
     torch.testing.assert_close(logits(reloaded), expected, atol=1e-5, rtol=1e-5)
-    assert next(model.parameters()).is_cuda
 
 
 def _permute_for_gguf(weight: np.ndarray, n_head: int) -> np.ndarray:

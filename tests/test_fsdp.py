@@ -54,6 +54,18 @@ def _assert_weights_close(got, expected):
         assert (got[key] - expected[key]).abs().mean() < 1e-6, key
 
 
+def _assert_same_gradients(folder, ranks, single):
+    """The global gradient norm before clipping, step by step, on every rank == one process's: clipping (active
+    here, norms > 1.0) and AdamW both normalise a uniformly scaled gradient away, so losses and weights alone would
+    pass a gradient 2x too large or too small. Relative 1e-4: later steps start from weights that AdamW's
+    reduction-order noise has moved by ~1e-5."""
+    expected = json.loads((single / "losses_rank0.json").read_text())["grad_norms"]
+    assert expected and all(n > 0 for n in expected)
+    for r in range(ranks):
+        got = json.loads((folder / f"losses_rank{r}.json").read_text())["grad_norms"]
+        assert got == pytest.approx(expected, rel=1e-4), (r, got, expected)
+
+
 def _losses(folder, ranks):
     return [json.loads((folder / f"losses_rank{r}.json").read_text())["losses"] for r in range(ranks)]
 
@@ -113,6 +125,7 @@ def test_grpo_fsdp_two_processes_match_one_process_with_resume_and_export(tmp_pa
     exported = AutoModelForCausalLM.from_pretrained(sharded / "hf_model").state_dict()
     for key, value in got.items():
         assert torch.equal(exported[key], value), key
+    _assert_same_gradients(sharded, 2, single)
 
 
 @pytest.mark.distributed
@@ -132,6 +145,7 @@ def test_sharded_load_builds_on_meta_and_only_rank_0_reads_the_weights(tmp_path,
     per_rank = _losses(tmp_path / "meta", 2)
     assert [(a + b) / 2 for a, b in zip(*per_rank)] == pytest.approx(_losses(tmp_path / "single", 1)[0], abs=2e-6)
     _assert_weights_close(torch.load(tmp_path / "meta" / "params.pt"), torch.load(tmp_path / "single" / "params.pt"))
+    _assert_same_gradients(tmp_path / "meta", 2, tmp_path / "single")
 
 
 @pytest.mark.distributed
@@ -153,6 +167,7 @@ def test_batch_scaled_advantages_on_two_processes_equal_one_process(tmp_path):
     per_rank = _losses(tmp_path / "ddp", 2)
     assert [(a + b) / 2 for a, b in zip(*per_rank)] == pytest.approx(_losses(tmp_path / "single", 1)[0], abs=2e-6)
     _assert_weights_close(torch.load(tmp_path / "ddp" / "params.pt"), torch.load(tmp_path / "single" / "params.pt"))
+    _assert_same_gradients(tmp_path / "ddp", 2, tmp_path / "single")
 
 
 @pytest.mark.distributed
@@ -168,6 +183,7 @@ def test_dapo_with_two_inner_iterations_matches_one_process_under_fsdp_and_ddp(t
         per_rank = _losses(tmp_path / name, 2)
         assert [(a + b) / 2 for a, b in zip(*per_rank)] == pytest.approx(reference, abs=2e-6), name
         _assert_weights_close(torch.load(tmp_path / name / "params.pt"), expected)
+        _assert_same_gradients(tmp_path / name, 2, tmp_path / "single")
     replica = torch.load(tmp_path / "ddp" / "params_rank1.pt")  # DDP replicas stayed in sync
     assert all(torch.equal(replica[k], v) for k, v in torch.load(tmp_path / "ddp" / "params.pt").items())
 
@@ -239,6 +255,7 @@ def test_grpo_fsdp1_strategy_matches_one_process_with_resume_and_export(tmp_path
 
     expected, got = torch.load(single / "params.pt"), torch.load(sharded / "params.pt")
     _assert_weights_close(got, expected)
+    _assert_same_gradients(sharded, 2, single)
     exported = AutoModelForCausalLM.from_pretrained(sharded / "hf_model").state_dict()
     for key, value in got.items():
         assert torch.equal(exported[key], value), key
@@ -271,6 +288,7 @@ def test_grpo_lora_under_fsdp_matches_one_process_trains_adapters_only_and_expor
 
     expected, got = torch.load(single / "params.pt"), torch.load(sharded / "params.pt")
     _assert_weights_close(got, expected)  # measured: 8e-6 max, 2e-8 mean (lr 1e-2)
+    _assert_same_gradients(sharded, 2, single)
     start = load_causal_lm("tiny-llama").state_dict()
     adapters = [k for k in got if ".lora_" in k]
     assert len(adapters) == 28 and max(got[k].abs().max().item() for k in adapters if ".lora_B." in k) > 1e-3

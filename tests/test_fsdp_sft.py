@@ -1,6 +1,7 @@
 """SFTModule under FSDP2 (ModelParallelStrategy) and FSDP1 (FSDPStrategy), 2 CPU processes over gloo:
-trains, validates with generation on unsharded weights (ranks generate different lengths), and exports the
-gathered weights."""
+trains like one process (the same loss, gradient before clipping and the optimiser, and weights at every step),
+validates with generation on unsharded weights (ranks generate different lengths), and exports the gathered
+weights."""
 
 import json
 import math
@@ -18,15 +19,31 @@ ROOT = SCRIPT.parent.parent
 
 @pytest.mark.distributed
 def test_sft_trains_validates_and_exports_under_fsdp2(tmp_path):
-    _check_sft_run(tmp_path)
+    """Each step's loss and full gradient (before the optimiser), and the final weights, equal one process's."""
+    result = _check_sft_run(tmp_path / "fsdp")
+    single = _run(tmp_path / "single", "--devices", "1", "--order", tmp_path / "fsdp" / "metrics.json")
+    _assert_same_training(tmp_path / "fsdp", result, tmp_path / "single", single)
+    from aesl_lightning.models import load_causal_lm
+
+    names = {name for name, _ in load_causal_lm("tiny-llama").named_parameters()}
+    got = torch.load(tmp_path / "fsdp" / "grads.pt", weights_only=True)
+    expected = torch.load(tmp_path / "single" / "grads.pt", weights_only=True)
+    assert len(got) == len(expected) == 4
+    for step, (g, e) in enumerate(zip(got, expected)):
+        assert set(g) == set(e) == names
+        for name in e:
+            torch.testing.assert_close(g[name], e[name], rtol=1e-4, atol=1e-7, msg=f"step {step}: {name}")
 
 
 @pytest.mark.distributed
 def test_sft_trains_validates_and_exports_under_fsdp1_with_norm_clipping(tmp_path):
     """FSDPStrategy with Trainer(gradient_clip_val=1.0), which Lightning's FSDP precision plugin refuses by
-    itself: CausalLMModule clips with the FSDP1 root's clip_grad_norm_."""
-    result = _check_sft_run(tmp_path, "--fsdp1")
+    itself: CausalLMModule clips with the FSDP1 root's clip_grad_norm_. Each step's loss and gradient norm before
+    clipping, and the final weights, equal one process's with the same clipping."""
+    result = _check_sft_run(tmp_path / "fsdp1", "--fsdp1")
     assert result["model_class"] == "FullyShardedDataParallel" and not result["lightning_module_wrapped"]
+    single = _run(tmp_path / "single", "--devices", "1", "--clip", "1.0", "--order", tmp_path / "fsdp1" / "metrics.json")
+    _assert_same_training(tmp_path / "fsdp1", result, tmp_path / "single", single)
 
 
 @pytest.mark.distributed
@@ -43,14 +60,37 @@ def load_causal_lm_state(name: str) -> dict:
     return load_causal_lm(name).state_dict()
 
 
+def _run(out, *args) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _assert_same_training(folder, result, single_folder, single) -> None:
+    """Loss and gradient norm (before clipping: clipping and AdamW would hide a uniformly scaled gradient) at each
+    of the 4 steps, and the exported weights, as in one process. Weights at AdamW's tolerance: an entry with a
+    near-zero gradient turns reduction-order noise into a visible fraction of a step."""
+    from transformers import AutoModelForCausalLM
+
+    assert single["step"] == 4 and not single["sharded"]
+    assert sorted(result["order"]) == list(range(16)) and single["order"] == list(range(16))  # replayed in order
+    assert len(single["losses"]) == len(single["grad_norms"]) == 4 and all(n > 0 for n in single["grad_norms"])
+    assert result["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert result["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-4)
+    got = AutoModelForCausalLM.from_pretrained(folder / "hf_model").state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(single_folder / "hf_model").state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0, msg=key)
+        assert (got[key] - expected[key]).abs().mean() < 1e-6, key
+
+
 def _check_sft_run(tmp_path, *args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
-    result = json.loads((tmp_path / "metrics.json").read_text())
+    result = _run(tmp_path, *args)
     assert result["step"] == 4 and result["sharded"]
     metrics = result["metrics"]
     for key in ["train/loss", "val/loss", "val/kl_to_base", "val/answer_accuracy", "val/self_bleu", "val/gen_entropy"]:

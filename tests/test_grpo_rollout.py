@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import aesl_lightning.grpo as grpo_module
+import aesl_lightning.rollout as rollout_module
 from aesl_lightning.data import PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
 from aesl_lightning.generation import generate
@@ -199,6 +200,18 @@ def test_rollout_entropies_come_from_the_policy_pass_not_from_generate(tmp_path,
 
 
 # ------------------------------------------------------------------------------------------- step breakdown
+class _Clock:
+    """A stand-in for `time.perf_counter` that advances by exactly 1 s per reading: a phase entered once (and
+    holding no other phase) lasts 1 s, so n entries sum to n s and an overwrite would show 1 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
 def test_step_time_breakdown_is_logged(tmp_path):
     module = _module(num_iterations=2)
     _trainer(tmp_path, max_steps=2).fit(module, _data(num_examples=2, batch_size=2))
@@ -210,14 +223,30 @@ def test_step_time_breakdown_is_logged(tmp_path):
     assert sum(times.values()) <= step < sum(times.values()) + 1.0
 
 
-def test_phase_timer_sums_repeats():
+def test_logged_phase_times_sum_the_phases_entered_several_times_in_a_step(tmp_path, monkeypatch):
+    """mu = 2: `policy` and `optimizer` run twice per step and must log the sum of both (2 s on the clock that
+    ticks 1 s per reading), the once-per-step phases 1 s; `step` holds the 8 inner entries (16 readings) + 1."""
+    monkeypatch.setattr(rollout_module, "time", _Clock())
+    module = _module(num_iterations=2)
+    _trainer(tmp_path, max_steps=2).fit(module, _data(num_examples=2, batch_size=2))
+    logged = {k.removeprefix("train/time/"): float(v) for k, v in module.trainer.callback_metrics.items()
+              if k.startswith("train/time/")}
+    assert logged == {"sampling": 1.0, "scoring": 1.0, "old_logprobs": 1.0, "ref_logprobs": 1.0, "policy": 2.0,
+                      "optimizer": 2.0, "step": 17.0}
+
+
+def test_phase_timer_sums_repeats(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(rollout_module, "time", clock)
     timer = PhaseTimer()
     for _ in range(3):
         with timer("a"):
-            sum(range(20000))
+            clock.now += 0.5  # the phase's own work: 0.5 s on top of the reading's 1 s
     with pytest.raises(RuntimeError), timer("b"):
         raise RuntimeError("counted anyway")
-    assert set(timer.seconds) == {"a", "b"} and timer.seconds["a"] > 0
+    with timer("b"):
+        pass
+    assert timer.seconds == {"a": 4.5, "b": 2.0}
 
 
 # -------------------------------------------------------------------------------------------------- rewards

@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -325,7 +326,11 @@ class PromptDataModule(ResumableTraining, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.data.get("train"):
             raise ValueError("PromptDataModule: no training prompts (train=None)")
-        return self._resumable(self._split_loader("train", self.batch_size, self.shuffle, resumable=True))
+        loader = self._split_loader("train", self.batch_size, self.shuffle, resumable=True)
+        # Each new iterator draws a worker seed from the loader's generator, by default torch's global one, which
+        # also samples GRPO's rollouts: a run resumed mid-epoch builds an iterator the uninterrupted run did not.
+        loader.generator = torch.Generator().manual_seed(self.seed)
+        return self._resumable(loader)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._split_loader("val", self.eval_batch_size)
