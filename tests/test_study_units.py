@@ -56,8 +56,9 @@ def test_dependencies_wait_and_unknown_ones_are_errors(tmp_path):
     store = UnitStore(tmp_path)
     ran = run_units([Unit("a", "x"), Unit("b", "x", deps=("a",))][::-1], store, lambda u: {}, {"x": 1}, log=lambda m: None)
     assert ran == ["a"]  # b came first and waited
-    with pytest.raises(ValueError, match="unknown units"):
+    with pytest.raises(ValueError, match="neither listed nor recorded"):
         run_units([Unit("c", "x", deps=("zzz",))], store, lambda u: {}, {"x": 1})
+    assert run_units([Unit("d", "x", deps=("a",))], store, lambda u: {}, {"x": 1}, log=lambda m: None) == ["d"]  # a: recorded
     with pytest.raises(ValueError, match="unique"):
         run_units([Unit("c", "x"), Unit("c", "x")], store, lambda u: {}, {"x": 1})
 

@@ -158,7 +158,8 @@ def estimate(kind: str, records: Mapping[str, Mapping], planned: Mapping[str, fl
 def run_units(units: Sequence[Unit], store: UnitStore, execute: Callable[[Unit], dict], planned: Mapping[str, float],
               deadline: float | None = None, log: Callable[[str], None] = print, repo: str | os.PathLike | None = None,
               clock: Callable[[], float] = time.time) -> list[str]:
-    """Run every unit not yet in `store`, in the given order, once its dependencies are recorded.
+    """Run every unit not yet in `store`, in the given order, once its dependencies are recorded (a dependency
+    may be a unit of this list or one recorded earlier).
 
     A unit whose estimated end (now + `estimate`) is past `deadline` (seconds since the epoch) is not started:
     the run says so and goes on to later units that fit. A unit that raises leaves no record (it reruns next
@@ -169,9 +170,9 @@ def run_units(units: Sequence[Unit], store: UnitStore, execute: Callable[[Unit],
         raise ValueError("run_units: unit ids must be unique")
     known = set(ids)
     for u in units:
-        missing = [d for d in u.deps if d not in known]
+        missing = [d for d in u.deps if d not in known and not store.done(d)]
         if missing:
-            raise ValueError(f"unit {u.id!r} depends on unknown units {missing}")
+            raise ValueError(f"unit {u.id!r} depends on units neither listed nor recorded: {missing}")
     ran: list[str] = []
     for unit in units:
         if store.done(unit.id):

@@ -145,10 +145,10 @@ def run_sft(cfg: dict, work: Path, variant: str, loss: str, seed: int, run_id: s
     run_dir = work / "runs" / run_id
     shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted attempt of this unit left (under the work folder only)
     train = coldstart_file(cfg, work, variant, seed)
-    problems = _read_jsonl(write_data(cfg, work)["val"])
+    problems = _read_jsonl(write_data(cfg, work)["val"])[: cfg["eval"].get("val_problems")]
     L.seed_everything(seed, workers=True, verbose=False)
     module = SFTModule(name_or_path=str(work / "base"), loss=LossConfig(name=loss, **s.get("loss_args", {}).get(loss, {})), lr=s["lr"],
-                       warmup_steps=0, scheduler="constant", histogram_every_n_steps=0,
+                       warmup_steps=s.get("warmup_steps", 0), scheduler="constant", histogram_every_n_steps=0,
                        val_generation=ValidationGeneration(num_prompts=0, num_samples=0))
     data = SFTDataModule(train=str(train), val_size=0, batch_size=s["batch_size"], max_length=256, seed=seed)
     grid = GridEvaluation(cfg, problems, s["grid"], run_dir / "snapshots", seed)

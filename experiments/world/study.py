@@ -50,9 +50,24 @@ def sft_units(pairs: list[tuple[str, str]], seeds: list[int]) -> list[Unit]:
     return [Unit(sft_id(c, loss, seed), "sft", ("base",), {"coldstart": c, "loss": loss, "seed": seed}) for seed in seeds for c, loss in pairs]
 
 
+def tuning_units(cfg: dict) -> list[Unit]:
+    """Pre-flight tuning runs of the narrow CE cold start (seed 0), each with its own SFT / evaluation settings."""
+    out = []
+    for name, t in cfg["preflight"].get("sft_tuning", {}).items():
+        out.append(Unit(f"tune-sft-{name}", "tune", ("base",), {"coldstart": "narrow", "loss": "ce", "seed": 0, "overrides": t}))
+    return out
+
+
+def with_overrides(cfg: dict, overrides: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+    for section, values in overrides.items():
+        out[section].update(values)
+    return out
+
+
 def preflight_units(cfg: dict) -> list[Unit]:
     p = cfg["preflight"]
-    return ([Unit("base", "base"), Unit("base-check", "eval", ("base",))]
+    return ([Unit("base", "base"), Unit("base-check", "eval", ("base",))] + tuning_units(cfg)
             + sft_units([("narrow", "ce")], p["sft_seeds"])
             + rl_units(p["rl_arms"], p["rl_seeds"], prefix="pilot-rl"))
 
@@ -96,9 +111,9 @@ def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
         return result
     if unit.id == "base-check":
         return stages.base_check(cfg, work)
-    if unit.kind == "sft":
+    if unit.kind in ("sft", "tune"):
         p = unit.params
-        return stages.run_sft(cfg, work, p["coldstart"], p["loss"], p["seed"], unit.id)
+        return stages.run_sft(with_overrides(cfg, p.get("overrides", {})), work, p["coldstart"], p["loss"], p["seed"], unit.id)
     if unit.kind == "rl":
         arm, seed = unit.params["arm"], unit.params["seed"]
         start, why = start_of(cfg, work, store, arm, seed)
