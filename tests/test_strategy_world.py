@@ -108,3 +108,16 @@ def test_config_rejects_bad_mixtures():
         WorldConfig(pretrain_mix=(1.0, 0.0))
     with pytest.raises(ValueError, match="cold-start strategy"):
         coldstart(WorldConfig(pretrain_size=10), 0, ["guess"])
+
+
+def test_target_share_writes_that_share_of_the_corpus_in_the_target_format_and_leaves_the_rest():
+    plain = fixed_splits(WorldConfig(pretrain_size=4000, val_size=16, rl_size=16, test_size=16))
+    mixed = fixed_splits(WorldConfig(pretrain_size=4000, val_size=16, rl_size=16, test_size=16, target_share=0.05))
+    assert all(plain[k] == mixed[k] for k in ("val", "rl", "test"))
+    target = [r for r in mixed["pretrain"] if answer_format(r["completion"]) == "target"]
+    assert 0.035 < len(target) / 4000 < 0.065
+    assert {label_strategy(r["completion"]) for r in target} == set(STRATEGIES)
+    native = [(a, b) for a, b in zip(plain["pretrain"], mixed["pretrain"]) if answer_format(b["completion"]) == "native"]
+    assert all(a == b for a, b in native)  # the native records are the very same
+    with pytest.raises(ValueError, match="target_share"):
+        WorldConfig(target_share=1.5)

@@ -146,6 +146,7 @@ class WorldConfig:
 
     pretrain_size: int = 20000
     pretrain_mix: tuple[float, float, float] = (0.4, 0.3, 0.3)  # direct, round, column
+    target_share: float = 0.0  # share of pre-training solutions written in the target format (strategies mixed alike)
     coldstart_size: int = 48
     val_size: int = 64
     rl_size: int = 512
@@ -155,6 +156,8 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if len(self.pretrain_mix) != len(STRATEGIES) or any(w < 0 for w in self.pretrain_mix) or sum(self.pretrain_mix) <= 0:
             raise ValueError(f"WorldConfig.pretrain_mix must be {len(STRATEGIES)} non-negative weights, got {self.pretrain_mix}")
+        if not 0.0 <= self.target_share <= 1.0:
+            raise ValueError(f"WorldConfig.target_share must be in [0, 1], got {self.target_share}")
         for name in ("pretrain_size", "coldstart_size", "val_size", "rl_size", "test_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -193,12 +196,16 @@ def _prompt_splits(config: WorldConfig) -> tuple[random.Random, set[tuple[int, i
 
 
 def fixed_splits(config: WorldConfig) -> dict[str, list[dict]]:
-    """The splits every study seed shares: `pretrain` (native format, mixed strategies), `pretrain_val`,
+    """The splits every study seed shares: `pretrain` (native format but for `target_share` of it, mixed strategies), `pretrain_val`,
     `val` (the SFT validation grid's problems), `rl` (the RL prompt pool) and `test`; disjoint problems."""
     rng, seen, splits, _ = _prompt_splits(config)
     pretrain = draw_problems(rng, config.pretrain_size + 256, seen)
     strategies = rng.choices(STRATEGIES, weights=config.pretrain_mix, k=len(pretrain))
-    records = [_sft_record(p, rng.randrange(len(_PHRASINGS)), s, "native") for p, s in zip(pretrain, strategies)]
+    formats = ["native"] * len(pretrain)
+    if config.target_share > 0:  # drawn from their own generator: the splits above and the strategies stay as without
+        picker = random.Random(f"target-{config.data_seed}")
+        formats = ["target" if picker.random() < config.target_share else "native" for _ in pretrain]
+    records = [_sft_record(p, rng.randrange(len(_PHRASINGS)), s, f) for p, s, f in zip(pretrain, strategies, formats)]
     splits["pretrain"], splits["pretrain_val"] = records[: config.pretrain_size], records[config.pretrain_size :]
     return splits
 

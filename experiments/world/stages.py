@@ -23,7 +23,8 @@ from world.evaluate import columns, evaluate, summarise
 
 def world_config(cfg: dict) -> WorldConfig:
     w = cfg["world"]
-    return WorldConfig(pretrain_size=w["pretrain_size"], pretrain_mix=tuple(w["pretrain_mix"]), coldstart_size=w["coldstart_size"],
+    return WorldConfig(pretrain_size=w["pretrain_size"], pretrain_mix=tuple(w["pretrain_mix"]), target_share=w.get("target_share", 0.0),
+                       coldstart_size=w["coldstart_size"],
                        val_size=w["val_size"], rl_size=w["rl_size"], test_size=w["test_size"], data_seed=w["data_seed"])
 
 

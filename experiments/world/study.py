@@ -50,6 +50,25 @@ def sft_units(pairs: list[tuple[str, str]], seeds: list[int]) -> list[Unit]:
     return [Unit(sft_id(c, loss, seed), "sft", ("base",), {"coldstart": c, "loss": loss, "seed": seed}) for seed in seeds for c, loss in pairs]
 
 
+SECTIONS = {"base": ("world", "base"), "eval": ("world", "base", "eval"), "sft": ("world", "base", "coldstarts", "sft", "eval"),
+            "tune": ("world", "base", "coldstarts", "eval"), "rl": ("world", "base", "coldstarts", "sft", "eval", "rl")}
+
+
+def stamp(cfg: dict, units: list[Unit]) -> list[Unit]:
+    """Each unit's params carry the digest of the config sections it depends on, so a record made under other
+    settings is never taken for this one (`check_records`)."""
+    return [Unit(u.id, u.kind, u.deps, {**u.params, "config": config_digest({k: cfg[k] for k in SECTIONS[u.kind]})}) for u in units]
+
+
+def check_records(units: list[Unit], store: UnitStore) -> None:
+    for u in units:
+        if store.done(u.id):
+            recorded = store.load(u.id)["params"].get("config")
+            if recorded != u.params["config"]:
+                raise SystemExit(f"{store.path(u.id)}: recorded under other settings (config {recorded}, now {u.params['config']}); "
+                                 "the study's settings changed after this unit ran: restore them, or move the record aside and say so in the plan")
+
+
 def tuning_units(cfg: dict) -> list[Unit]:
     """Pre-flight tuning runs of the narrow CE cold start (seed 0), each with its own SFT / evaluation settings."""
     out = []
@@ -127,6 +146,8 @@ def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
 
 def run(cfg: dict, work: Path, out: Path, units: list[Unit], deadline: float | None) -> list[str]:
     store = UnitStore(out)
+    units = stamp(cfg, units)
+    check_records([u for u in units if u.kind != "base"], store)
     work.mkdir(parents=True, exist_ok=True)
     return run_units(units, store, lambda u: execute(cfg, work, store, u), cfg["estimates"], deadline=deadline,
                      repo=Path(__file__).resolve().parents[2])
