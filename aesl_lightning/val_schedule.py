@@ -1,0 +1,118 @@
+"""ValidationSchedule: validate at listed optimiser steps, step 0 (before any update) included.
+
+A diversity curve is read on a log-x axis: its turning point is found early, where most of the change
+happens, and a "peak" at the first validation seen is a boundary, not a turning point. Lightning validates
+every n batches; this callback validates exactly at the listed global steps instead, e.g. 0, 1, 2, 4, ...
+
+    steps(i) = the listed `val_steps`, or with `log_spaced`: 0 and every power of `base` below max_steps,
+               and max_steps itself
+
+Step s is validated after the optimiser step that reaches global step s (step 0: before the first
+update). The steps already validated are in the checkpoint, so a resumed run validates at the remaining
+listed steps only, none twice (a checkpoint written before its step's validation validates that step at the
+start of the resumed run).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger("aesl_lightning")
+
+
+def log_spaced_steps(max_steps: int, base: float = 2.0) -> list[int]:
+    """0, then round(base^j) for j = 0, 1, ... below `max_steps`, then `max_steps`: [0, 1, 2, 4, ..., max_steps]."""
+    if max_steps < 0:
+        raise ValueError(f"ValidationSchedule: max_steps must be >= 0, got {max_steps}")
+    if not base > 1.0:
+        raise ValueError(f"ValidationSchedule.base: expected a number > 1, got {base}")
+    steps, j = {0, max_steps}, 0
+    while round(base**j) < max_steps:
+        steps.add(round(base**j))
+        j += 1
+    return sorted(steps)
+
+
+class ValidationSchedule(Callback):
+    """Validate at the listed optimiser steps (step 0 = before any update) instead of every n batches.
+
+    Lightning's own trigger (`val_check_interval`, end of epoch) is switched off while this callback is in the
+    trainer; validation runs exactly at the schedule's steps that the run reaches.
+
+    Args:
+        val_steps: Global steps to validate at, e.g. [0, 1, 2, 4, 8, 16, 32]; None = `log_spaced`.
+        log_spaced: With `val_steps` None: 0 and the powers of `base` up to `trainer.max_steps`, and max_steps.
+        base: Ratio between neighbouring log-spaced steps.
+    """
+
+    def __init__(self, val_steps: list[int] | None = None, log_spaced: bool = True, base: float = 2.0) -> None:
+        if val_steps is not None:
+            bad = [s for s in val_steps if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+            if bad:
+                raise ValueError(f"ValidationSchedule.val_steps: expected integers >= 0, found {bad}")
+        elif not log_spaced:
+            raise ValueError("ValidationSchedule: give val_steps, or set log_spaced: true")
+        if not base > 1.0 or not math.isfinite(base):
+            raise ValueError(f"ValidationSchedule.base: expected a number > 1, got {base}")
+        self.val_steps = None if val_steps is None else sorted(set(val_steps))
+        self.base = base
+        self.steps: list[int] = []
+        self.done: set[int] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(val_steps=self.val_steps, base=self.base)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.val_steps is not None:
+            self.steps = list(self.val_steps)
+        elif trainer.max_steps is None or trainer.max_steps < 0:
+            raise ValueError("ValidationSchedule(log_spaced=True) needs trainer.max_steps; set it or list val_steps")
+        else:
+            self.steps = log_spaced_steps(trainer.max_steps, self.base)
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            beyond = [s for s in self.steps if s > trainer.max_steps]
+            if beyond:
+                log.warning("ValidationSchedule: steps %s lie beyond trainer.max_steps=%d and are never reached",
+                            beyond, trainer.max_steps)
+        # Lightning's own trigger would validate at its interval too (and its restart logic would fast-forward
+        # over a validation it thinks was running): this callback alone decides.
+        trainer.fit_loop.epoch_loop._should_check_val_fx = lambda *args, **kwargs: False
+
+    # Step s is pending when the run is at global step s and has not validated it: at the start of an epoch
+    # (step 0, or a resumed run), before a batch (a resumed run mid-epoch), after an optimiser step.
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validate_if_due(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._validate_if_due(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not trainer.fit_loop.epoch_loop._should_accumulate():
+            self._validate_if_due(trainer)
+
+    def _validate_if_due(self, trainer: L.Trainer) -> None:
+        step = trainer.global_step
+        if step not in self.steps or step in self.done or not trainer.enable_validation:
+            return
+        self.done.add(step)  # before running: the checkpoint saved at this validation's end must hold it
+        loop = trainer.fit_loop.epoch_loop
+        trainer.validating = True
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        loop.val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": sorted(self.done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = set(int(s) for s in state_dict.get("done", []))
