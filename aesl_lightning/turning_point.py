@@ -1,7 +1,6 @@
 """The SFT "turning point" rule: where output diversity starts to collapse. Pure Python, no Lightning, no I/O.
 
-`TurningPointRule` Per validation i it receives the
-monitored metrics x_k(i) and computes
+`TurningPointRule`: per validation i it receives the monitored metrics x_k(i) and computes
 
     D(i)   = sum_k w_k * x_k(i)                  diversity score; w_k > 0: higher x_k is more diverse
                                                  (entropy, distinct-n), w_k < 0: lower is more diverse
@@ -56,13 +55,13 @@ Smoothing = Literal["ema", "window", "none"]
 def default_weight(key: str) -> float:
     """Direction of a known diversity metric: +1 when higher is more diverse, -1 when lower is.
 
-    Keys naming an entropy or distinct-n are +1, keys naming BLEU (self-BLEU) are -1; any other key needs
-    an explicit weight.
+    Keys naming an entropy, distinct-n, distinct answers or pass_gap are +1, keys naming BLEU (self-BLEU)
+    are -1; any other key needs an explicit weight.
     """
     name = key.rsplit("/", 1)[-1].lower()
     if "bleu" in name:
         return -1.0
-    if "entropy" in name or "distinct" in name:
+    if "entropy" in name or "distinct" in name or "pass_gap" in name:
         return 1.0
     raise ValueError(
         f"DiversityEarlyStopping: no default direction for monitor key {key!r}; pass `weights` (one per key: "
@@ -126,20 +125,15 @@ class TurningPointConfig:
             raise ValueError(
                 f"DiversityEarlyStopping.smoothing: expected 'ema', 'window' or 'none', got {self.smoothing!r}"
             )
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"DiversityEarlyStopping.alpha: expected a number in (0, 1], got {self.alpha}")
-        if self.window < 1:
-            raise ValueError(f"DiversityEarlyStopping.window: expected an integer >= 1, got {self.window}")
-        if self.warmup < 0:
-            raise ValueError(f"DiversityEarlyStopping.warmup: expected an integer >= 0, got {self.warmup}")
-        if self.min_delta < 0:
-            raise ValueError(f"DiversityEarlyStopping.min_delta: expected a number >= 0, got {self.min_delta}")
-        if self.patience < 1:
-            raise ValueError(f"DiversityEarlyStopping.patience: expected an integer >= 1, got {self.patience}")
-        if not 0.0 <= self.format_level <= 1.0:
-            raise ValueError(f"DiversityEarlyStopping.format_level: expected a rate in [0, 1], got {self.format_level}")
-        if self.noise_k < 0 or not math.isfinite(self.noise_k):
-            raise ValueError(f"DiversityEarlyStopping.noise_k: expected a finite number >= 0, got {self.noise_k}")
+        for name, ok, expected in (
+            ("alpha", 0.0 < self.alpha <= 1.0, "a number in (0, 1]"), ("window", self.window >= 1, "an integer >= 1"),
+            ("warmup", self.warmup >= 0, "an integer >= 0"), ("min_delta", self.min_delta >= 0, "a number >= 0"),
+            ("patience", self.patience >= 1, "an integer >= 1"),
+            ("format_level", 0.0 <= self.format_level <= 1.0, "a rate in [0, 1]"),
+            ("noise_k", 0.0 <= self.noise_k < math.inf, "a finite number >= 0"),
+        ):
+            if not ok:
+                raise ValueError(f"DiversityEarlyStopping.{name}: expected {expected}, got {getattr(self, name)}")
         noise_keys = [f"{k}_se" for k in keys] if self.noise_keys is None else list(self.noise_keys)
         if len(noise_keys) != len(keys):
             raise ValueError(
@@ -169,8 +163,8 @@ class Update:
 
     `status` is "warmup", "format" (the format rate has not reached `format_level` yet), "skipped" (a missing
     or non-finite value), "peak" (a new peak), "below" (more than the margin below the peak) or "near"
-    (neither). `fired` is True only on the validation that declared the
-    turning point (the first time the count reached `patience`).
+    (neither). `fired` is True only on the validation that declared the turning point (the first time the
+    count reached `patience`).
     """
 
     entry: dict[str, Any]
@@ -185,13 +179,12 @@ class TurningPointRule:
 
     `history` holds one entry per validation: index, step, epoch, the raw `values`, `score` (D), `noise`
     (sigma), `format_rate` (F), the per-key `smoothed_values`, `score_smoothed` (S), `margin` (of a validation
-    compared with the peak) and `status`; non-finite numbers are None. `format_open` says whether the format
-    gate has opened. `peak` is the
-    entry of the best validation so far, `turning_point` the peak entry at the moment the rule fired (None
-    until then), `fired_at` the entry of the validation that fired, `wait` the current count of validations
-    below the peak. The rule keeps tracking after firing (a later, higher peak moves `peak`, not
-    `turning_point`). `state_dict` / `load_state_dict` carry the history; loading replays it, so a resumed
-    rule is in exactly the state of an uninterrupted one.
+    compared with the peak) and `status`; non-finite numbers are None. `format_open`: the format gate has
+    opened. `peak` is the entry of the best validation so far, `turning_point` the peak entry at the moment
+    the rule fired (None until then), `fired_at` the entry of the validation that fired, `wait` the current
+    count of validations below the peak. The rule keeps tracking after firing (a later, higher peak moves
+    `peak`, not `turning_point`). `state_dict` / `load_state_dict` carry the history; loading replays it,
+    so a resumed rule is in exactly the state of an uninterrupted one.
     """
 
     config: TurningPointConfig = field(default_factory=TurningPointConfig)
@@ -303,19 +296,13 @@ class TurningPointRule:
         return max(cfg.min_delta, cfg.noise_k * spread)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config.to_dict(),
-            "updates": [{k: v for k, v in e.items() if k not in _DERIVED} for e in self.history],
-        }
+        updates = [{k: v for k, v in e.items() if k not in _DERIVED} for e in self.history]
+        return {"config": self.config.to_dict(), "updates": updates}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("config") != self.config.to_dict():
-            log.warning(
-                "DiversityEarlyStopping: the rule's settings differ from the checkpoint's (%s, now %s); "
-                "the saved history is replayed under the current settings",
-                state.get("config"),
-                self.config.to_dict(),
-            )
+            log.warning("DiversityEarlyStopping: the rule's settings differ from the checkpoint's (%s, now %s); the "
+                        "saved history is replayed under the current settings", state.get("config"), self.config.to_dict())
         self.reset()
         for update in state["updates"]:
             update = dict(update)
