@@ -44,7 +44,11 @@ def _logged_this_validation(trainer: L.Trainer) -> set[str] | None:
 
 
 def _log_step(trainer: L.Trainer) -> int:
-    # The step Lightning's loggers put validation metrics at (one behind global_step during validation).
+    # The step Lightning's loggers put validation metrics at: a "step" logged at this validation (as
+    # ValidationSchedule does), else the count of stepped batches (one behind global_step during validation).
+    logged = _logged_this_validation(trainer)
+    if "step" in trainer.callback_metrics and (logged is None or "step" in logged):
+        return int(trainer.callback_metrics["step"])
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 

@@ -8,7 +8,7 @@ every n batches; this callback validates exactly at the listed global steps inst
                and max_steps itself
 
 Step s is validated after the optimiser step that reaches global step s (step 0: before the first
-update). The steps already validated are in the checkpoint, so a resumed run validates at the remaining
+update), and its metrics are logged at x = s (a logged "step", Lightning's way to set the x-axis). The steps already validated are in the checkpoint, so a resumed run validates at the remaining
 listed steps only, none twice (a checkpoint written before its step's validation validates that step at the
 start of the resumed run).
 """
@@ -63,6 +63,7 @@ class ValidationSchedule(Callback):
         self.base = base
         self.steps: list[int] = []
         self.done: set[int] = set()
+        self._running = False
 
     @property
     def state_key(self) -> str:
@@ -99,6 +100,12 @@ class ValidationSchedule(Callback):
         if not trainer.fit_loop.epoch_loop._should_accumulate():
             self._validate_if_due(trainer)
 
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._running:
+            # Lightning would put the metrics at its count of stepped batches (one behind global_step after an
+            # update, so steps 0 and 1 would share an x value); a logged "step" is the x-axis it uses instead.
+            pl_module.log("step", float(trainer.global_step), batch_size=1, sync_dist=True)
+
     def _validate_if_due(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
         if step not in self.steps or step in self.done or not trainer.enable_validation:
@@ -107,7 +114,14 @@ class ValidationSchedule(Callback):
         loop = trainer.fit_loop.epoch_loop
         trainer.validating = True
         first_loop_iter = trainer._logger_connector._first_loop_iter
-        loop.val_loop.run()
+        self._running = True
+        try:
+            loop.val_loop.run()
+        finally:
+            self._running = False
+        # ModelCheckpoint names files by a "step" in callback_metrics before the global step: drop ours so a
+        # checkpoint written later in training is not named after this validation's step
+        trainer._logger_connector._callback_metrics.pop("step", None)
         trainer.training = True
         trainer._logger_connector._first_loop_iter = first_loop_iter
 

@@ -92,3 +92,22 @@ def test_a_checkpoint_written_before_its_steps_validation_validates_that_step_on
     _, second = fit(tmp_path / "second", ValidationSchedule(val_steps=schedule), max_steps=6,
                     ckpt_path=tmp_path / "before.ckpt")
     assert second.steps == [4, 6]
+
+
+def test_metrics_are_logged_at_the_global_step_so_steps_0_and_1_do_not_collide(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from aesl_lightning.plots import read_scalars
+
+    torch.manual_seed(0)
+    module = SFTModule("tiny-llama", lr=1e-2, warmup_steps=0, val_generation=ValidationGeneration(num_prompts=0),
+                       gate_check_batches=0, histogram_every_n_steps=0)
+    data = SFTDataModule(train="synthetic", synthetic=ArithmeticConfig(num_examples=16), val_size=4, batch_size=4,
+                         max_length=400)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, callbacks=[ValidationSchedule()], logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    steps, _ = read_scalars(logger.log_dir)["val/loss"]
+    assert steps == [0, 1, 2, 4]
