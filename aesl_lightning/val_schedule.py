@@ -4,8 +4,8 @@ A diversity curve is read on a log-x axis: its turning point is found early, whe
 happens, and a "peak" at the first validation seen is a boundary, not a turning point. Lightning validates
 every n batches; this callback validates exactly at the listed global steps instead, e.g. 0, 1, 2, 4, ...
 
-    steps(i) = the listed `val_steps`, or with `log_spaced`: 0 and every power of `base` below max_steps,
-               and max_steps itself
+    steps = the listed `val_steps`, or with `log_spaced`: 0, every power of `base` below the run's length
+            in optimiser steps (max_steps, or max_epochs x steps per epoch), and that length itself
 
 Step s is validated after the optimiser step that reaches global step s (step 0: before the first
 update), and its metrics are logged at x = s (a logged "step", Lightning's way to set the x-axis). The steps already validated are in the checkpoint, so a resumed run validates at the remaining
@@ -46,7 +46,8 @@ class ValidationSchedule(Callback):
 
     Args:
         val_steps: Global steps to validate at, e.g. [0, 1, 2, 4, 8, 16, 32]; None = `log_spaced`.
-        log_spaced: With `val_steps` None: 0 and the powers of `base` up to `trainer.max_steps`, and max_steps.
+        log_spaced: With `val_steps` None: 0, the powers of `base` below the run's length in optimiser steps, and
+            that length (max_steps, or max_epochs x steps per epoch).
         base: Ratio between neighbouring log-spaced steps.
     """
 
@@ -70,22 +71,23 @@ class ValidationSchedule(Callback):
         return self._generate_state_key(val_steps=self.val_steps, base=self.base)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage == "fit":
+            # Lightning's own trigger would validate at its interval too (and its restart logic would fast-forward
+            # over a validation it thinks was running): this callback alone decides.
+            trainer.fit_loop.epoch_loop._should_check_val_fx = lambda *args, **kwargs: False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = trainer.estimated_stepping_batches  # max_steps, or max_epochs x optimiser steps per epoch
         if self.val_steps is not None:
             self.steps = list(self.val_steps)
-        elif trainer.max_steps is None or trainer.max_steps < 0:
-            raise ValueError("ValidationSchedule(log_spaced=True) needs trainer.max_steps; set it or list val_steps")
+        elif not math.isfinite(total):
+            raise ValueError("ValidationSchedule(log_spaced=True) needs a finite run (trainer.max_steps or max_epochs "
+                             "over a sized dataset); set one or list val_steps")
         else:
-            self.steps = log_spaced_steps(trainer.max_steps, self.base)
-        if trainer.max_steps is not None and trainer.max_steps >= 0:
-            beyond = [s for s in self.steps if s > trainer.max_steps]
-            if beyond:
-                log.warning("ValidationSchedule: steps %s lie beyond trainer.max_steps=%d and are never reached",
-                            beyond, trainer.max_steps)
-        # Lightning's own trigger would validate at its interval too (and its restart logic would fast-forward
-        # over a validation it thinks was running): this callback alone decides.
-        trainer.fit_loop.epoch_loop._should_check_val_fx = lambda *args, **kwargs: False
+            self.steps = log_spaced_steps(int(total), self.base)
+        beyond = [s for s in self.steps if s > total]
+        if beyond:
+            log.warning("ValidationSchedule: steps %s lie beyond the run's %s steps and are never reached", beyond, total)
 
     # Step s is pending when the run is at global step s and has not validated it: at the start of an epoch
     # (step 0, or a resumed run), before a batch (a resumed run mid-epoch), after an optimiser step.
