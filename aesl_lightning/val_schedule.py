@@ -5,7 +5,8 @@ happens, and a "peak" at the first validation seen is a boundary, not a turning 
 every n batches; this callback validates exactly at the listed global steps instead, e.g. 0, 1, 2, 4, ...
 
     steps = the listed `val_steps`, or with `log_spaced`: 0, every power of `base` below the run's length
-            in optimiser steps (max_steps, or max_epochs x steps per epoch), and that length itself
+            in optimiser steps (max_steps, or max_epochs x steps per epoch), and that length itself; the last
+            step is added to a listed schedule too (the final weights are validated and checkpointed)
 
 Step s is validated after the optimiser step that reaches global step s (step 0: before the first
 update), and its metrics are logged at x = s (a logged "step", Lightning's way to set the x-axis). The steps already validated are in the checkpoint, so a resumed run validates at the remaining
@@ -45,7 +46,8 @@ class ValidationSchedule(Callback):
     trainer; validation runs exactly at the schedule's steps that the run reaches.
 
     Args:
-        val_steps: Global steps to validate at, e.g. [0, 1, 2, 4, 8, 16, 32]; None = `log_spaced`.
+        val_steps: Global steps to validate at, e.g. [0, 1, 2, 4, 8, 16, 32], and the run's last step; None =
+            `log_spaced`.
         log_spaced: With `val_steps` None: 0, the powers of `base` below the run's length in optimiser steps, and
             that length (max_steps, or max_epochs x steps per epoch).
         base: Ratio between neighbouring log-spaced steps.
@@ -79,7 +81,9 @@ class ValidationSchedule(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = trainer.estimated_stepping_batches  # max_steps, or max_epochs x optimiser steps per epoch
         if self.val_steps is not None:
-            self.steps = list(self.val_steps)
+            # the run's last step too: the curve ends where training ends, and the checkpoints written at that
+            # validation (last.ckpt) hold the final weights
+            self.steps = sorted({*self.val_steps, int(total)} if math.isfinite(total) else set(self.val_steps))
         elif not math.isfinite(total):
             raise ValueError("ValidationSchedule(log_spaced=True) needs a finite run (trainer.max_steps or max_epochs "
                              "over a sized dataset); set one or list val_steps")

