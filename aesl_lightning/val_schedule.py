@@ -91,7 +91,7 @@ class ValidationSchedule(Callback):
             self.steps = log_spaced_steps(int(total), self.base)
         beyond = [s for s in self.steps if s > total]
         if beyond:
-            log.warning("ValidationSchedule: steps %s lie beyond the run's %s steps and are never reached", beyond, total)
+            log.info("ValidationSchedule: steps %s lie beyond the run's %s steps and are never reached", beyond, total)
 
     # Step s is pending when the run is at global step s and has not validated it: at the start of an epoch
     # (step 0, or a resumed run), before a batch (a resumed run mid-epoch), after an optimiser step.
