@@ -171,6 +171,12 @@ class DiversityEarlyStopping(Callback):
             value = trainer.callback_metrics.get(key)
             if value is not None and (logged is None or key in logged):
                 values[key] = float(value)
+            elif value is None and key not in self._warned and trainer.is_global_zero:
+                # a misspelt format key would keep the gate shut, a missing standard error the margin at min_delta
+                log.warning("DiversityEarlyStopping: %s is not logged by the module (%s)", key,
+                            "the format gate stays closed" if key == self.rule.config.format_key else
+                            "the noise margin counts it as 0")
+                self._warned.add(key)
         values, unusable = trainer.strategy.broadcast((values, unusable), src=0)
         if unusable and trainer.is_global_zero:
             self._warn_unusable(trainer, values, unusable)
