@@ -166,7 +166,13 @@ def diversity_figure(run_dir: str | Path):
     if 0 < len(val_steps) <= 16:
         bottom.set_xticks(val_steps, [str(s) for s in val_steps])
 
-    for ax, handles in panels:
+    gated = _gated_steps(run_dir)
+    for i, (ax, handles) in enumerate(panels):
+        if gated:
+            span = ax.axvspan(gated[0], gated[-1], color="gray", alpha=0.15, lw=0,
+                              label="format not learned yet: not considered by the rule")
+            if i == 0:
+                handles.append(span)  # one legend entry for the shading of every panel
         if tp_step is not None:
             handles.append(ax.axvline(tp_step, color="black", ls="--", lw=1.2, label=f"turning point (step {tp_step})"))
         ax.grid(alpha=0.3)
@@ -182,6 +188,16 @@ def diversity_figure(run_dir: str | Path):
     title = f"Output diversity during SFT: {run_dir.name}"
     fig.suptitle(title + (f"\n(not logged: {', '.join(missing)})" if missing else ""), fontsize=10)
     return fig
+
+
+def _gated_steps(run_dir: Path) -> list[int]:
+    """The logged steps of the validations the turning-point rule did not consider because the format gate was
+    still closed (status "format" in turning_point.json), sorted."""
+    for path in (run_dir / "turning_point" / "turning_point.json", run_dir / "turning_point.json"):
+        if path.is_file():
+            history = json.loads(path.read_text()).get("history", [])
+            return sorted(int(e.get("log_step", e["step"])) for e in history if e.get("status") == "format")
+    return []
 
 
 def _series(ax, scalars: dict[str, Series], tag: str, style: str, color: str, label: str) -> list:
