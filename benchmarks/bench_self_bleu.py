@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -78,7 +79,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11, help="timed calls of the vectorised path")
     parser.add_argument("--nltk-repeats", type=int, default=3, help="timed calls of the NLTK loop")
     parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
     args = parser.parse_args()
+    raw: dict = {}
 
     rows = []
     for case in ("random", "repetitive"):
@@ -97,6 +100,7 @@ def main() -> None:
                 times["tensors"].append(timed(self_bleu_batch, tensors)[0])
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((case, statistics.fmean(reference), diff, med))
+        raw[case] = {"seconds": times, "self_bleu": statistics.fmean(reference), "max_abs_diff": diff}
         print(
             f"{case:>10}: self-BLEU {statistics.fmean(reference):.4f}  max |diff| {diff:.2e}  "
             f"NLTK {med['nltk'] * 1e3:.0f} ms  ours(lists) {med['lists'] * 1e3:.1f} ms  ours(tensors) {med['tensors'] * 1e3:.1f} ms  "
@@ -113,6 +117,15 @@ def main() -> None:
             f"| {med['nltk'] / med['lists']:.0f}x / {med['nltk'] / med['tensors']:.0f}x |"
         )
     print("\n".join(table))
+    if args.json:
+        summary = {}
+        for case, mean, diff, med in rows:
+            summary.update({f"{case}_nltk_ms": med["nltk"] * 1e3, f"{case}_ours_lists_ms": med["lists"] * 1e3,
+                            f"{case}_ours_tensors_ms": med["tensors"] * 1e3, f"{case}_speedup_lists": med["nltk"] / med["lists"],
+                            f"{case}_speedup_tensors": med["nltk"] / med["tensors"], f"{case}_max_abs_diff": diff})
+        setting = {"prompts": args.prompts, "samples": args.samples, "tokens": args.tokens, "vocab": args.vocab,
+                   "repeats": args.repeats, "nltk_repeats": args.nltk_repeats, "torch_threads": torch.get_num_threads()}
+        Path(args.json).write_text(json.dumps({"setting": setting, "summary": summary, "raw": raw}, indent=1) + "\n")
     if args.append_results:
         command = "python benchmarks/bench_self_bleu.py " + " ".join(a for a in sys.argv[1:] if a != "--append-results")
         section = [
