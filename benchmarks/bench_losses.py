@@ -127,6 +127,29 @@ def measure_time(paths: list[str], args: argparse.Namespace) -> dict[str, list[f
     return times
 
 
+RATIOS = (("aesl", "ce"), ("aesl_serial", "ce"), ("aesl_entropy", "ce"), ("aesl_chunked", "ce_linear"))
+
+
+def write_json(args: argparse.Namespace, paths: list[str], times: dict, memory: dict, full: int) -> None:
+    """The machine-readable result for benchmarks/run.py: per path median / min ms and peak MiB; per ratio the
+    median of per-round time ratios (back-to-back calls) and the peak-memory ratio; every round's seconds."""
+    summary: dict[str, float] = {}
+    for path in paths:
+        summary.update({f"{path}_median_ms": statistics.median(times[path]) * 1e3, f"{path}_min_ms": min(times[path]) * 1e3,
+                        f"{path}_peak_mib": memory[path] / 2**20})
+    for num, den in RATIOS:
+        if num in times and den in times:
+            summary[f"{num}_over_{den}_time"] = statistics.median(a / b for a, b in zip(times[num], times[den]))
+            summary[f"{num}_over_{den}_memory"] = memory[num] / memory[den]
+    setting = {"tokens": f"[{args.batch} x {args.seq}]", "vocab": args.vocab, "hidden": args.hidden, "dtype": "fp32",
+               "paths": paths, "warmup": args.warmup, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+               "chunk_elems": kernels.DEFAULT_CHUNK_ELEMS,
+               "memory": "ru_maxrss minus RSS after the inputs, fresh subprocess per path, MALLOC_MMAP_THRESHOLD_=65536 "
+                         "(freed tensors leave RSS; this also hides the CPU workers' malloc arenas, ~100 MiB)"}
+    raw = {"seconds": times, "peak_bytes": memory, "full_logits_bytes": full}
+    Path(args.json).write_text(json.dumps({"setting": setting, "summary": summary, "raw": raw}, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -140,6 +163,7 @@ def main() -> None:
     parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--load", action="store_true", help="time beside another torch process that keeps a core busy")
     parser.add_argument("--chunk-elems", type=int, default=None, help="kernel chunk budget in elements (default: kernels.DEFAULT_CHUNK_ELEMS)")
+    parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.chunk_elems:
@@ -187,6 +211,8 @@ def main() -> None:
                 f"| {num} / {den} | {median[num] / median[den]:.2f} | {paired:.2f} | {fastest[num] / fastest[den]:.2f} | {memory[num] / memory[den]:.2f} | {target} |"
             )
 
+    if args.json:
+        write_json(args, paths, times, memory, full)
     table = "\n".join(
         [
             "| path | what | median fwd+bwd (ms) | min fwd+bwd (ms) | peak extra memory (MiB) | peak in [tokens x vocab] fp32 copies |",
