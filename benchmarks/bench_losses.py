@@ -1,7 +1,7 @@
 """AESL loss vs F.cross_entropy: forward+backward time and peak memory, plus the chunked (hidden-state) path.
 
     python benchmarks/bench_losses.py                    # [8 x 512] tokens, vocab 49152, H 576, fp32
-    python benchmarks/bench_losses.py --repeats 3 --batch 2 --append-results
+    python benchmarks/bench_losses.py --repeats 3 --batch 2 --json out.json   # {"setting", "summary", "raw"}
     python benchmarks/bench_losses.py --batch 1 --seq 2048 --vocab 151936 --load      # beside a busy torch process
 
 Time: median over `--repeats` forward+backward calls after `--warmup` calls, all paths interleaved in one
@@ -18,7 +18,6 @@ AESL gates switch nothing off: the worst case for AESL, which skips gated-off to
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -160,7 +159,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
-    parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--load", action="store_true", help="time beside another torch process that keeps a core busy")
     parser.add_argument("--chunk-elems", type=int, default=None, help="kernel chunk budget in elements (default: kernels.DEFAULT_CHUNK_ELEMS)")
     parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
@@ -224,26 +222,6 @@ def main() -> None:
     )
     print()
     print(table)
-    if args.append_results:
-        command = "python benchmarks/bench_losses.py " + " ".join(sys.argv[1:]).replace("--append-results", "").strip()
-        section = (
-            f"\n## SFT losses ({datetime.date.today().isoformat()})\n\n"
-            f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU; "
-            f"{'beside a competing torch process (one core busy)' if args.load else 'no competing process started'}, load average {os.getloadavg()[0]:.1f}; "
-            f"kernel chunk budget {kernels.DEFAULT_CHUNK_ELEMS} elements.  \n"
-            f"Command: `{command.strip()}`  \n"
-            f"[{args.batch} x {args.seq}] tokens, vocab {args.vocab}, hidden {args.hidden}, fp32, all positions are completion tokens, "
-            f"random logits (no AESL gate fires: worst case). Time: median of {args.repeats} after {args.warmup} warmup, paths interleaved. "
-            "Memory: ru_maxrss high-water mark minus RSS after creating the inputs, one fresh subprocess per path, "
-            "MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave RSS; it includes the gradient of the inputs.\n\n"
-            f"{table}\n"
-        )
-        results = Path(__file__).with_name("RESULTS.md")
-        if not results.exists():
-            results.write_text("# Benchmark results\n")
-        with results.open("a") as f:
-            f.write(section)
-        print(f"\nappended to {results}")
 
 
 if __name__ == "__main__":

@@ -43,13 +43,14 @@ import _records  # noqa: E402
 @dataclass(frozen=True)
 class Benchmark:
     """One headline benchmark: its script (a file name in benchmarks/, or an absolute path), the arguments of a
-    full and of a `--quick` run. The script must accept `--json OUT` and write `{"setting", "summary", "raw"}`."""
+    full and of a `--quick` run (None: left out of `--quick` unless named in `--only`, then run at full size).
+    The script must accept `--json OUT` and write `{"setting", "summary", "raw"}` there."""
 
     name: str
     title: str
     script: str
     full: tuple[str, ...]
-    quick: tuple[str, ...]
+    quick: tuple[str, ...] | None
 
 
 BENCHMARKS = [
@@ -57,25 +58,24 @@ BENCHMARKS = [
               "bench_losses.py", ("--repeats", "7", "--warmup", "2"),
               ("--batch", "2", "--seq", "512", "--repeats", "3", "--warmup", "1", "--paths", "ce,aesl,ce_linear,aesl_chunked")),
     Benchmark("sft_vs_trl", "SFT step: SFTModule under Lightning vs TRL SFTTrainer (SmolLM2-135M)",
-              "bench_sft_vs_trl.py", ("--steps", "6", "--batch", "8"), ("--steps", "3", "--batch", "4")),
+              "bench_sft_vs_trl.py", ("--steps", "6", "--batch", "8"), ("--steps", "2", "--batch", "4")),
     Benchmark("grpo_step_lora", "GRPO step, LoRA: parts, vs bare generation and vs TRL GRPOTrainer (SmolLM2-135M)",
               "bench_grpo_step.py", ("--mode", "lora", "--steps", "5", "--rounds", "3"),
-              ("--mode", "lora", "--steps", "3", "--rounds", "1", "--prompts", "2", "--max-new-tokens", "32")),
+              ("--mode", "lora", "--steps", "2", "--rounds", "1", "--prompts", "2", "--max-new-tokens", "32")),
     Benchmark("grpo_step_full", "GRPO step, full fine-tuning: parts, vs bare generation and vs TRL (SmolLM2-135M)",
               "bench_grpo_step.py", ("--mode", "full", "--steps", "5", "--rounds", "3"),
-              ("--mode", "full", "--steps", "3", "--rounds", "1", "--prompts", "2", "--max-new-tokens", "32")),
+              ("--mode", "full", "--steps", "2", "--rounds", "1", "--prompts", "2", "--max-new-tokens", "32")),
     Benchmark("grpo_memory_lora", "GRPO step peak memory and time vs TRL, LoRA, G = 8, 128 tokens (SmolLM2-135M)",
               "bench_grpo_memory.py", ("--mode", "lora", "--steps", "3"),
               ("--mode", "lora", "--steps", "2", "--prompts", "2", "--generations", "4", "--max-new-tokens", "32")),
     Benchmark("grpo_memory_full", "GRPO step peak memory and time vs TRL, full, G = 8, 128 tokens (SmolLM2-135M)",
-              "bench_grpo_memory.py", ("--mode", "full", "--steps", "3"),
-              ("--mode", "full", "--steps", "2", "--prompts", "2", "--generations", "4", "--max-new-tokens", "32")),
+              "bench_grpo_memory.py", ("--mode", "full", "--steps", "3"), None),
     Benchmark("grpo_tiny_vs_trl", "GRPO step on the tiny built-in model vs TRL GRPOTrainer (framework overhead)",
               "bench_grpo_vs_trl.py", ("--steps", "6", "--rounds", "2"), ("--steps", "3", "--rounds", "1")),
     Benchmark("self_bleu", "Self-BLEU: vectorised self_bleu_batch vs the NLTK loop", "bench_self_bleu.py", (),
               ("--prompts", "16", "--repeats", "3", "--nltk-repeats", "1")),
     Benchmark("reward_fuzz", "Reward fuzz: hostile completions through math_accuracy", "bench_reward_fuzz.py",
-              ("--num", "10000"), ("--num", "1100")),
+              ("--num", "10000"), ("--num", "2200")),
     Benchmark("precision", "fp32 vs bf16 (autocast and weights): SFT step, sampling, matmul peak (SmolLM2-135M)",
               "bench_precision.py", (), ("--quick",)),
 ]
@@ -85,7 +85,8 @@ BY_NAME = {b.name: b for b in BENCHMARKS}
 def script_argv(bench: Benchmark, quick: bool, json_out: str) -> list[str]:
     """The exact command of one run of `bench`'s script (run from the repository root), writing its JSON result
     to `json_out`."""
-    return [sys.executable, str(Path("benchmarks") / bench.script), *(bench.quick if quick else bench.full), "--json", json_out]
+    args = bench.quick if quick and bench.quick is not None else bench.full
+    return [sys.executable, str(Path("benchmarks") / bench.script), *args, "--json", json_out]
 
 
 def run_once(bench: Benchmark, quick: bool, condition: str, index: int, timeout: float | None) -> dict:
@@ -137,7 +138,7 @@ def write(record: dict, directory: Path) -> Path:
 
 def run_benchmark(bench: Benchmark, opts, command: str) -> dict:
     """All rounds of one benchmark, conditions interleaved; the record is rewritten after every run."""
-    record = new_record(bench, opts.quick, opts.conditions, command)
+    record = new_record(bench, opts.quick and bench.quick is not None, opts.conditions, command)
     for r in range(opts.rounds):
         for condition in opts.conditions if r % 2 == 0 else opts.conditions[::-1]:
             entry = run_once(bench, opts.quick, condition, r, opts.timeout)
@@ -175,9 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if opts.list:
         for b in BENCHMARKS:
-            print(f"{b.name:>18}: {b.script} {' '.join(b.full)}\n{'--quick':>18}: {b.script} {' '.join(b.quick)}")
+            quick = "(left out)" if b.quick is None else f"{b.script} {' '.join(b.quick)}"
+            print(f"{b.name:>18}: {b.script} {' '.join(b.full)}\n{'--quick':>18}: {quick}")
         return
-    names = [n for n in opts.only.split(",") if n] or [b.name for b in BENCHMARKS]
+    names = [n for n in opts.only.split(",") if n] or [b.name for b in BENCHMARKS if not opts.quick or b.quick is not None]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         parser.error(f"--only: unknown benchmark(s) {unknown}; known: {', '.join(BY_NAME)}")
