@@ -35,11 +35,13 @@ PACKAGES = ("torch", "transformers", "lightning", "trl")
 
 
 def git_state(root: Path = ROOT) -> tuple[str, bool]:
-    """(commit hash, whether tracked files differ from it); ("unknown", True) outside a git checkout."""
+    """(commit hash, whether tracked files differ from it); ("unknown", True) outside a git checkout. The records
+    and RESULTS.md themselves do not count: a run rewrites them as it goes."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)benchmarks/records", ":(exclude)benchmarks/RESULTS.md"], cwd=root,
                                 capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True

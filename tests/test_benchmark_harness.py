@@ -175,3 +175,25 @@ def test_every_registered_benchmark_script_exists_and_takes_json():
         source = (here / bench.script).read_text()
         assert '"--json"' in source, f"{bench.script} has no --json option"
     assert len({b.name for b in run.BENCHMARKS}) == len(run.BENCHMARKS)
+
+
+def test_dirty_flag_ignores_the_records_and_report_but_not_code(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "records").mkdir(parents=True)
+    for name in ("benchmarks/records/x.json", "benchmarks/RESULTS.md", "code.py"):
+        (tmp_path / name).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "fixture")
+    commit, dirty = _records.git_state(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{40}", commit) and dirty is False
+    (tmp_path / "benchmarks/records/x.json").write_text("1\n")
+    (tmp_path / "benchmarks/RESULTS.md").write_text("1\n")
+    assert _records.git_state(tmp_path) == (commit, False)
+    (tmp_path / "code.py").write_text("1\n")
+    assert _records.git_state(tmp_path) == (commit, True)
