@@ -8,7 +8,7 @@ name), each with its title, the exact command, the commit (and whether the tree 
 versions and machine, the setting, a table of every figure in the record's summary (median, min-max over rounds,
 bootstrap 95% interval, rounds) for each condition (idle / loaded), the load average before and after each run,
 and any failed run. Records from `--quick` are marked as such. With no records the section says that no figure
-is current. "Superseded / history": `RESULTS-history.md` verbatim (headings moved one level down), the
+is current. "Superseded / history": `RESULTS-history.md` verbatim (headings moved two levels down), the
 hand-written results from before this report existed; nothing in it is current.
 """
 
@@ -117,13 +117,13 @@ def record_section(record: dict) -> list[str]:
     return lines + [""]
 
 
-def demote(markdown: str) -> str:
-    """Every Markdown heading one level down (outside code fences), so the history nests under its own heading."""
+def demote(markdown: str, levels: int = 2) -> str:
+    """Every Markdown heading `levels` levels down (outside code fences), so the history nests under its heading."""
     out, fenced = [], False
     for line in markdown.splitlines():
         if line.startswith("```"):
             fenced = not fenced
-        out.append("#" + line if not fenced and line.startswith("#") else line)
+        out.append("#" * levels + line if not fenced and line.startswith("#") else line)
     return "\n".join(out)
 
 

@@ -147,7 +147,7 @@ def test_report_is_built_from_the_records_current_first_history_last(tmp_path):
     assert "0.508" not in current  # no history figure is quoted as current
     # history: verbatim, marked superseded, headings nested under the history heading
     assert "none of them is a current figure" in past
-    assert "\n## Old results\n" in past and "\n### GRPO step (2026-11-25)\n" in past and "| ratio | 0.508 |" in past
+    assert "\n### Old results\n" in past and "\n#### GRPO step (2026-11-25)\n" in past and "| ratio | 0.508 |" in past
 
 
 def test_report_without_records_says_no_figure_is_current(tmp_path):
