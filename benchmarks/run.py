@@ -1,7 +1,7 @@
 """Rerun the headline benchmarks at the current commit and record each one: `benchmarks/records/<name>.json`.
 
     python benchmarks/run.py                          # every benchmark, 3 rounds, idle and loaded
-    python benchmarks/run.py --quick                  # reduced sizes, 2 rounds: well under an hour idle
+    python benchmarks/run.py --quick                  # reduced sizes, 1-2 rounds: about half an hour idle
     python benchmarks/run.py --only self_bleu,losses --rounds 5
     python benchmarks/run.py --list                   # the benchmarks and their exact arguments
     python benchmarks/run.py --report                 # only regenerate RESULTS.md from the records
@@ -43,7 +43,8 @@ import _records  # noqa: E402
 @dataclass(frozen=True)
 class Benchmark:
     """One headline benchmark: its script (a file name in benchmarks/, or an absolute path), the arguments of a
-    full and of a `--quick` run (None: left out of `--quick` unless named in `--only`, then run at full size).
+    full and of a `--quick` run (None: left out of `--quick` unless named in `--only`, then run at full size),
+    and the rounds of a `--quick` run (the slow model-level comparisons take one: an idle and a loaded run).
     The script must accept `--json OUT` and write `{"setting", "summary", "raw"}` there."""
 
     name: str
@@ -51,6 +52,7 @@ class Benchmark:
     script: str
     full: tuple[str, ...]
     quick: tuple[str, ...] | None
+    quick_rounds: int = 2
 
 
 BENCHMARKS = [
@@ -58,26 +60,26 @@ BENCHMARKS = [
               "bench_losses.py", ("--repeats", "7", "--warmup", "2"),
               ("--batch", "2", "--seq", "512", "--repeats", "3", "--warmup", "1", "--paths", "ce,aesl,ce_linear,aesl_chunked")),
     Benchmark("sft_vs_trl", "SFT step: SFTModule under Lightning vs TRL SFTTrainer (SmolLM2-135M)",
-              "bench_sft_vs_trl.py", ("--steps", "6", "--batch", "8"), ("--steps", "2", "--batch", "4")),
+              "bench_sft_vs_trl.py", ("--steps", "6", "--batch", "8"), ("--steps", "2", "--batch", "4"), 1),
     Benchmark("grpo_step_lora", "GRPO step, LoRA: parts, vs bare generation and vs TRL GRPOTrainer (SmolLM2-135M)",
               "bench_grpo_step.py", ("--mode", "lora", "--steps", "5", "--rounds", "3"),
-              ("--mode", "lora", "--steps", "2", "--rounds", "1", "--prompts", "2", "--max-new-tokens", "32")),
+              ("--mode", "lora", "--steps", "2", "--rounds", "1", "--prompts", "2", "--max-new-tokens", "32"), 1),
     Benchmark("grpo_step_full", "GRPO step, full fine-tuning: parts, vs bare generation and vs TRL (SmolLM2-135M)",
               "bench_grpo_step.py", ("--mode", "full", "--steps", "5", "--rounds", "3"),
-              ("--mode", "full", "--steps", "2", "--rounds", "1", "--prompts", "2", "--max-new-tokens", "32")),
+              ("--mode", "full", "--steps", "2", "--rounds", "1", "--prompts", "2", "--max-new-tokens", "32"), 1),
     Benchmark("grpo_memory_lora", "GRPO step peak memory and time vs TRL, LoRA, G = 8, 128 tokens (SmolLM2-135M)",
               "bench_grpo_memory.py", ("--mode", "lora", "--steps", "3"),
-              ("--mode", "lora", "--steps", "2", "--prompts", "2", "--generations", "4", "--max-new-tokens", "32")),
+              ("--mode", "lora", "--steps", "2", "--prompts", "2", "--generations", "4", "--max-new-tokens", "32"), 1),
     Benchmark("grpo_memory_full", "GRPO step peak memory and time vs TRL, full, G = 8, 128 tokens (SmolLM2-135M)",
               "bench_grpo_memory.py", ("--mode", "full", "--steps", "3"), None),
     Benchmark("grpo_tiny_vs_trl", "GRPO step on the tiny built-in model vs TRL GRPOTrainer (framework overhead)",
-              "bench_grpo_vs_trl.py", ("--steps", "6", "--rounds", "2"), ("--steps", "3", "--rounds", "1")),
+              "bench_grpo_vs_trl.py", ("--steps", "6", "--rounds", "2"), ("--steps", "3", "--rounds", "1"), 1),
     Benchmark("self_bleu", "Self-BLEU: vectorised self_bleu_batch vs the NLTK loop", "bench_self_bleu.py", (),
               ("--prompts", "16", "--repeats", "3", "--nltk-repeats", "1")),
     Benchmark("reward_fuzz", "Reward fuzz: hostile completions through math_accuracy", "bench_reward_fuzz.py",
               ("--num", "10000"), ("--num", "2200")),
     Benchmark("precision", "fp32 vs bf16 (autocast and weights): SFT step, sampling, matmul peak (SmolLM2-135M)",
-              "bench_precision.py", (), ("--quick",)),
+              "bench_precision.py", (), ("--quick",), 1),
 ]
 BY_NAME = {b.name: b for b in BENCHMARKS}
 
@@ -139,7 +141,8 @@ def write(record: dict, directory: Path) -> Path:
 def run_benchmark(bench: Benchmark, opts, command: str) -> dict:
     """All rounds of one benchmark, conditions interleaved; the record is rewritten after every run."""
     record = new_record(bench, opts.quick and bench.quick is not None, opts.conditions, command)
-    for r in range(opts.rounds):
+    rounds = opts.rounds or (bench.quick_rounds if opts.quick else 3)
+    for r in range(rounds):
         for condition in opts.conditions if r % 2 == 0 else opts.conditions[::-1]:
             entry = run_once(bench, opts.quick, condition, r, opts.timeout)
             record["rounds"].append(entry)
@@ -149,7 +152,7 @@ def run_benchmark(bench: Benchmark, opts, command: str) -> dict:
             record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             path = write(record, opts.records)
             status = "ok" if entry["returncode"] == 0 else f"exit {entry['returncode']}"
-            print(f"[{bench.name}] round {r + 1}/{opts.rounds} {condition}: {status}, {entry['seconds']:.0f} s, load "
+            print(f"[{bench.name}] round {r + 1}/{rounds} {condition}: {status}, {entry['seconds']:.0f} s, load "
                   f"{entry['load_before'][0]} -> {entry['load_after'][0]} -> {path}", flush=True)
             if "error" in entry:
                 print("   " + entry["error"].strip().splitlines()[-1] if entry["error"].strip() else "   (no stderr)", flush=True)
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="reduced sizes and 2 rounds; records marked quick")
     parser.add_argument("--only", default="", help="comma-separated benchmark names (default: all; see --list)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per condition (default 3, quick 2)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds per condition (default 3; --quick: 2, or 1 for the model-level comparisons)")
     parser.add_argument("--conditions", default="idle,loaded", help="idle, loaded or both (comma-separated)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds after which one run is stopped")
     parser.add_argument("--records", type=Path, default=_records.RECORDS, help="folder of the JSON records")
@@ -186,7 +190,6 @@ def main(argv: list[str] | None = None) -> None:
     opts.conditions = [c for c in opts.conditions.split(",") if c]
     if not opts.conditions or set(opts.conditions) - {"idle", "loaded"}:
         parser.error(f"--conditions: expected idle and/or loaded, got {opts.conditions}")
-    opts.rounds = opts.rounds or (2 if opts.quick else 3)
     command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     for name in names:
         run_benchmark(BY_NAME[name], opts, command.strip())
