@@ -163,7 +163,9 @@ def main() -> None:
         figures = {"training_peak_ratio": mem, "process_peak_ratio": whole, "step_over_trl": step,
                    "step_per_token_over_trl": per_token, "same_prompts_as_trl": float(same)}
         for side, values in summary.items():
-            figures.update({f"{side}_{k}": v for k, v in values.items()})
+            units = {"step": "step_s", "training_peak": "training_peak_mib", "process_peak": "process_peak_mib",
+                     "per_token": "s_per_token", "tokens": "tokens_per_step"}
+            figures.update({f"{side}_{units[k]}": v for k, v in values.items()})
         setting = {"model": step_bench.MODEL, "dtype": "fp32", "mode": opts.mode, "prompts": opts.prompts,
                    "G": opts.generations, "max_new_tokens": opts.max_new_tokens, "steps": opts.steps,
                    "drop_first": opts.drop_first, "rounds_in_script": opts.rounds, "threads": opts.threads,
