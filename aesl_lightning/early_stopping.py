@@ -17,12 +17,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from aesl_lightning.fsdp import is_sharded
-from aesl_lightning.peak_checkpoint import (
-    HF_MODEL_DIR, PEAK_CHECKPOINT, TURNING_POINT_FILE, copy_peak, export_weights, find_peak, save_peak, write_json,
-)
-from aesl_lightning.turning_point import (  # noqa: F401
-    Smoothing, TurningPointConfig, TurningPointRule, Update, default_weight, explain, smooth,
-)
+from aesl_lightning.peak_checkpoint import HF_MODEL_DIR, PEAK_CHECKPOINT, TURNING_POINT_FILE, copy_peak, export_weights, find_peak, save_peak, write_json
+from aesl_lightning.turning_point import Smoothing, TurningPointConfig, TurningPointRule, Update, default_weight, explain, smooth  # noqa: F401
 
 log = logging.getLogger("aesl_lightning")
 
