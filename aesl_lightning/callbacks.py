@@ -115,7 +115,9 @@ def _best_checkpoint(trainer: L.Trainer) -> Path | None:
 
 
 class RunSummary(Callback):
-    """Print, at the end of fit, where the TensorBoard logs, the checkpoints and the export are."""
+    """Print, at the end of fit, where the TensorBoard logs, the checkpoints and the export are; draw the
+    diversity figure (`aesl_lightning.plots`) into the run folder as `diversity.png` and print the turning-point
+    verdict: "Turning point at step X (diversity ..., answer accuracy there ...)" or why there is none yet."""
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -133,4 +135,24 @@ class RunSummary(Callback):
                 lines.append(f"  Hugging Face model: {cb.exported}")
             if type(cb).__name__ == "DiversityEarlyStopping" and getattr(cb, "exported", None) is not None:
                 lines.append(f"  diversity peak    : {cb.exported} (see turning_point.json beside it)")
+        lines += _figure_and_verdict(trainer)
         print("\n".join(lines), flush=True)
+
+
+def _figure_and_verdict(trainer: L.Trainer) -> list[str]:
+    """Draw the diversity figure into the run folder (from the TensorBoard events) and say where the turning
+    point is; a figure that cannot be drawn is a warning, not a failed run."""
+    from aesl_lightning.plots import draw_at_end_of_fit, verdict
+
+    stopper = next((cb for cb in trainer.callbacks if type(cb).__name__ == "DiversityEarlyStopping"), None)
+    rule = stopper.rule if stopper is not None else None
+    for logger in trainer.loggers:
+        flush = getattr(getattr(logger, "experiment", None), "flush", None)
+        if callable(flush):
+            flush()  # the figure reads the event files
+    try:
+        figure, line = draw_at_end_of_fit(run_dir(trainer), rule)
+    except Exception as error:  # noqa: BLE001 - matplotlib / tensorboard failures must not lose the run's summary
+        log.warning("RunSummary: the diversity figure could not be drawn: %s", error)
+        figure, line = None, verdict(rule)
+    return ([f"  diversity figure : {figure}"] if figure is not None else []) + [f"  {line[0].upper()}{line[1:]}"]

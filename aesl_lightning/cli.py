@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -76,6 +77,14 @@ def make_cli(args: list[str] | None, run: bool = True):
             if config.get("ckpt_path") == "last":
                 with _clean_errors():
                     config["ckpt_path"] = str(resolve_last_checkpoint(self.trainer))
+
+        def instantiate_trainer(self, **kwargs):
+            """The trainer, with a progress bar over the run's step budget unless the config chose a bar."""
+            from aesl_lightning.progress import use_step_progress_bar
+
+            trainer = super().instantiate_trainer(**kwargs)
+            use_step_progress_bar(trainer)
+            return trainer
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.set_defaults(
@@ -346,11 +355,35 @@ def _configure_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+# Third-party messages that say nothing about the run and push it off the first screen: (category, message regex).
+KNOWN_NOISE = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # lightning 2.6 on torch >= 2.10
+)
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertisement for its cloud logger, printed at every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip:")
+
+
+def _quiet_known_noise() -> None:
+    """Filter the known third-party deprecation messages and tips (only these: other warnings still show)."""
+    for category, message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        rank_zero = logging.getLogger(name)  # lightning's rank_zero_info logs through one of these
+        if not any(isinstance(f, _DropTips) for f in rank_zero.filters):
+            rank_zero.addFilter(_DropTips())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; `argv` defaults to the command line."""
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     _configure_logging()
+    _quiet_known_noise()
     if argv and argv[0] == "synthetic":
         from aesl_lightning.data.synthetic import main as synthetic_main
 

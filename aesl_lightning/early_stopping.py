@@ -17,10 +17,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from aesl_lightning.fsdp import is_sharded
-from aesl_lightning.peak_checkpoint import (
-    HF_MODEL_DIR, PEAK_CHECKPOINT, TURNING_POINT_FILE, copy_peak, export_weights, find_peak, save_peak, write_json,
-)
-from aesl_lightning.turning_point import Smoothing, TurningPointConfig, TurningPointRule, Update, default_weight, smooth  # noqa: F401
+from aesl_lightning.peak_checkpoint import HF_MODEL_DIR, PEAK_CHECKPOINT, TURNING_POINT_FILE, copy_peak, export_weights, find_peak, save_peak, write_json
+from aesl_lightning.turning_point import Smoothing, TurningPointConfig, TurningPointRule, Update, default_weight, explain, smooth  # noqa: F401
 
 log = logging.getLogger("aesl_lightning")
 
@@ -42,7 +40,11 @@ def _logged_this_validation(trainer: L.Trainer) -> set[str] | None:
 
 
 def _log_step(trainer: L.Trainer) -> int:
-    # The step Lightning's loggers put validation metrics at (one behind global_step during validation).
+    # The step Lightning's loggers put validation metrics at: a "step" logged at this validation (as
+    # ValidationSchedule does), else the count of stepped batches (one behind global_step during validation).
+    logged = _logged_this_validation(trainer)
+    if "step" in trainer.callback_metrics and (logged is None or "step" in logged):
+        return int(trainer.callback_metrics["step"])
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
@@ -70,13 +72,20 @@ class DiversityEarlyStopping(Callback):
     Args:
         monitor: Metric (or list of metrics) that measures diversity, as logged by the module.
         weights: One signed weight per monitor key, D = sum w_k x_k (negative: lower is more diverse);
-            None = +1 for entropy and distinct-n keys, -1 for self-BLEU keys.
+            None = +1 for entropy, distinct-n / distinct-answer and pass_gap keys, -1 for self-BLEU keys.
         smoothing: How D is smoothed over validations: ema, window (moving average) or none.
         alpha: EMA weight of the newest value (1 = no smoothing).
         window: Moving-average length in validations.
         warmup: Number of first validations to ignore.
-        min_delta: A validation counts as a fall only if smoothed D is more than this below the peak.
+        min_delta: A validation counts as a fall only if smoothed D is more than this below the peak (the
+            smallest margin).
         patience: Consecutive falls below the peak that declare the turning point.
+        format_key: Format rate to wait for (e.g. val/boxed_rate): validations count only once it has reached
+            `format_level`; None = no gate.
+        format_level: The format rate at which the rule starts considering validations.
+        noise_k: Noise margin: a fall must exceed noise_k x the standard error of (peak - this validation),
+            from the logged standard errors over prompts; 0 = only min_delta.
+        noise_keys: The standard error of each monitor key; None = `<key>_se`.
         stop: Stop training at the turning point; False only selects (and exports) the peak checkpoint.
         dirpath: Folder for peak.ckpt, hf_model and turning_point.json; None = `<run dir>/turning_point`.
         export_hf: Export the peak checkpoint in Hugging Face format to `<dirpath>/hf_model`.
@@ -93,13 +102,18 @@ class DiversityEarlyStopping(Callback):
         warmup: int = 0,
         min_delta: float = 0.0,
         patience: int = 3,
+        format_key: str | None = None,
+        format_level: float = 0.9,
+        noise_k: float = 0.0,
+        noise_keys: list[str] | None = None,
         stop: bool = True,
         dirpath: str | None = None,
         export_hf: bool = True,
         save_weights_only: bool = False,
     ) -> None:
         self.rule = TurningPointRule(
-            TurningPointConfig(monitor, weights, smoothing, alpha, window, warmup, min_delta, patience)
+            TurningPointConfig(monitor, weights, smoothing, alpha, window, warmup, min_delta, patience, format_key,
+                               format_level, noise_k, noise_keys)
         )
         self.stop = stop
         self.dirpath = dirpath
@@ -150,6 +164,16 @@ class DiversityEarlyStopping(Callback):
                 values[key] = float(value)
                 if not math.isfinite(values[key]):
                     unusable[key] = "non-finite"
+        for key in self.rule.config.read()[len(self.rule.config.keys):]:  # standard errors, format rate: optional
+            value = trainer.callback_metrics.get(key)
+            if value is not None and (logged is None or key in logged):
+                values[key] = float(value)
+            elif value is None and key not in self._warned and trainer.is_global_zero:
+                # a misspelt format key would keep the gate shut, a missing standard error the margin at min_delta
+                log.warning("DiversityEarlyStopping: %s is not logged by the module (%s)", key,
+                            "the format gate stays closed" if key == self.rule.config.format_key else
+                            "the noise margin counts it as 0")
+                self._warned.add(key)
         values, unusable = trainer.strategy.broadcast((values, unusable), src=0)
         if unusable and trainer.is_global_zero:
             self._warn_unusable(trainer, values, unusable)
@@ -262,7 +286,7 @@ class DiversityEarlyStopping(Callback):
             f"Diversity turning point at global step {peak['step']} (TensorBoard step {peak['log_step']}, "
             f"validation {peak['index']}, epoch {peak['epoch']}): "
             f"{values}; smoothed score {peak['score_smoothed']:.4g}. Declared at step {fired['step']} after "
-            f"{self.rule.config.patience} validations more than {self.rule.config.min_delta} below the peak."
+            f"{self.rule.config.patience} validations more than the margin ({fired['margin']:.3g}) below the peak."
         )
         log.info(note)
         for logger in trainer.loggers:
@@ -319,6 +343,7 @@ class DiversityEarlyStopping(Callback):
         rule = self.rule
         return {
             "turning_point_detected": rule.fired,
+            "verdict": explain(rule),
             "stopped": self.stopped_at_step is not None,
             "stopped_at_step": self.stopped_at_step,
             "turning_point": rule.turning_point,

@@ -12,7 +12,8 @@ import torch
 from torchmetrics import MeanMetric, MetricCollection
 
 from aesl_lightning.generation import Generation
-from aesl_lightning.metrics import DistinctN, PassAtK, SelfBLEU, TokenEntropy
+from aesl_lightning.metrics import PassAtK, TokenEntropy, distinct_n_batch, pass_at_k, self_bleu_batch
+from aesl_lightning.metrics.spread import MeanSE
 
 
 def completion_token_groups(generation: Generation, num_samples: int, eos_token_ids: Sequence[int]) -> list[list[list[int]]]:
@@ -31,7 +32,11 @@ class SampleMetrics(MetricCollection):
     """Metrics of k samples per prompt, as a torchmetrics `MetricCollection`: entropy of the sampling model at
     the sampled positions, self-BLEU, distinct-2, distinct final answers (the number of different `\\boxed{}`
     answers among a prompt's k samples, unanswered samples left out: what RL can explore), mean length,
-    truncation rate, sample accuracy and pass@k.
+    truncation rate, sample accuracy and pass@k; the share of samples with a final `\\boxed{}` answer
+    (`boxed_rate`, the format the cold start teaches) and `pass_gap` = pass@k - pass@1 per prompt (what k
+    tries add over one: exploration that does not grow with length). Self-BLEU, distinct-2, distinct answers,
+    pass_gap and the entropy also report `<name>_se`, the standard error over prompts (the entropy's from
+    per-prompt means of the token-pooled value): the noise margin of the turning point.
 
     The collection brings reset, device moves, state dicts and iteration; `update` feeds each member the view
     of the batch it reads (one pass over the completions, not one per metric), and `compute(prefix)` returns
@@ -42,13 +47,16 @@ class SampleMetrics(MetricCollection):
     def __init__(self, ks: Sequence[int] = (1,)) -> None:
         super().__init__({
             "gen_entropy": TokenEntropy(),
-            "self_bleu": SelfBLEU(),
-            "distinct_2": DistinctN(2),
-            "distinct_answers": MeanMetric(),
+            "gen_entropy_spread": MeanSE("gen_entropy", report_mean=False),
+            "self_bleu": MeanSE("self_bleu"),
+            "distinct_2": MeanSE("distinct_2"),
+            "distinct_answers": MeanSE("distinct_answers"),
+            "boxed_rate": MeanMetric(),
             "gen_length": MeanMetric(),
             "gen_truncated": MeanMetric(),
             "sample_accuracy": MeanMetric(),
             "pass_at": PassAtK(ks=tuple(sorted(set(ks)))),
+            "pass_gap": MeanSE("pass_gap"),
         }, compute_groups=False)
 
     def update(
@@ -64,15 +72,20 @@ class SampleMetrics(MetricCollection):
 
         if generation.entropy is not None:
             self["gen_entropy"].update_from_values(generation.entropy, generation.completion_mask)
+            mask = generation.completion_mask.reshape(-1, num_samples * generation.completion_mask.shape[-1]).double()
+            summed = (generation.entropy.double().reshape(mask.shape) * mask).sum(-1)
+            self["gen_entropy_spread"].update(summed / mask.sum(-1))  # a prompt without tokens gives NaN: left out
         groups = completion_token_groups(generation, num_samples, eos_token_ids)
-        self["self_bleu"].update(groups)
-        self["distinct_2"].update(groups)
+        self["self_bleu"].update(self_bleu_batch(groups))  # NaN for k < 2: left out
+        self["distinct_2"].update(distinct_n_batch(groups, 2))
         self["gen_length"].update(generation.lengths.float())
         self["gen_truncated"].update(generation.truncated.float())
         boxed = [extract_boxed(text) for text in generation.texts]
         found = [{" ".join(a.split()) for a in boxed[i : i + num_samples] if a} for i in range(0, len(boxed), num_samples)]
         if found:
             self["distinct_answers"].update(torch.tensor([float(len(f)) for f in found]))
+        if boxed:
+            self["boxed_rate"].update(torch.tensor([1.0 if a else 0.0 for a in boxed]))
         if scores is None:
             return
         counted = [s for s in scores if s is not None]
@@ -81,7 +94,11 @@ class SampleMetrics(MetricCollection):
         groups_scored = [[s for s in scores[i : i + num_samples] if s is not None] for i in range(0, len(scores), num_samples)]
         groups_scored = [g for g in groups_scored if g]
         if groups_scored:
-            self["pass_at"].update([len(g) for g in groups_scored], [sum(1 for s in g if s >= 1.0) for g in groups_scored])
+            correct = [sum(1 for s in g if s >= 1.0) for g in groups_scored]
+            self["pass_at"].update([len(g) for g in groups_scored], correct)
+            gaps = [pass_at_k(len(g), c, num_samples) - c / len(g) for g, c in zip(groups_scored, correct) if len(g) >= num_samples]
+            if gaps:
+                self["pass_gap"].update(gaps)
 
     def compute(self, prefix: str = "", device: torch.device | None = None) -> dict[str, torch.Tensor]:
         from aesl_lightning.evaluation import any_rank
@@ -89,7 +106,7 @@ class SampleMetrics(MetricCollection):
         values: dict[str, torch.Tensor] = {}
         for name, metric in self.items(keep_base=True, copy_state=False):
             # decided on every rank alike: compute() is a collective, and a rank that saw nothing must enter it
-            if name in ("sample_accuracy", "pass_at") and not any_rank(metric.update_called, device):
+            if name in ("sample_accuracy", "pass_at", "pass_gap") and not any_rank(metric.update_called, device):
                 continue
             value = metric.compute()
             values.update(value if isinstance(value, dict) else {name: value})

@@ -13,10 +13,13 @@ converted Hugging Face folder, and trains `--steps` steps. Memory is the residen
   through `/proc/self/clear_refs` when training begins: model loading and the reference copy are already in
   it, the loading's own transient peak is not) to its end;
 - "process peak": `ru_maxrss` over the whole process, loading included.
-Step time: the median over the steps after the first (`--drop-first`). Sides alternate order over `--rounds`.
+Step time: the median over the steps after the first (`--drop-first`), timed like for like as in
+`bench_grpo_step.py` (a callback span on both sides, the same prompts in the same order, each side's generated
+tokens counted, so the ratio is also given per generated token). Sides alternate order over `--rounds`.
 
     python benchmarks/bench_grpo_memory.py --mode lora --steps 3
     python benchmarks/bench_grpo_memory.py --mode full --competing-load
+    python benchmarks/bench_grpo_memory.py --mode lora --json out.json      # {"setting", "summary", "raw"}
 """
 
 from __future__ import annotations
@@ -71,12 +74,7 @@ def run_side(opts) -> dict:
                 marks["reset"] = reset_peak()
 
         module, data = step_bench.build(opts.mode, opts.seed)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=opts.steps, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, callbacks=[Reset()])
-        trainer.fit(module, datamodule=data)
-        steps = [r["step"] for r in module.records]
-        tokens = [r["tokens"] for r in module.records]
+        records = step_bench.our_steps(module, data, opts.steps, callbacks=(Reset(),))
     else:
         original = step_bench.HFStepTimer
 
@@ -86,9 +84,9 @@ def run_side(opts) -> dict:
 
         step_bench.HFStepTimer = TimerWithReset
         with tempfile.TemporaryDirectory() as tmp:
-            steps = step_bench.trl_steps(opts.mode, opts.steps, opts.seed, tmp)
-        tokens = []
-    return {"side": opts.side, "steps": steps, "tokens": tokens, "training_peak_mib": vm_hwm_mib(),
+            records = step_bench.trl_steps(opts.mode, opts.steps, opts.seed, tmp)
+    steps, tokens, prompts = ([r[k] for r in records] for k in ("wall", "tokens", "prompts"))
+    return {"side": opts.side, "steps": steps, "tokens": tokens, "prompts": prompts, "training_peak_mib": vm_hwm_mib(),
             "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "reset": marks.get("reset", False)}
 
 
@@ -115,6 +113,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--competing-load", action="store_true", help="beside a torch matmul loop keeping one core busy")
+    parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -144,15 +143,35 @@ def main() -> None:
         summary = {}
         for side, results in runs.items():
             kept = [s for res in results for s in res["steps"][opts.drop_first:]]
+            per_token = [s / n for res in results for s, n in zip(res["steps"][opts.drop_first:], res["tokens"][opts.drop_first:])]
             summary[side] = {"step": statistics.median(kept), "training_peak": max(r["training_peak_mib"] for r in results),
-                             "process_peak": max(r["process_peak_mib"] for r in results)}
+                             "process_peak": max(r["process_peak_mib"] for r in results),
+                             "per_token": statistics.median(per_token),
+                             "tokens": statistics.median(n for res in results for n in res["tokens"][opts.drop_first:])}
         o, t = summary["ours"], summary["trl"]
         mem, whole, step = o["training_peak"] / t["training_peak"], o["process_peak"] / t["process_peak"], o["step"] / t["step"]
         print(f"training peak memory: ours {o['training_peak']:.0f} MiB, TRL {t['training_peak']:.0f} MiB, ratio {mem:.3f} "
               f"(target <= 1.0: {'met' if mem <= 1.0 else 'MISSED'}); process peak ratio {whole:.3f}")
         print(f"step time: ours {o['step']:.1f} s, TRL {t['step']:.1f} s (medians), ratio {step:.3f} (target <= 1.0: "
               f"{'met' if step <= 1.0 else 'MISSED'})")
+        same = [r["prompts"] for r in runs["ours"]] == [r["prompts"] for r in runs["trl"]]
+        per_token = o["per_token"] / t["per_token"]
+        print(f"per generated token: ratio {per_token:.3f} (median tokens per step: ours {o['tokens']:.0f}, TRL "
+              f"{t['tokens']:.0f}); same prompts in the same order: {same}")
         print(f"load average at end {os.getloadavg()}")
+    if opts.json:
+        figures = {"training_peak_ratio": mem, "process_peak_ratio": whole, "step_over_trl": step,
+                   "step_per_token_over_trl": per_token, "same_prompts_as_trl": float(same)}
+        for side, values in summary.items():
+            units = {"step": "step_s", "training_peak": "training_peak_mib", "process_peak": "process_peak_mib",
+                     "per_token": "s_per_token", "tokens": "tokens_per_step"}
+            figures.update({f"{side}_{units[k]}": v for k, v in values.items()})
+        setting = {"model": step_bench.MODEL, "dtype": "fp32", "mode": opts.mode, "prompts": opts.prompts,
+                   "G": opts.generations, "max_new_tokens": opts.max_new_tokens, "steps": opts.steps,
+                   "drop_first": opts.drop_first, "rounds_in_script": opts.rounds, "threads": opts.threads,
+                   "memory": "VmHWM from the start of training (reset via /proc/self/clear_refs); ru_maxrss of the process"}
+        with open(opts.json, "w") as f:
+            json.dump({"setting": setting, "summary": figures, "raw": runs}, f, indent=1)
 
 
 if __name__ == "__main__":

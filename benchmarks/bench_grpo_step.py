@@ -15,16 +15,23 @@ all linear layers (`--mode lora`) and with full fine-tuning (`--mode full`). Rep
 3. the whole training step (median; first step dropped) against the time the bare merged model needs to
    generate that step's tokens (its tokens / the bare rate of 1.); target <= 3x; with our phase breakdown;
 4. the step time against TRL's `GRPOTrainer` (same model, LoRA, batch, generation, loss; first step dropped);
-   target <= 1.0x.
+   target <= 1.0x. Like for like: both sides are timed by a callback over the same span (Lightning
+   `on_train_batch_start` -> `on_train_batch_end`, TRL `on_step_begin` -> `on_step_end`: sampling, scoring, the
+   log-prob passes, backward and the optimiser; the module's own `train/time/step` is kept beside it), both see
+   the same prompts in the same order (no shuffling on either side; TRL's dataset is our data module's training
+   examples, in order; the prompts each step drew are recorded and compared), and both count the completion
+   tokens they generated (each side's completion mask), so the ratio is also given per generated token.
 
     python benchmarks/bench_grpo_step.py                          # both modes, TRL included
     python benchmarks/bench_grpo_step.py --mode lora --steps 4 --rounds 3
     python benchmarks/bench_grpo_step.py --competing-load         # beside another torch (OpenMP) process
+    python benchmarks/bench_grpo_step.py --mode lora --prompts 2 --max-new-tokens 32 --json out.json   # quick
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -40,13 +47,13 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATAS
 import lightning as L
 import torch
 
-from _timing import HFStepTimer, competing_load  # benchmarks/ is on sys.path when run as a script
+from _timing import HFStepTimer, StepTimer, competing_load  # benchmarks/ is on sys.path when run as a script
 from aesl_lightning import PromptDataModule
-from aesl_lightning.data.synthetic import ArithmeticConfig, generate_arithmetic
+from aesl_lightning.data.synthetic import ArithmeticConfig
 from aesl_lightning.generation import eos_ids
 from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
 from aesl_lightning.lora import LoRAConfig, adapters_disabled, merge_lora
-from aesl_lightning.models import smollm2_cache_dir
+from aesl_lightning.models import load_tokenizer, smollm2_cache_dir
 from aesl_lightning.rewards import boxed_format, math_accuracy
 from aesl_lightning.rollout import eval_mode, sampling_weights
 
@@ -58,7 +65,7 @@ LORA = LoRAConfig(r=16, alpha=32.0, dropout=0.05, target_modules="all-linear")
 
 
 class TimedGRPO(GRPOModule):
-    """Records each step's sampled tokens and phase times (from the step's own `train/time/*` logs)."""
+    """Records each step's sampled tokens, prompts and phase times (from the step's own `train/time/*` logs)."""
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -67,12 +74,20 @@ class TimedGRPO(GRPOModule):
     def make_rollout(self, batch, timer=None):
         rollout = super().make_rollout(batch, timer)
         self._tokens = int(rollout.generation.lengths.sum())
+        self._prompts = [prompt_text(p) for p in batch["prompt"]]
         return rollout
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         metrics = self.trainer.callback_metrics
         record = {k.split("/")[-1]: float(v) for k, v in metrics.items() if k.startswith("train/time/")}
-        self.records.append({**record, "tokens": self._tokens})
+        self.records.append({**record, "tokens": self._tokens, "prompts": self._prompts})
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as the text of its last user turn (a plain string stays as it is), to compare the two sides'."""
+    if isinstance(prompt, str):
+        return prompt
+    return [m["content"] for m in prompt if m["role"] == "user"][-1]
 
 
 def build(mode: str, seed: int) -> tuple[TimedGRPO, PromptDataModule]:
@@ -82,8 +97,9 @@ def build(mode: str, seed: int) -> tuple[TimedGRPO, PromptDataModule]:
                       reward_weights=WEIGHTS, max_grad_norm=MAX_GRAD_NORM, log_completions_every_n_steps=0)
     module = TimedGRPO(MODEL, dtype="float32", lora=LORA if mode == "lora" else None, grpo=grpo,
                        evaluation=GRPOEvaluation(num_samples=0), lr=LR, warmup_steps=0, scheduler="constant")
+    # no shuffling: TRL gets the same examples in the same order (`trl_dataset`)
     data = PromptDataModule(train="synthetic", synthetic=DATA, val_size=0, test_size=0, batch_size=PROMPTS,
-                            num_workers=0, shuffle=True, seed=seed, max_prompt_length=256)
+                            num_workers=0, shuffle=False, seed=seed, max_prompt_length=256)
     return module, data
 
 
@@ -186,16 +202,31 @@ def parts(module: TimedGRPO, data: PromptDataModule, mode: str, rounds: int) -> 
 
 
 # -------------------------------------------------------------------------------------- 3. and 4.: steps
-def our_steps(module: TimedGRPO, data: PromptDataModule, steps: int) -> list[dict]:
+def our_steps(module: TimedGRPO, data: PromptDataModule, steps: int, callbacks: tuple = ()) -> list[dict]:
+    """Each step's record: `wall` (the callback span, as TRL's is timed), `step` (the module's own
+    `train/time/step`), the phases, `tokens` generated and the `prompts` drawn."""
+    timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
+                        limit_val_batches=0, callbacks=[timer, *callbacks])
     trainer.fit(module, datamodule=data)
-    return module.records
+    return [{**r, "wall": t} for r, t in zip(module.records, timer.times)]
 
 
-def trl_steps(mode: str, steps: int, seed: int, out_dir: str) -> list[float]:
+def trl_dataset():
+    """Our data module's training examples, in its order, as TRL's conversational prompt records."""
+    data = PromptDataModule(train="synthetic", synthetic=DATA, val_size=0, test_size=0, batch_size=PROMPTS,
+                            num_workers=0, shuffle=False, max_prompt_length=256)
+    data.attach_tokenizer(load_tokenizer(MODEL))
+    data.setup("fit")
     from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": prompt_text(e.prompt)}], "answer": e.answer}
+                              for e in data.examples["train"]])
+
+
+def trl_steps(mode: str, steps: int, seed: int, out_dir: str) -> list[dict]:
+    """TRL's steps: `wall` (on_step_begin -> on_step_end), `tokens` (its completion mask's sum) and `prompts`."""
     from peft import LoraConfig
     from transformers import AutoTokenizer, PrinterCallback
     from trl import GRPOConfig as TRLConfig
@@ -210,8 +241,7 @@ def trl_steps(mode: str, steps: int, seed: int, out_dir: str) -> list[float]:
         return boxed_format(prompts, [c[-1]["content"] for c in completions])
 
     model_dir = str(smollm2_cache_dir())
-    records = generate_arithmetic(DATA)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in records])
+    dataset = trl_dataset()
     args = TRLConfig(
         output_dir=out_dir, report_to="none", use_cpu=True, bf16=False, fp16=False, seed=seed, max_steps=steps,
         per_device_train_batch_size=PROMPTS * G, gradient_accumulation_steps=1, num_generations=G,
@@ -221,6 +251,7 @@ def trl_steps(mode: str, steps: int, seed: int, out_dir: str) -> list[float]:
         gradient_checkpointing=False, max_grad_norm=MAX_GRAD_NORM, disable_dropout=True, use_vllm=False,
         log_completions=False, logging_strategy="no", save_strategy="no", eval_strategy="no",
         dataloader_num_workers=0, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
+        shuffle_dataset=False,  # the dataset's order, as ours
     )
     peft_config = None
     if mode == "lora":
@@ -231,32 +262,47 @@ def trl_steps(mode: str, steps: int, seed: int, out_dir: str) -> list[float]:
                           processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer],
                           peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)
+    drawn: list[dict] = []
+    generate_and_score = trainer._generate_and_score_completions
+
+    def counting(inputs):  # inside the step's span, as our counting is; costs one sum
+        out = generate_and_score(inputs)
+        drawn.append({"tokens": int(out["completion_mask"].sum()),
+                      "prompts": [prompt_text(x["prompt"]) for x in inputs[::G]]})
+        return out
+
+    trainer._generate_and_score_completions = counting
     trainer.train()
-    return timer.times
+    return [{"wall": t, **d} for t, d in zip(timer.times, drawn)]
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def run_mode(mode: str, opts, order_trl_first: bool) -> None:
+def run_mode(mode: str, opts, order_trl_first: bool) -> dict:
+    """Prints 1.-4. for one mode and returns its figures (`summary`) and raw numbers (`raw`)."""
     module, data = build(mode, opts.seed)
     p = parts(module, data, mode, opts.rounds)
     print(f"\n=== {mode}: {PROMPTS} prompts x G={G}, max_new_tokens {MAX_NEW}, beta {BETA}; rollout batch "
           f"{p['shape']} (completion width {p['completion_len']}, {p['completion_tokens']} completion tokens)", flush=True)
     ratio = p["rates"]["ours"] / p["rates"]["bare"]
+    summary = {"rollout_ours_tokens_per_s": p["rates"]["ours"], "rollout_bare_tokens_per_s": p["rates"]["bare"],
+               "rollout_ratio": ratio, "rollout_same_tokens": float(p["same_tokens"])}
     print(f"1. rollout: ours {p['rates']['ours']:.1f} tokens/s, bare merged generate {p['rates']['bare']:.1f} tokens/s, "
           f"ratio {ratio:.3f} (target >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'}); same tokens: {p['same_tokens']} "
           f"{p['tokens']['ours'][WARMUP:]}; per CPU second: ours {p['cpu_rates']['ours']:.1f}, bare "
           f"{p['cpu_rates']['bare']:.1f} tokens, ratio {p['cpu_rates']['ours'] / p['cpu_rates']['bare']:.3f}", flush=True)
     for kind, t in p["passes"].items():
         r_all, r_keep = t["ours"] / t["plain_all"], t["ours"] / t["plain_keep"]
+        summary.update({f"{kind}_pass_s": t["ours"], f"{kind}_pass_over_plain_all": r_all, f"{kind}_pass_over_plain_keep": r_keep})
         print(f"2. {kind} log-prob pass: {t['ours'] * 1e3:.0f} ms; plain forward all logits {t['plain_all'] * 1e3:.0f} ms "
               f"(ratio {r_all:.2f}), completion logits only {t['plain_keep'] * 1e3:.0f} ms (ratio {r_keep:.2f}); "
               f"target <= 1.3: {'met' if r_keep <= 1.3 else ('met vs all logits only' if r_all <= 1.3 else 'MISSED')}",
               flush=True)
         c = p["cpu_passes"][kind]
-        print(f"   CPU seconds: ours {c['ours']:.1f}, plain all logits {c['plain_all']:.1f} (ratio {c['ours'] / c['plain_all']:.2f}), "
-              f"completion logits only {c['plain_keep']:.1f} (ratio {c['ours'] / c['plain_keep']:.2f})", flush=True)
+        print(f"   CPU seconds: ours {c['ours']:.1f}, plain all logits {c['plain_all']:.1f}, completion logits only "
+              f"{c['plain_keep']:.1f} (ratios {c['ours'] / c['plain_all']:.2f}, {c['ours'] / c['plain_keep']:.2f})", flush=True)
+    raw = {"parts": p}
     if opts.parts_only:
-        return
+        return {"summary": summary, "raw": raw}
 
     def ours():
         return our_steps(module, data, opts.steps)[opts.drop_first:]
@@ -270,20 +316,34 @@ def run_mode(mode: str, opts, order_trl_first: bool) -> None:
         if side == "trl" and opts.no_trl:
             continue
         results[side] = ours() if side == "ours" else trl()
+    raw["steps"] = results
     records = results["ours"]
-    step = statistics.median(r["step"] for r in records)
-    bare_ratio = statistics.median(r["step"] / (r["tokens"] / p["rates"]["bare"]) for r in records)
+    wall, step = (statistics.median(r[k] for r in records) for k in ("wall", "step"))
+    bare_ratio = statistics.median(r["wall"] / (r["tokens"] / p["rates"]["bare"]) for r in records)
     phases = {k: statistics.median(r.get(k, 0.0) for r in records)
               for k in ("sampling", "scoring", "old_logprobs", "ref_logprobs", "policy", "optimizer")}
-    print(f"3. step: median {step:.2f} s over {len(records)} steps (first {opts.drop_first} dropped) ({[round(r['step'], 2) for r in records]}), tokens "
+    summary.update({"step_s": wall, "step_module_s": step, "step_over_bare_generation": bare_ratio,
+                    "tokens_per_step": statistics.median(r["tokens"] for r in records),
+                    **{f"phase_{k}_s": v for k, v in phases.items()}})
+    print(f"3. step (callback span): median {wall:.2f} s over {len(records)} steps (first {opts.drop_first} dropped) "
+          f"({[round(r['wall'], 2) for r in records]}; the module's train/time/step {step:.2f} s), tokens "
           f"{[r['tokens'] for r in records]}; step / bare generate of its tokens: {bare_ratio:.2f} (target <= 3: "
           f"{'met' if bare_ratio <= 3 else 'MISSED'})")
     print("   phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items() if v))
     if "trl" in results:
-        trl_median = statistics.median(results["trl"])
-        print(f"4. TRL {__import__('trl').__version__} GRPOTrainer: median {trl_median:.2f} s over {len(results['trl'])} steps "
-              f"({[round(t, 2) for t in results['trl']]}); ours / TRL {step / trl_median:.3f} (target <= 1.0: "
-              f"{'met' if step <= trl_median else 'MISSED'})", flush=True)
+        theirs = results["trl"]
+        trl_wall = statistics.median(r["wall"] for r in theirs)
+        per_token = (statistics.median(r["wall"] / r["tokens"] for r in records)
+                     / statistics.median(r["wall"] / r["tokens"] for r in theirs))
+        same = [r["prompts"] for r in records] == [r["prompts"] for r in theirs]
+        summary.update({"trl_step_s": trl_wall, "trl_tokens_per_step": statistics.median(r["tokens"] for r in theirs),
+                        "step_over_trl": wall / trl_wall, "step_per_token_over_trl": per_token,
+                        "same_prompts_as_trl": float(same)})
+        print(f"4. TRL {__import__('trl').__version__} GRPOTrainer: median {trl_wall:.2f} s over {len(theirs)} steps "
+              f"({[round(r['wall'], 2) for r in theirs]}), tokens {[r['tokens'] for r in theirs]}; ours / TRL "
+              f"{wall / trl_wall:.3f} per step, {per_token:.3f} per generated token (target <= 1.0: "
+              f"{'met' if wall <= trl_wall else 'MISSED'}); same prompts in the same order: {same}", flush=True)
+    return {"summary": summary, "raw": raw}
 
 
 def quiet_logs() -> None:
@@ -296,19 +356,23 @@ def quiet_logs() -> None:
 
 
 def main() -> None:
+    global WARMUP, PROMPTS, G, MAX_NEW
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["lora", "full", "both"], default="both")
     parser.add_argument("--steps", type=int, default=4, help="training steps per side (the first is dropped)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the rollout and log-prob comparisons")
     parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds before the timed ones")
     parser.add_argument("--drop-first", type=int, default=1, help="training steps dropped as warm-up (per side)")
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per step")
+    parser.add_argument("--generations", type=int, default=G, help="completions per prompt (G)")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW, help="longest completion in tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-trl", action="store_true", help="skip TRL's GRPOTrainer")
     parser.add_argument("--parts-only", action="store_true", help="only the rollout and log-prob comparisons (1., 2.)")
     parser.add_argument("--competing-load", action="store_true", help="run beside a torch matmul loop keeping one core busy")
+    parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
     opts = parser.parse_args()
-    global WARMUP
-    WARMUP = opts.warmup_rounds
+    WARMUP, PROMPTS, G, MAX_NEW = opts.warmup_rounds, opts.prompts, opts.generations, opts.max_new_tokens
     quiet_logs()
     import transformers
 
@@ -317,9 +381,18 @@ def main() -> None:
               f"lightning {L.__version__}; {torch.get_num_threads()} torch threads, {os.cpu_count()} cores; competing "
               f"torch process: {'yes' if loaded else 'no'}; load average at start {os.getloadavg()}")
         modes = ["lora", "full"] if opts.mode == "both" else [opts.mode]
-        for i, mode in enumerate(modes):
-            run_mode(mode, opts, order_trl_first=bool(i % 2))
+        results = {mode: run_mode(mode, opts, order_trl_first=bool(i % 2)) for i, mode in enumerate(modes)}
         print(f"\nload average at end {os.getloadavg()}")
+    if opts.json:
+        one = len(modes) == 1
+        summary = {(k if one else f"{m}_{k}"): v for m, res in results.items() for k, v in res["summary"].items()}
+        setting = {"model": MODEL, "dtype": "fp32", "modes": modes, "prompts": PROMPTS, "G": G, "max_new_tokens": MAX_NEW,
+                   "beta": BETA, "lora": f"r {LORA.r}, alpha {LORA.alpha}, {LORA.target_modules}", "steps": opts.steps,
+                   "drop_first": opts.drop_first, "part_rounds": opts.rounds, "warmup_rounds": opts.warmup_rounds,
+                   "torch_threads": torch.get_num_threads(), "step_timing": "callback span on both sides"}
+        with open(opts.json, "w") as f:
+            json.dump({"setting": setting, "summary": summary, "raw": {m: r["raw"] for m, r in results.items()}}, f,
+                      indent=1, default=str)
 
 
 if __name__ == "__main__":

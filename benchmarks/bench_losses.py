@@ -1,7 +1,7 @@
 """AESL loss vs F.cross_entropy: forward+backward time and peak memory, plus the chunked (hidden-state) path.
 
     python benchmarks/bench_losses.py                    # [8 x 512] tokens, vocab 49152, H 576, fp32
-    python benchmarks/bench_losses.py --repeats 3 --batch 2 --append-results
+    python benchmarks/bench_losses.py --repeats 3 --batch 2 --json out.json   # {"setting", "summary", "raw"}
     python benchmarks/bench_losses.py --batch 1 --seq 2048 --vocab 151936 --load      # beside a busy torch process
 
 Time: median over `--repeats` forward+backward calls after `--warmup` calls, all paths interleaved in one
@@ -18,7 +18,6 @@ AESL gates switch nothing off: the worst case for AESL, which skips gated-off to
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -127,6 +126,29 @@ def measure_time(paths: list[str], args: argparse.Namespace) -> dict[str, list[f
     return times
 
 
+RATIOS = (("aesl", "ce"), ("aesl_serial", "ce"), ("aesl_entropy", "ce"), ("aesl_chunked", "ce_linear"))
+
+
+def write_json(args: argparse.Namespace, paths: list[str], times: dict, memory: dict, full: int) -> None:
+    """The machine-readable result for benchmarks/run.py: per path median / min ms and peak MiB; per ratio the
+    median of per-round time ratios (back-to-back calls) and the peak-memory ratio; every round's seconds."""
+    summary: dict[str, float] = {}
+    for path in paths:
+        summary.update({f"{path}_median_ms": statistics.median(times[path]) * 1e3, f"{path}_min_ms": min(times[path]) * 1e3,
+                        f"{path}_peak_mib": memory[path] / 2**20})
+    for num, den in RATIOS:
+        if num in times and den in times:
+            summary[f"{num}_over_{den}_time"] = statistics.median(a / b for a, b in zip(times[num], times[den]))
+            summary[f"{num}_over_{den}_memory"] = memory[num] / memory[den]
+    setting = {"tokens": f"[{args.batch} x {args.seq}]", "vocab": args.vocab, "hidden": args.hidden, "dtype": "fp32",
+               "paths": paths, "warmup": args.warmup, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+               "chunk_elems": kernels.DEFAULT_CHUNK_ELEMS,
+               "memory": "ru_maxrss minus RSS after the inputs, fresh subprocess per path, MALLOC_MMAP_THRESHOLD_=65536 "
+                         "(freed tensors leave RSS; this also hides the CPU workers' malloc arenas, ~100 MiB)"}
+    raw = {"seconds": times, "peak_bytes": memory, "full_logits_bytes": full}
+    Path(args.json).write_text(json.dumps({"setting": setting, "summary": summary, "raw": raw}, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -137,9 +159,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
-    parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--load", action="store_true", help="time beside another torch process that keeps a core busy")
     parser.add_argument("--chunk-elems", type=int, default=None, help="kernel chunk budget in elements (default: kernels.DEFAULT_CHUNK_ELEMS)")
+    parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.chunk_elems:
@@ -187,6 +209,8 @@ def main() -> None:
                 f"| {num} / {den} | {median[num] / median[den]:.2f} | {paired:.2f} | {fastest[num] / fastest[den]:.2f} | {memory[num] / memory[den]:.2f} | {target} |"
             )
 
+    if args.json:
+        write_json(args, paths, times, memory, full)
     table = "\n".join(
         [
             "| path | what | median fwd+bwd (ms) | min fwd+bwd (ms) | peak extra memory (MiB) | peak in [tokens x vocab] fp32 copies |",
@@ -198,26 +222,6 @@ def main() -> None:
     )
     print()
     print(table)
-    if args.append_results:
-        command = "python benchmarks/bench_losses.py " + " ".join(sys.argv[1:]).replace("--append-results", "").strip()
-        section = (
-            f"\n## SFT losses ({datetime.date.today().isoformat()})\n\n"
-            f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU; "
-            f"{'beside a competing torch process (one core busy)' if args.load else 'no competing process started'}, load average {os.getloadavg()[0]:.1f}; "
-            f"kernel chunk budget {kernels.DEFAULT_CHUNK_ELEMS} elements.  \n"
-            f"Command: `{command.strip()}`  \n"
-            f"[{args.batch} x {args.seq}] tokens, vocab {args.vocab}, hidden {args.hidden}, fp32, all positions are completion tokens, "
-            f"random logits (no AESL gate fires: worst case). Time: median of {args.repeats} after {args.warmup} warmup, paths interleaved. "
-            "Memory: ru_maxrss high-water mark minus RSS after creating the inputs, one fresh subprocess per path, "
-            "MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave RSS; it includes the gradient of the inputs.\n\n"
-            f"{table}\n"
-        )
-        results = Path(__file__).with_name("RESULTS.md")
-        if not results.exists():
-            results.write_text("# Benchmark results\n")
-        with results.open("a") as f:
-            f.write(section)
-        print(f"\nappended to {results}")
 
 
 if __name__ == "__main__":

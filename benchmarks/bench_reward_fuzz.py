@@ -1,7 +1,7 @@
 """Fuzz the math reward with generated hostile completions: no exception, no call over 2 s, nothing executed.
 
     python benchmarks/bench_reward_fuzz.py                      # 10,000 completions, 2 verifier workers
-    python benchmarks/bench_reward_fuzz.py --num 2000 --workers 2 --json out.json
+    python benchmarks/bench_reward_fuzz.py --num 2000 --workers 2 --json out.json   # {"setting", "summary", "raw"}
 
 Categories (about equal shares, seeded): nested braces, huge numbers, sympy-killers (exponent towers, huge
 powers, sums and integrals), factorials, Python code (each payload would `touch` a unique file), null bytes
@@ -267,7 +267,16 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        summary = {"calls_over_2s": result["calls_over_2s"], "calls_over_1s": result["calls_over_1s"],
+                   "exceptions": result["exceptions"], "files_created_by_payloads": result["files_created_by_payloads"],
+                   "expected_score_mismatches": sum(wrong_expected.values()),
+                   "per_call_median_ms": result["per_call_ms"]["median"], "per_call_p99_ms": result["per_call_ms"]["p99"],
+                   "per_call_max_ms": result["per_call_ms"]["max"], "sequential_total_s": result["sequential_total_s"],
+                   "batched_total_s": result["batched_total_s"],
+                   "batched_vs_sequential_disagreements": result["batched_vs_sequential_disagreements"]}
+        setting = {"completions": args.num, "seed": args.seed, "workers": args.workers, "batch": args.batch,
+                   "categories": list(CATEGORIES), **result["limits"]}
+        args.json.write_text(json.dumps({"setting": setting, "summary": summary, "raw": result}, indent=2) + "\n")
     ok = result["exceptions"] == 0 and result["calls_over_2s"] == 0 and not executed
     sys.exit(0 if ok else 1)
 

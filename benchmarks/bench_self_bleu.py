@@ -1,7 +1,7 @@
 """Vectorised self-BLEU (`self_bleu_batch`) vs the NLTK reference loop: equal values, median times, speed-up.
 
     python benchmarks/bench_self_bleu.py                       # 64 prompts x 16 samples x 128 tokens
-    python benchmarks/bench_self_bleu.py --append-results      # also append the table to benchmarks/RESULTS.md
+    python benchmarks/bench_self_bleu.py --json out.json       # {"setting", "summary", "raw"} for run.py
 
 Reference: for each prompt and each sample i, NLTK's
 `sentence_bleu(others, sample_i, weights=(0.25,)*4, smoothing_function=SmoothingFunction().method1)`,
@@ -17,10 +17,8 @@ warm-up call each, interleaved. nltk is a benchmark-only dependency.
 from __future__ import annotations
 
 import argparse
-import datetime
+import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -77,8 +75,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=200, help="token ids are drawn from [0, vocab)")
     parser.add_argument("--repeats", type=int, default=11, help="timed calls of the vectorised path")
     parser.add_argument("--nltk-repeats", type=int, default=3, help="timed calls of the NLTK loop")
-    parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
     args = parser.parse_args()
+    raw: dict = {}
 
     rows = []
     for case in ("random", "repetitive"):
@@ -97,6 +96,7 @@ def main() -> None:
                 times["tensors"].append(timed(self_bleu_batch, tensors)[0])
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((case, statistics.fmean(reference), diff, med))
+        raw[case] = {"seconds": times, "self_bleu": statistics.fmean(reference), "max_abs_diff": diff}
         print(
             f"{case:>10}: self-BLEU {statistics.fmean(reference):.4f}  max |diff| {diff:.2e}  "
             f"NLTK {med['nltk'] * 1e3:.0f} ms  ours(lists) {med['lists'] * 1e3:.1f} ms  ours(tensors) {med['tensors'] * 1e3:.1f} ms  "
@@ -113,24 +113,15 @@ def main() -> None:
             f"| {med['nltk'] / med['lists']:.0f}x / {med['nltk'] / med['tensors']:.0f}x |"
         )
     print("\n".join(table))
-    if args.append_results:
-        command = "python benchmarks/bench_self_bleu.py " + " ".join(a for a in sys.argv[1:] if a != "--append-results")
-        section = [
-            "",
-            f"## Self-BLEU ({datetime.date.today().isoformat()})",
-            "",
-            f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, numpy-based kernel, no GPU.  ",
-            f"Command: `{command.strip()}`  ",
-            f"{args.prompts} prompts x {args.samples} samples x {args.tokens} tokens, vocab {args.vocab}. "
-            f"Time: median of {args.repeats} (ours) / {args.nltk_repeats} (NLTK) calls after one warm-up, interleaved; "
-            "the NLTK loop gets ready-made lists (its conversion is not timed).",
-            "",
-            *table,
-        ]
-        results = Path(__file__).with_name("RESULTS.md")
-        with results.open("a") as f:
-            f.write("\n".join(section) + "\n")
-        print(f"\nappended to {results}")
+    if args.json:
+        summary = {}
+        for case, mean, diff, med in rows:
+            summary.update({f"{case}_nltk_ms": med["nltk"] * 1e3, f"{case}_ours_lists_ms": med["lists"] * 1e3,
+                            f"{case}_ours_tensors_ms": med["tensors"] * 1e3, f"{case}_speedup_lists": med["nltk"] / med["lists"],
+                            f"{case}_speedup_tensors": med["nltk"] / med["tensors"], f"{case}_max_abs_diff": diff})
+        setting = {"prompts": args.prompts, "samples": args.samples, "tokens": args.tokens, "vocab": args.vocab,
+                   "repeats": args.repeats, "nltk_repeats": args.nltk_repeats, "torch_threads": torch.get_num_threads()}
+        Path(args.json).write_text(json.dumps({"setting": setting, "summary": summary, "raw": raw}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -254,6 +254,7 @@ def main() -> None:
     parser.add_argument("--competing-load", action="store_true",
                         help="run beside a torch matmul loop keeping one core busy")
     parser.add_argument("--verbose", action="store_true", help="keep Lightning / transformers / TRL output")
+    parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # internal: one side's child run
     parser.add_argument("--result", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -336,6 +337,19 @@ def main() -> None:
           f"(ours / TRL {ours['rss'] / trl['rss']:.3f})")
     print(f"throughput ratio ours / TRL: {ratio:.3f}  (target >= 1.0: {'met' if ratio >= 1.0 else 'NOT met'})")
     print(f"load average at end {os.getloadavg()}")
+    if opts.json:
+        result = {"setting": {"model": MODEL, "dtype": "fp32", "batch": opts.batch, "steps": opts.steps,
+                              "drop_first": opts.drop_first, "rounds_in_script": opts.rounds, "max_length": opts.max_length,
+                              "trl_data": opts.trl_data, "loss": "CE on completion tokens", "lr": opts.lr,
+                              "timing": "callback span on both sides (on_train_batch_start/end; on_step_begin/end)"},
+                  "summary": {"throughput_ratio": ratio, "ours_tokens_per_s": ours["rate"], "trl_tokens_per_s": trl["rate"],
+                              "ours_step_s": ours["step"], "trl_step_s": trl["step"], "ours_tokens_per_step": ours["tokens"],
+                              "trl_tokens_per_step": trl["tokens"], "ours_peak_rss_mib": ours["rss"],
+                              "trl_peak_rss_mib": trl["rss"], "peak_rss_ratio": ours["rss"] / trl["rss"],
+                              "max_loss_diff": loss_diff},
+                  "raw": runs}
+        with open(opts.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

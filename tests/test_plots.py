@@ -93,3 +93,15 @@ def test_parent_folder_with_one_run_is_accepted_and_several_are_refused(tmp_path
     write_run(tmp_path / "lightning_logs" / "version_1")
     with pytest.raises(ValueError, match="several runs"):
         plot_diversity(tmp_path / "lightning_logs")
+
+
+def test_validations_behind_the_format_gate_are_shaded_and_named_once(tmp_path):
+    run = write_run(tmp_path / "run")
+    (run / "turning_point").mkdir()
+    history = [{"step": s, "log_step": s, "status": "format" if s <= 30 else "peak"} for s in range(10, 210, 10)]
+    (run / "turning_point" / "turning_point.json").write_text(json.dumps({"turning_point": None, "history": history}))
+    fig = diversity_figure(run)
+    assert labels(fig).count("format not learned yet: not considered by the rule") == 1
+    spans = [p for ax in fig.axes for p in ax.patches if p.get_label().startswith("format not learned")]
+    assert len(spans) == 2  # one per panel (entropy / self-BLEU and accuracy)
+    assert any("no turning point within 200 steps" in t.get_text() for ax in fig.axes for t in ax.texts)

@@ -42,3 +42,33 @@ def test_collapsing_diversity_stops_training_at_the_peak(tmp_path):
     assert all(e < peak["values"]["val/gen_entropy"] for e in entropies[-2:])
     assert entropies[-1] < 0.5 * entropies[0]  # memorising one completion collapses the entropy
     assert (tmp_path / "tp" / "peak.ckpt").exists()
+
+
+def test_a_tiny_fit_writes_the_figure_and_prints_the_verdict(tmp_path, capsys):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from aesl_lightning.callbacks import RunSummary
+    from aesl_lightning.data.synthetic import ArithmeticConfig
+    from aesl_lightning.plots import read_scalars
+    from aesl_lightning.val_schedule import ValidationSchedule
+
+    torch.manual_seed(0)
+    module = SFTModule("tiny-llama", lr=1e-2, warmup_steps=0, gate_check_batches=0, histogram_every_n_steps=0,
+                       val_generation=ValidationGeneration(num_prompts=2, num_samples=2, max_new_tokens=4, kl_to_base=False))
+    stopper = DiversityEarlyStopping(monitor="val/gen_entropy", smoothing="none", patience=1, stop=False,
+                                     export_hf=False)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[ValidationSchedule(), stopper, RunSummary()])
+    trainer.fit(module, SFTDataModule(train="synthetic", synthetic=ArithmeticConfig(num_examples=16), val_size=4,
+                                      batch_size=4, max_length=400))
+
+    figure = tmp_path / "run" / "version_0" / "diversity.png"
+    assert figure.is_file() and figure.stat().st_size > 10_000
+    assert read_scalars(logger.log_dir)["val/gen_entropy"][0] == [0, 1, 2, 4]
+    out = capsys.readouterr().out
+    assert f"diversity figure : {figure}" in out
+    expected = f"Turning point at step {stopper.rule.turning_point['step']}" if stopper.rule.fired else \
+        "No turning point within 4 steps"
+    assert expected in out
