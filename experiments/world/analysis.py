@@ -16,7 +16,7 @@ from world import rules
 
 M1_MIN_SHARE, M1_MIN_SPREAD, M1_ROUND_BELOW_BEST = 0.15, 0.15, 0.10
 M2_MAX_TARGET = 0.02
-M3_FORMAT_BY_STEP, M3_MAX_OTHER_AT_END = 16, 0.10
+M3_FORMAT_BY_STEP, M3_MAX_OTHER_AT_END, M3_MAX_SUCCESS_LOSS = 16, 0.10, 0.10
 M4_MIN_GAIN = 0.03
 SESOI_ACCURACY = 0.03  # smallest effect of interest on test accuracy after RL (3 points)
 SESOI_BITS = 0.10      # smallest effect of interest on strategy entropy (bits)
@@ -48,13 +48,18 @@ def m1_m2(base_check: dict) -> dict:
 
 
 def m3(sft: dict, coldstart_strategy: str = "round") -> dict:
+    """Format learned early, the other strategies (nearly) gone at the end, and no degeneration: the cold-start
+    strategy's success (right value, any format) at the end is at least its success at step 0 minus 0.1."""
     grid = sft["grid"]
     gated = rules.gated(grid)
     format_step = gated[0]["step"] if gated else None
     end = grid[-1]["summary"]["strategy_shares"]
     other = sum(v for k, v in end.items() if k != coldstart_strategy)
-    ok = format_step is not None and format_step <= M3_FORMAT_BY_STEP and other <= M3_MAX_OTHER_AT_END
-    return {"format_step": format_step, "end_shares": end, "end_not_coldstart_share": other, "pass": bool(ok)}
+    success = [row["summary"]["strategy_success"][coldstart_strategy]["success"] for row in (grid[0], grid[-1])]
+    intact = None not in success and success[1] >= success[0] - M3_MAX_SUCCESS_LOSS
+    ok = format_step is not None and format_step <= M3_FORMAT_BY_STEP and other <= M3_MAX_OTHER_AT_END and intact
+    return {"format_step": format_step, "end_shares": end, "end_not_coldstart_share": other, "success_start_end": success,
+            "end_target_rate": grid[-1]["summary"].get("target_rate"), "pass": bool(ok)}
 
 
 def passes(rl: dict, pool_size: int, per_step: int) -> dict:

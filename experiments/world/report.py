@@ -28,6 +28,10 @@ def summarise(cfg: dict, records: dict) -> dict:
         out.update(A.m1_m2(records["base-check"]["result"]))
     if "sft-narrow-ce-s0" in records:
         out["M3"] = A.m3(records["sft-narrow-ce-s0"]["result"])
+    out["tuning"] = {k: {"overrides": r["params"].get("overrides"), "superseded": r.get("superseded") is not None, **A.m3(r["result"])}
+                     for k, r in records.items() if r["kind"] == "tune"}
+    if "base-check-v1" in records:
+        out["v1"] = A.m1_m2(records["base-check-v1"]["result"])
     pilots = {k: A.m4(r["result"], cfg) for k, r in records.items() if k.startswith("pilot-rl-") and "test" in r["result"]}
     if pilots:
         out["M4"] = {"runs": pilots, "pass": sum(p["pass"] for p in pilots.values()) * 2 > len(pilots)}
@@ -72,6 +76,20 @@ def _preflight_lines(s: dict) -> list[str]:
         for k, m in s["M4"]["runs"].items():
             lines += [f"  - {k}: {_f(m['pass1'])} -> {_f(m['pass2'])}, gain {_f(m['gain'])} (SE {_f(m['se'])}; >= {A.M4_MIN_GAIN} and > 2 SE), "
                       f"test target rate after RL {_f(m['test_target_rate_after'])} (>= 0.9): {A.check(m['pass'])}"]
+    if s.get("tuning"):
+        lines += ["", "## SFT tuning runs (narrow cold start, CE, seed 0; 16 validation problems x 4 samples)", "",
+                  "| run | settings | format step | target rate at end | round success step 0 -> end | other strategies at end | M3 |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, t in sorted(s["tuning"].items()):
+            st = t["success_start_end"]
+            lines.append(f"| {k}{' (v1, superseded)' if t['superseded'] else ''} | {json.dumps(t['overrides'].get('sft') if t['overrides'] else None)} | "
+                         f"{t['format_step']} | {_f(t['end_target_rate'])} | {_f(st[0])} -> {_f(st[1])} | {_f(t['end_not_coldstart_share'])} | "
+                         f"{A.check(t['pass'])} |")
+    if "v1" in s:
+        v = s["v1"]
+        lines += ["", f"World v1 base (superseded, plan amendment 1): M1 {A.check(v['M1']['pass'])} (shares "
+                  + ", ".join(f"{k} {_f(x)}" for k, x in v["M1"]["shares"].items()) + "; success "
+                  + ", ".join(f"{k} {_f(x)}" for k, x in v["M1"]["success"].items()) + f"), M2 {A.check(v['M2']['pass'])} (target rate {_f(v['M2']['target_rate'])})."]
     lines += ["", "## Unit costs (idle units only)", "", "| kind | median minutes | idle units | busy units |", "|---|---|---|---|"]
     for k, c in sorted(s["costs"].items()):
         lines.append(f"| {k} | {_f(c['median_seconds'] / 60 if c['median_seconds'] else None, 1)} | {c['idle_units']} | {c['busy_units']} |")
