@@ -28,19 +28,11 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from aesl_lightning.export_folder import pid_alive
+
 log = logging.getLogger("aesl_lightning")
 
 _TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.aesl-tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -68,7 +60,7 @@ def clean_stale_temporaries(folder: Path) -> list[Path]:
         if not match or candidate.is_symlink() or not candidate.is_file():
             continue
         pid = int(match["pid"])
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         try:
             candidate.unlink()

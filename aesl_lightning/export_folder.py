@@ -196,7 +196,8 @@ _TMP_INFIX = ".tmp-"
 _OLD_INFIX = ".old-"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -226,7 +227,7 @@ def clean_stale_exports(out_dir: str | os.PathLike) -> list[Path]:
         if not match or candidate.is_symlink() or not candidate.is_dir():
             continue
         pid = int(match.group(2))
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         if not (_has_marker(candidate) or not any(candidate.iterdir())):
             continue  # the name matches but the content is not ours

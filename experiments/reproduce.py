@@ -751,26 +751,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, _T975.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-    def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sx, sy = math.sqrt(sum((a - mx) ** 2 for a in rx)), math.sqrt(sum((b - my) ** 2 for b in ry))
-    return cov / (sx * sy) if sx and sy else float("nan")
+from aesl_lightning.study.stats import spearman  # noqa: E402  (Spearman's rank correlation, average ranks for ties)
 
 
 SFT_COLUMNS = [("val/answer_accuracy", "val acc"), ("val/gen_entropy", "entropy"), ("val/self_bleu", "self-BLEU"),

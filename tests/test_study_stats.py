@@ -140,3 +140,13 @@ def test_verdict_rules():
     assert S.verdict(I(0.0, -0.02, 0.07, 0.95, 100), 0.9, 0.05) == "inconclusive"
     assert S.verdict(I(-0.1, -0.15, -0.05, 0.95, 100), 0.01, 0.05) == "opposite"
     assert S.seed_sd([[1.0, 1.0], [0.0, 0.0], [0.5, 0.5]]) == pytest.approx(0.5)
+
+
+def test_spearman_against_a_brute_force_rank_formula():
+    # without ties rho = 1 - 6 sum d^2 / (n (n^2 - 1))
+    x, y = [3.0, 1.0, 4.0, 1.5, 5.0, 9.0], [2.0, 7.0, 1.0, 8.0, 2.5, 0.5]
+    rank = lambda v: [sorted(v).index(a) for a in v]  # noqa: E731
+    d2 = sum((a - b) ** 2 for a, b in zip(rank(x), rank(y)))
+    assert S.spearman(x, y) == pytest.approx(1 - 6 * d2 / (6 * 35))
+    assert S.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties share their average rank
+    assert math.isnan(S.spearman([1, 1, 1], [1, 2, 3]))

@@ -140,7 +140,7 @@ def c1(records: dict, coldstart: str, seeds: list[int]) -> dict:
         if len(gated) >= 3:
             p = [np.mean(rules.paper_score(r["columns"])) for r in gated]
             t = [np.mean(rules.strategy_score(r["columns"])) for r in gated]
-            tracking = spearman(p, t)
+            tracking = stats.spearman(p, t)
         peak = rules.row_at(grid, paper["peak_step"]) if paper["peak_step"] is not None else None
         if peak is not None:
             peak_rows.append(rules.strategy_score(peak["columns"]))
@@ -159,23 +159,3 @@ def c1(records: dict, coldstart: str, seeds: list[int]) -> dict:
         p = stats.sign_flip_p(d)
         out["decline"] = {"difference": interval.as_dict(), "sign_flip_p": p, "verdict": stats.verdict(interval, p, SESOI_BITS)}
     return out
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return num / den if den else float("nan")
