@@ -147,7 +147,7 @@ def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
 def run(cfg: dict, work: Path, out: Path, units: list[Unit], deadline: float | None) -> list[str]:
     store = UnitStore(out)
     units = stamp(cfg, units)
-    check_records([u for u in units if u.kind != "base"], store)
+    check_records(units, store)
     work.mkdir(parents=True, exist_ok=True)
     return run_units(units, store, lambda u: execute(cfg, work, store, u), cfg["estimates"], deadline=deadline,
                      repo=Path(__file__).resolve().parents[2])
