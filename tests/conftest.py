@@ -16,3 +16,15 @@ def kernel_pieces_as_with_a_real_vocabulary():
     kernel_autograd.MIN_PIECE_ELEMS = 64
     yield
     kernel_autograd.MIN_PIECE_ELEMS = default
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests: tiny matmuls only add contention with a second thread on a busy
+    2-core machine. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

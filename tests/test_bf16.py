@@ -19,13 +19,7 @@ from aesl_lightning.losses import LossConfig, chunked_sft_loss, sft_loss
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: a second intra-op thread only adds contention on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _case(rows=16, width=64, vocab=100, seed=0):

@@ -24,13 +24,7 @@ def half_missing(prompts, completions, **_):
 HIGH_CHARS = f"{__name__}.high_chars"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: a second intra-op thread only adds contention on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _module(**grpo):

@@ -28,12 +28,7 @@ def none_for_all(prompts, completions, **_):
 HIGH_CHARS = f"{__name__}.high_chars"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _module(lora_dropout=0.5, **grpo):

@@ -21,12 +21,7 @@ def high_chars(prompts, completions, **_):
     return [sum((ord(c) - 32) / 94 for c in text) / len(text) if text else 0.0 for text in completions]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class EndedRows(GRPOModule):
