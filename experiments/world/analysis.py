@@ -17,6 +17,7 @@ from world import rules
 M1_MIN_SHARE, M1_MIN_SPREAD, M1_ROUND_BELOW_BEST = 0.15, 0.15, 0.10
 M2_MAX_TARGET = 0.02
 M3_FORMAT_BY_STEP, M3_MAX_OTHER_AT_END, M3_MAX_SUCCESS_LOSS = 16, 0.10, 0.10
+M3B_PASS1 = (0.1, 0.9)  # amendment 2: k-sample accuracy at the first gated grid point, so RL has signal
 M4_MIN_GAIN = 0.03
 SESOI_ACCURACY = 0.03  # smallest effect of interest on test accuracy after RL (3 points)
 SESOI_BITS = 0.10      # smallest effect of interest on strategy entropy (bits)
@@ -58,8 +59,11 @@ def m3(sft: dict, coldstart_strategy: str = "round") -> dict:
     success = [row["summary"]["strategy_success"][coldstart_strategy]["success"] for row in (grid[0], grid[-1])]
     intact = None not in success and success[1] >= success[0] - M3_MAX_SUCCESS_LOSS
     ok = format_step is not None and format_step <= M3_FORMAT_BY_STEP and other <= M3_MAX_OTHER_AT_END and intact
+    pass1 = gated[0]["summary"]["pass@1"] if gated else None
+    m3b = pass1 is not None and M3B_PASS1[0] <= pass1 <= M3B_PASS1[1]
     return {"format_step": format_step, "end_shares": end, "end_not_coldstart_share": other, "success_start_end": success,
-            "end_target_rate": grid[-1]["summary"].get("target_rate"), "pass": bool(ok)}
+            "end_target_rate": grid[-1]["summary"].get("target_rate"), "pass": bool(ok),
+            "pass1_at_format_step": pass1, "end_pass1": grid[-1]["summary"]["pass@1"], "M3b": bool(m3b)}
 
 
 def passes(rl: dict, pool_size: int, per_step: int) -> dict:

@@ -21,6 +21,11 @@ def _interval(c: dict) -> str:
     return f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
+def _version(unit_id: str) -> str:
+    """`v2` from a superseded record's id `tune-sft-lr1e-4-v2`."""
+    return unit_id.rsplit("-", 1)[-1]
+
+
 def summarise(cfg: dict, records: dict) -> dict:
     out: dict = {"costs": A.unit_costs(records), "units": {k: {"kind": r["kind"], "busy": r["machine"]["busy"], "seconds": r["machine"]["seconds"],
                                                                  "start": r["machine"]["start"], "end": r["machine"]["end"]} for k, r in records.items()}}
@@ -28,10 +33,9 @@ def summarise(cfg: dict, records: dict) -> dict:
         out.update(A.m1_m2(records["base-check"]["result"]))
     if "sft-narrow-ce-s0" in records:
         out["M3"] = A.m3(records["sft-narrow-ce-s0"]["result"])
-    out["tuning"] = {k: {"overrides": r["params"].get("overrides"), "superseded": r.get("superseded") is not None, **A.m3(r["result"])}
+    out["tuning"] = {k: {"overrides": r["params"].get("overrides"), "superseded": _version(k) if r.get("superseded") else None, **A.m3(r["result"])}
                      for k, r in records.items() if r["kind"] == "tune"}
-    if "base-check-v1" in records:
-        out["v1"] = A.m1_m2(records["base-check-v1"]["result"])
+    out["superseded_bases"] = {_version(k): A.m1_m2(r["result"]) for k, r in sorted(records.items()) if k.startswith("base-check-v")}
     pilots = {k: A.m4(r["result"], cfg) for k, r in records.items() if k.startswith("pilot-rl-") and "test" in r["result"]}
     if pilots:
         out["M4"] = {"runs": pilots, "pass": sum(p["pass"] for p in pilots.values()) * 2 > len(pilots)}
@@ -70,7 +74,9 @@ def _preflight_lines(s: dict) -> list[str]:
         m = s["M3"]
         lines += [f"- **M3** ({A.check(m['pass'])}): CE (narrow, seed 0) learns the format (target rate >= 0.8) at step {m['format_step']} "
                   f"(<= {A.M3_FORMAT_BY_STEP}); at the end the other strategies hold {_f(m['end_not_coldstart_share'])} of samples "
-                  f"(<= {A.M3_MAX_OTHER_AT_END}); end shares: " + ", ".join(f"{k} {_f(v)}" for k, v in m["end_shares"].items()) + "."]
+                  f"(<= {A.M3_MAX_OTHER_AT_END}); end shares: " + ", ".join(f"{k} {_f(v)}" for k, v in m["end_shares"].items()) + ".",
+                  f"- **M3b** ({A.check(m['M3b'])}): k-sample accuracy (target format, right value) at the first gated grid point "
+                  f"{_f(m['pass1_at_format_step'])} (in [{A.M3B_PASS1[0]}, {A.M3B_PASS1[1]}]); at the end {_f(m['end_pass1'])}."]
     if "M4" in s:
         lines += [f"- **M4** ({A.check(s['M4']['pass'])}): RL raises its training reward, pass 2 minus pass 1 over the fixed pool, paired by prompt:"]
         for k, m in s["M4"]["runs"].items():
@@ -78,16 +84,18 @@ def _preflight_lines(s: dict) -> list[str]:
                       f"test target rate after RL {_f(m['test_target_rate_after'])} (>= 0.9): {A.check(m['pass'])}"]
     if s.get("tuning"):
         lines += ["", "## SFT tuning runs (narrow cold start, CE, seed 0; 16 validation problems x 4 samples)", "",
-                  "| run | settings | format step | target rate at end | round success step 0 -> end | other strategies at end | M3 |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| run | settings | format step | target rate at end | round success step 0 -> end | other strategies at end | "
+                  "pass@1 at format step -> end | M3 | M3b |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for k, t in sorted(s["tuning"].items()):
             st = t["success_start_end"]
-            lines.append(f"| {k}{' (v1, superseded)' if t['superseded'] else ''} | {json.dumps(t['overrides'].get('sft') if t['overrides'] else None)} | "
+            label = f" ({t['superseded']}, superseded)" if t["superseded"] else ""
+            lines.append(f"| {k}{label} | "
+                         f"{json.dumps(t['overrides'].get('sft') if t['overrides'] else None)} | "
                          f"{t['format_step']} | {_f(t['end_target_rate'])} | {_f(st[0])} -> {_f(st[1])} | {_f(t['end_not_coldstart_share'])} | "
-                         f"{A.check(t['pass'])} |")
-    if "v1" in s:
-        v = s["v1"]
-        lines += ["", f"World v1 base (superseded, plan amendment 1): M1 {A.check(v['M1']['pass'])} (shares "
+                         f"{_f(t['pass1_at_format_step'])} -> {_f(t['end_pass1'])} | {A.check(t['pass'])} | {A.check(t['M3b'])} |")
+    for version, v in s.get("superseded_bases", {}).items():
+        lines += ["", f"World {version} base (superseded, see plan.md): M1 {A.check(v['M1']['pass'])} (shares "
                   + ", ".join(f"{k} {_f(x)}" for k, x in v["M1"]["shares"].items()) + "; success "
                   + ", ".join(f"{k} {_f(x)}" for k, x in v["M1"]["success"].items()) + f"), M2 {A.check(v['M2']['pass'])} (target rate {_f(v['M2']['target_rate'])})."]
     lines += ["", "## Unit costs (idle units only)", "", "| kind | median minutes | idle units | busy units |", "|---|---|---|---|"]

@@ -40,7 +40,7 @@ def write_data(cfg: dict, work: Path) -> dict[str, Path]:
 
 def coldstart_file(cfg: dict, work: Path, variant: str, seed: int) -> Path:
     strategies = cfg["coldstarts"][variant]
-    path = work / "data" / f"coldstart-{variant}-s{seed}.jsonl"
+    path = work / "data" / f"coldstart-{variant}-n{cfg['world']['coldstart_size']}-s{seed}.jsonl"
     if not path.exists():
         write_jsonl(coldstart(world_config(cfg), seed, strategies), path)
     return path
