@@ -92,9 +92,18 @@ def preflight_units(cfg: dict) -> list[Unit]:
 
 
 def main_units(cfg: dict) -> list[Unit]:
+    """Seed by seed (each seed's SFT units, then its RL units), so a sitting cut short by its deadline leaves whole
+    seeds behind; a control arm's seeds can be fewer than the main arms' (`main.control_seeds`)."""
     m = cfg["main"]
-    sft = sorted({(ARMS[a][0], ARMS[a][1]) for a in m["arms"] if ARMS[a][0]} | {tuple(x) for x in m.get("sft_only", [])})
-    return [Unit("base", "base")] + sft_units(sft, m["seeds"]) + rl_units(m["arms"], m["seeds"])
+    control_seeds = m.get("control_seeds", {})
+    out = [Unit("base", "base")]
+    for seed in m["seeds"]:
+        arms = [a for a in m["arms"] if seed in control_seeds.get(ARMS[a][0], m["seeds"])]
+        sft = sorted({(ARMS[a][0], ARMS[a][1]) for a in arms if ARMS[a][0]}
+                     | {tuple(x) for x in m.get("sft_only", []) if seed in control_seeds.get(x[0], m["seeds"])},
+                     key=lambda pair: (list(cfg["coldstarts"]).index(pair[0]), pair[1]))  # the main world first, then the controls
+        out += sft_units(sft, [seed]) + rl_units(arms, [seed])
+    return out
 
 
 def start_of(cfg: dict, work: Path, store: UnitStore, arm: str, seed: int) -> tuple[Path, dict]:
