@@ -1,6 +1,7 @@
 """The unit runner: deadline refusal, resume at unit granularity, dependencies, and records read back alone."""
 
 import json
+import os
 
 import pytest
 
@@ -90,3 +91,25 @@ def test_records_are_strict_json(tmp_path):
     text = (tmp_path / "units" / "x.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert store.load("x") == {"a": None, "b": [None, 1.5], "c": [1, 2]}
+
+
+def test_busy_is_the_other_processes_cpu_not_the_load_left_by_this_run(monkeypatch):
+    """A unit started right after another unit of the same run sees a load average of ~2 from its own process; only
+    the CPU time of other processes during the unit marks it busy."""
+    from aesl_lightning.study import units as U
+
+    tick = os.sysconf("SC_CLK_TCK")
+    monkeypatch.setattr(U.os, "getloadavg", lambda: (2.1, 2.0, 1.9))
+    for other_seconds, busy in ((0.0, False), (10.0, False), (60.0, True)):
+        machine_jiffies = iter([0, int((100.0 + other_seconds) * tick)])
+        own = iter([0.0, 100.0])
+        clock = iter([0.0, 100.0])
+        monkeypatch.setattr(U, "_busy_jiffies", lambda: next(machine_jiffies))
+        monkeypatch.setattr(U, "_own_cpu_seconds", lambda: next(own))
+        probe = U.MachineProbe(clock=lambda: next(clock))
+        got = probe.finish()
+        assert got["busy"] is busy and got["other_cores"] == pytest.approx(other_seconds / 100.0, abs=0.02)
+    monkeypatch.setattr(U, "_busy_jiffies", lambda: None)  # nothing measurable: the start's load average decides
+    monkeypatch.setattr(U, "_own_cpu_seconds", lambda: 0.0)
+    clock = iter([0.0, 100.0])
+    assert U.MachineProbe(clock=lambda: next(clock)).finish()["busy"] is True

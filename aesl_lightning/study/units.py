@@ -140,7 +140,10 @@ class MachineProbe:
         if jiffies is not None and self._jiffies is not None:
             machine = (jiffies - self._jiffies) / os.sysconf("SC_CLK_TCK")
             other = max(0.0, machine - (_own_cpu_seconds() - self._own)) / max(wall, 1e-9)
-        busy = (other is not None and other > BUSY_CORES) or self.start["loadavg"][0] > 1.0 + BUSY_CORES
+        # Measured CPU use of the other processes decides; the load average at the start only where that cannot be
+        # measured (it counts this process's own threads, e.g. the previous unit of the same run, so it would flag
+        # back-to-back idle units as busy).
+        busy = other > BUSY_CORES if other is not None else self.start["loadavg"][0] > 1.0 + BUSY_CORES
         return {"start": self.start, "end": end, "seconds": wall, "other_cores": other, "busy": busy}
 
 

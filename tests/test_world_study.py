@@ -1,0 +1,102 @@
+"""The strategy world's pre-registered rules and checks (experiments/world/), on hand-made grids with known answers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+from world import analysis, rules, study  # noqa: E402
+
+from aesl_lightning.study.units import UnitStore  # noqa: E402
+
+
+def _row(step: int, target_rate: float, greedy: float, entropy: list[float], bleu: list[float], strategy_counts=None, pass1=0.5,
+         success=0.5) -> dict:
+    counts = strategy_counts or [[0, 4, 0, 0]] * len(entropy)
+    return {"step": step,
+            "summary": {"target_rate": target_rate, "greedy_accuracy": greedy, "pass@1": pass1,
+                        "strategy_shares": {"direct": 0.0, "round": 1.0, "column": 0.0, "other": 0.0},
+                        "strategy_success": {"round": {"n": 8, "success": success}}},
+            "columns": {"token_entropy": entropy, "self_bleu": bleu, "strategy_counts": counts}}
+
+
+def test_format_gate_and_best_accuracy_take_the_first_of_equal_maxima():
+    grid = [_row(0, 0.0, 0.1, [1.0], [0.0]), _row(4, 0.85, 0.5, [1.0], [0.0]), _row(8, 0.9, 0.5, [1.0], [0.0]), _row(16, 0.5, 0.2, [1.0], [0.0])]
+    assert [r["step"] for r in rules.gated(grid)] == [4, 8]
+    assert rules.best_accuracy(grid)["step"] == 4  # a later tie does not replace it
+
+
+def test_turning_point_needs_a_drop_beyond_the_noise_margin():
+    n = 16
+    flat = [1.0 + 0.01 * (i % 2) for i in range(n)]
+    peak = [2.0 + 0.01 * (i % 3) for i in range(n)]
+    dropped = [0.5 + 0.01 * (i % 5) for i in range(n)]
+    zero = [0.0] * n
+    grid = [_row(0, 0.0, 0.0, peak, zero), _row(2, 0.9, 0.3, flat, zero), _row(4, 0.9, 0.3, peak, zero), _row(8, 0.9, 0.3, dropped, zero)]
+    tp = rules.turning_point(grid)
+    assert (tp["peak_step"], tp["detected"], tp["drop_step"], tp["format_step"]) == (4, True, 8, 2)  # step 0 is not gated
+
+    noisy = [(1.0 if i % 2 else -1.0) for i in range(n)]  # mean 0, SD 1: a 0.1 drop is well inside 2 SE
+    grid = [_row(2, 0.9, 0.3, [0.1 + x for x in noisy], zero), _row(4, 0.9, 0.3, noisy[::-1], zero)]
+    tp = rules.turning_point(grid)
+    assert tp["peak_step"] == 2 and not tp["detected"]
+
+    assert rules.turning_point([_row(0, 0.1, 0.0, peak, zero)])["reason"] == "format never learned"
+
+
+def test_paper_score_is_entropy_minus_self_bleu_and_strategy_score_is_entropy_in_bits():
+    assert rules.paper_score({"token_entropy": [1.5, 0.5], "self_bleu": [0.5, float("nan")]}) == [1.0, 0.5]
+    assert rules.strategy_score({"strategy_counts": [[2, 2, 0, 0], [4, 0, 0, 0], [1, 1, 1, 1]]}) == [1.0, 0.0, 2.0]
+
+
+def test_m3_and_m3b_read_the_gate_the_end_shares_and_the_accuracy_left_for_rl():
+    zero = [0.0]
+    grid = [_row(0, 0.0, 0.0, zero, zero, pass1=0.0, success=0.6), _row(8, 0.9, 0.4, zero, zero, pass1=0.35, success=0.6),
+            _row(128, 0.95, 0.4, zero, zero, pass1=0.3, success=0.55)]
+    m = analysis.m3({"grid": grid})
+    assert m["format_step"] == 8 and m["pass"] and m["M3b"] and m["pass1_at_format_step"] == 0.35
+    grid[1]["summary"]["pass@1"] = 0.02  # format learned but (almost) nothing solved: RL would have no signal
+    assert not analysis.m3({"grid": grid})["M3b"]
+    grid[-1]["summary"]["strategy_success"]["round"]["success"] = 0.3  # the cold-start strategy eroded by more than 0.1
+    assert not analysis.m3({"grid": grid})["pass"]
+
+
+def test_manipulation_check_pairs_each_prompt_of_pass_2_with_its_pass_1():
+    def batch(rewards):
+        return [{"a": i, "b": i, "reward": r} for i, r in enumerate(rewards)]
+
+    rl = {"per_step": [batch([0.0, 0.5]), batch([1.0, 0.5])]}  # a pool of 2 prompts, 2 per step: step 0 is pass 1, step 1 pass 2
+    p = analysis.passes(rl, pool_size=2, per_step=2)
+    assert p["prompts"] == 2 and p["pass1"] == 0.25 and p["pass2"] == 0.75 and p["gain"] == 0.5
+    assert p["se"] == pytest.approx(0.5)  # differences 1.0 and 0.0: sample SD 0.707, over sqrt(2) prompts
+
+
+def _cfg(seeds, control_seeds=None):
+    return {"coldstarts": {"narrow": ["round"], "best": ["column"], "all": ["direct", "round", "column"]},
+            "main": {"seeds": seeds, "arms": ["rl_only", "ce_best_acc", "aesl_end", "best_ce_turning"], "sft_only": [["all", "ce"]],
+                     **({"control_seeds": control_seeds} if control_seeds else {})}}
+
+
+def test_main_units_run_seed_by_seed_main_world_first_and_controls_on_their_own_seeds():
+    ids = [u.id for u in study.main_units(_cfg([0, 1]))]
+    assert ids == ["base", "sft-narrow-aesl-s0", "sft-narrow-ce-s0", "sft-best-ce-s0", "sft-all-ce-s0",
+                   "rl-rl_only-s0", "rl-ce_best_acc-s0", "rl-aesl_end-s0", "rl-best_ce_turning-s0",
+                   "sft-narrow-aesl-s1", "sft-narrow-ce-s1", "sft-best-ce-s1", "sft-all-ce-s1",
+                   "rl-rl_only-s1", "rl-ce_best_acc-s1", "rl-aesl_end-s1", "rl-best_ce_turning-s1"]
+    ids = [u.id for u in study.main_units(_cfg([0, 1], {"best": [0], "all": [1]}))]
+    assert "sft-best-ce-s1" not in ids and "rl-best_ce_turning-s1" not in ids and "sft-all-ce-s0" not in ids
+    assert "sft-best-ce-s0" in ids and "sft-all-ce-s1" in ids and "rl-ce_best_acc-s1" in ids
+
+
+def test_a_record_made_under_other_settings_is_refused(tmp_path):
+    cfg = {"world": {"x": 1}, "base": {"steps": 3}}
+    unit = study.stamp(cfg, [study.Unit("base", "base")])[0]
+    store = UnitStore(tmp_path)
+    store.save("base", {"kind": "base", "params": {**unit.params, "config": "someotherone"}, "deps": [], "result": {},
+                        "machine": {"busy": False, "seconds": 1.0}})
+    with pytest.raises(SystemExit, match="recorded under other settings"):
+        study.check_records([unit], store)
