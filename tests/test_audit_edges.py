@@ -57,7 +57,7 @@ def test_frac_reward_zero_std_counts_groups_of_equal_rewards():
 
 # ------------------------------------------------------------------------------------ the protection rule
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+MATHS = Path(__file__).resolve().parents[1] / "docs" / "maths.md"  # the README's maths, moved there (issue 24)
 
 
 @pytest.mark.parametrize("name", ["aesl", "aesl_anchor", "aesl_entropy_floor", "aesl_drift"])
@@ -72,10 +72,10 @@ def test_protect_below_of_one_half_or_more_is_accepted_and_aesl_v1_is_labelled()
         assert LossConfig(protect_below=value).protect_below == value
     LossConfig(name="aesl_v1", protect_below=0.0)  # reads no protect_below
     assert LOSSES["aesl"].protected and not LOSSES["aesl_v1"].protected
-    # every place that lists aesl_v1 says it does not meet the rule: the CLI help, its function, the registry, README
+    # every place that lists aesl_v1 says it does not meet the rule: the CLI help, its function, the registry, the docs
     for text in (LossConfig.__doc__, aesl_v1_terms.__doc__, loss_registry.__doc__):
         assert "does NOT meet the protection rule" in " ".join(text.split())
-    readme = README.read_text()
+    readme = MATHS.read_text()
     assert "| `aesl_v1` (first reading; reproduction only) | tok_t * seq1_t | none; does NOT meet the protection rule" in readme
 
 
@@ -87,13 +87,13 @@ def test_protection_keeps_an_unlearned_token_after_a_confident_prefix():
 
 
 def test_readme_example_weights_are_what_the_default_thresholds_give():
-    """README: p = [.99, .99, .01, .5] under aesl_v1 gives [0, 0, 0, 1] at tau_tok = tau_seq = 0.9, [1, 0, 0, 1] with
+    """The maths page: p = [.99, .99, .01, .5] under aesl_v1 gives [0, 0, 0, 1] at tau_tok = tau_seq = 0.9, [1, 0, 0, 1] with
     tau_tok = 1, and the default aesl gives [0, 0, 1, 1]."""
     view = TokenView(logprob=torch.tensor([[0.99, 0.99, 0.01, 0.5]]).log(), mask=torch.ones(1, 4, dtype=torch.bool))
     assert aesl_v1_terms(view, LossConfig(name="aesl_v1")).nll.tolist() == [[0.0, 0.0, 0.0, 1.0]]
     assert aesl_v1_terms(view, LossConfig(name="aesl_v1", tau_tok=1.0)).nll.tolist() == [[1.0, 0.0, 0.0, 1.0]]
     assert aesl_terms(view, LossConfig()).nll.tolist() == [[0.0, 0.0, 1.0, 1.0]]
-    readme = " ".join(README.read_text().split())
+    readme = " ".join(MATHS.read_text().split())
     assert ("p = [.99, .99, .01, .5] gives weights [0, 0, 0, 1] at the default tau_tok = tau_seq = 0.9, and [1, 0, 0, 1] "
             "with the token gate off, tau_tok = 1") in readme
     assert "the default `aesl` gives [0, 0, 1, 1]" in readme
