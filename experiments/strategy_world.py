@@ -26,7 +26,8 @@ for p in (HERE, HERE.parent):
         sys.path.insert(0, str(p))
 
 SMOKE = {"world": {"pretrain_size": 256, "val_size": 8, "rl_size": 32, "test_size": 8, "coldstart_size": 8},
-         "base": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "steps": 4, "batch_size": 8},
+         "base": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "steps": 4, "batch_size": 8, "snapshot_every": 2,
+                  "snapshot_from": 2},
          "eval": {"samples": 2, "test_samples": 2, "max_new_tokens": 24},
          "sft": {"grid": [0, 1, 2, 4], "batch_size": 4}, "rl": {"pool_size": 8, "prompts_per_step": 4, "num_generations": 2},
          "main": {"seeds": [0, 1]}}

@@ -100,3 +100,20 @@ def test_a_record_made_under_other_settings_is_refused(tmp_path):
                         "machine": {"busy": False, "seconds": 1.0}})
     with pytest.raises(SystemExit, match="recorded under other settings"):
         study.check_records([unit], store)
+
+
+def _check(step, success, shares=(0.35, 0.35, 0.3), target=0.0):
+    names = ("direct", "round", "column")
+    return {"step": step, "summary": {"strategy_shares": {**dict(zip(names, shares)), "other": 0.0}, "target_rate": target,
+                                      "strategy_success": {k: {"n": 100, "success": v} for k, v in zip(names, success)}}}
+
+
+def test_the_base_is_the_first_snapshot_that_passes_m1_m2_with_a_usable_round_strategy():
+    checks = [_check(1250, (0.5, 0.3, 0.9)),        # round too weak
+              _check(1000, (0.2, 0.05, 0.6)),       # earlier, round too weak (order is by step, not by list position)
+              _check(1500, (0.6, 0.55, 0.9)),       # the first that qualifies
+              _check(1750, (0.7, 0.7, 0.95)),       # also qualifies, but later
+              _check(2000, (0.95, 0.94, 0.96))]     # spread too small (M1 fails)
+    assert analysis.choose_base(checks) == 1500
+    assert analysis.choose_base([checks[0], checks[-1]]) is None
+    assert analysis.choose_base([_check(1500, (0.6, 0.55, 0.9), target=0.05)]) is None  # M2: the base already writes the target format

@@ -48,6 +48,19 @@ def m1_m2(base_check: dict) -> dict:
             "M2": {"target_rate": s["target_rate"], "pass": s["target_rate"] <= M2_MAX_TARGET}}
 
 
+BASE_MIN_ROUND_SUCCESS = 0.5  # amendment 5: the cold start's strategy must be usable, so CE leaves RL a signal
+
+
+def choose_base(checks: list[dict]) -> int | None:
+    """Amendment 5: the step of the first snapshot (in training order) whose base check passes M1 and M2 and whose
+    `round` success is >= BASE_MIN_ROUND_SUCCESS; None if none does."""
+    for c in sorted(checks, key=lambda c: c["step"]):
+        m = m1_m2({"summary": c["summary"]})
+        if m["M1"]["pass"] and m["M2"]["pass"] and (m["M1"]["success"].get("round") or 0.0) >= BASE_MIN_ROUND_SUCCESS:
+            return c["step"]
+    return None
+
+
 def m3(sft: dict, coldstart_strategy: str = "round") -> dict:
     """Format learned early, the other strategies (nearly) gone at the end, and no degeneration: the cold-start
     strategy's success (right value, any format) at the end is at least its success at step 0 minus 0.1."""

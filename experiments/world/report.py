@@ -31,6 +31,10 @@ def summarise(cfg: dict, records: dict) -> dict:
                                                                  "start": r["machine"]["start"], "end": r["machine"]["end"]} for k, r in records.items()}}
     if "base-check" in records:
         out.update(A.m1_m2(records["base-check"]["result"]))
+    if "base" in records and "snapshot_checks" in records["base"]["result"]:
+        r = records["base"]["result"]
+        out["base_selection"] = {"chosen_step": r["chosen_step"], "snapshots": [{"step": c["step"], **A.m1_m2({"summary": c["summary"]})}
+                                                                               for c in r["snapshot_checks"]]}
     if "sft-narrow-ce-s0" in records:
         out["M3"] = A.m3(records["sft-narrow-ce-s0"]["result"])
     out["tuning"] = {k: {"overrides": r["params"].get("overrides"), "superseded": _version(k) if r.get("superseded") else None, **A.m3(r["result"])}
@@ -70,6 +74,16 @@ def _preflight_lines(s: dict) -> list[str]:
                   f"{_f(m['best_minus_round'])} (>= {A.M1_ROUND_BELOW_BEST})."]
     if "M2" in s:
         lines += [f"- **M2** ({A.check(s['M2']['pass'])}): base target-format rate {_f(s['M2']['target_rate'])} (<= {A.M2_MAX_TARGET})."]
+    if "base_selection" in s:
+        b = s["base_selection"]
+        chosen = f"step {b['chosen_step']}" if b["chosen_step"] is not None else "none qualified (the last snapshot is used; see plan.md)"
+        lines += ["", f"Base selection (amendment 5: the first snapshot where M1 and M2 pass and round's success >= "
+                      f"{A.BASE_MIN_ROUND_SUCCESS}): {chosen}.", "",
+                  "| step | shares direct / round / column | success direct / round / column | M1 | M2 |", "|---|---|---|---|---|"]
+        for c in b["snapshots"]:
+            sh, su = c["M1"]["shares"], c["M1"]["success"]
+            lines.append(f"| {c['step']} | {' / '.join(_f(sh.get(k)) for k in ('direct', 'round', 'column'))} | "
+                         f"{' / '.join(_f(su.get(k)) for k in ('direct', 'round', 'column'))} | {A.check(c['M1']['pass'])} | {A.check(c['M2']['pass'])} |")
     if "M3" in s:
         m = s["M3"]
         lines += [f"- **M3** ({A.check(m['pass'])}): CE (narrow, seed 0) learns the format (target rate >= 0.8) at step {m['format_step']} "

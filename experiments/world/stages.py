@@ -87,14 +87,42 @@ def pretrain_base(cfg: dict, work: Path) -> dict:
     module = SFTModule(name_or_path=str(init), loss=LossConfig(name="ce"), lr=b["lr"], warmup_steps=0.05, scheduler="cosine",
                        weight_decay=0.01, histogram_every_n_steps=0, val_generation=ValidationGeneration(num_prompts=0, num_samples=0))
     data = SFTDataModule(train=str(paths["pretrain"]), val=str(paths["pretrain_val"]), batch_size=b["batch_size"], max_length=256, seed=b["seed"])
-    trainer = _trainer(work / "base-run", max_steps=b["steps"], gradient_clip_val=1.0, val_check_interval=b["steps"], check_val_every_n_epoch=None)
+    every = b.get("snapshot_every")
+    steps = list(range(b.get("snapshot_from", every or 0), b["steps"] + 1, every)) if every else []
+    snapshots = work / "base-snapshots"
+    shutil.rmtree(snapshots, ignore_errors=True)  # what an interrupted attempt of this unit left (under the work folder only)
+    trainer = _trainer(work / "base-run", max_steps=b["steps"], gradient_clip_val=1.0, val_check_interval=b["steps"], check_val_every_n_epoch=None,
+                       callbacks=[SnapshotAt(steps, snapshots)] if steps else [])
     began = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - began
-    module.export_hf(out)
+    result = {"parameters": sum(p.numel() for p in module.model.parameters()), "steps": trainer.global_step, "train_seconds": seconds,
+              "val_loss": float(trainer.callback_metrics["val/loss"])}
+    if steps:  # amendment 5: check every snapshot, the base is the first that qualifies
+        from world.analysis import choose_base
+
+        checks = []
+        for step in steps:
+            rows = evaluate_dir(cfg, snapshots / f"step{step:05d}", _read_jsonl(paths["val"]), samples=cfg["eval"]["samples"], seed=0)
+            checks.append({"step": step, "summary": summarise(rows)})
+        chosen = choose_base(checks)
+        result.update(snapshot_checks=checks, chosen_step=chosen)
+        shutil.copytree(snapshots / f"step{(chosen or b['steps']):05d}", out, dirs_exist_ok=True)
+    else:
+        module.export_hf(out)
     shutil.rmtree(init, ignore_errors=True)
-    return {"parameters": sum(p.numel() for p in module.model.parameters()), "steps": trainer.global_step, "train_seconds": seconds,
-            "val_loss": float(trainer.callback_metrics["val/loss"])}
+    return result
+
+
+class SnapshotAt(Callback):
+    """A Hugging Face export of the model at each of `steps` (training-step count)."""
+
+    def __init__(self, steps: list[int], folder: Path) -> None:
+        self.steps, self.folder = set(steps), folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps:
+            pl_module.export_hf(self.folder / f"step{trainer.global_step:05d}")
 
 
 def evaluate_dir(cfg: dict, model_dir: Path, problems: list[dict], samples: int, seed: int) -> list[dict]:
