@@ -205,7 +205,7 @@ def test_module_entry_point_runs_as_a_process(tmp_path):
 
 def _lightning_cli_configs() -> list[Path]:
     """The experiment configs meant for `python -m aesl_lightning fit` (a `trainer` section); other YAML files in
-    experiments/ configure their own drivers (e.g. real_track.yaml for track_real.py)."""
+    experiments/ configure their own drivers (e.g. real_study.yaml for real_study.py)."""
     return [p for p in sorted((ROOT / "experiments").glob("*.yaml")) if "trainer" in (yaml.safe_load(p.read_text()) or {})]
 
 

@@ -150,3 +150,56 @@ def test_spearman_against_a_brute_force_rank_formula():
     assert S.spearman(x, y) == pytest.approx(1 - 6 * d2 / (6 * 35))
     assert S.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties share their average rank
     assert math.isnan(S.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_sign_flip_p_one_sided_known_answers():
+    # every one of 5 seeds declines: only the identity pattern reaches the observed mean -> 1/32 (the plan's 0.031)
+    d = [[1.0, 0.0], [0.5, 0.5], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]]
+    assert S.sign_flip_p(d, alternative="greater") == pytest.approx(1 / 32)
+    assert S.sign_flip_p(d, alternative="less") == pytest.approx(1.0)  # every pattern's -mean is >= -observed
+    assert S.sign_flip_p(-np.asarray(d), alternative="less") == pytest.approx(1 / 32)
+    # one seed against: patterns with mean >= observed, counted by brute force
+    rng = np.random.default_rng(5)
+    d = rng.normal(0.2, 1.0, size=(5, 9))
+    m = d.mean(axis=1)
+    count = sum((np.array([1 if p >> i & 1 else -1 for i in range(5)]) * m).mean() >= m.mean() - 1e-12 for p in range(32))
+    assert S.sign_flip_p(d, alternative="greater") == pytest.approx(count / 32)
+    with pytest.raises(ValueError, match="alternative"):
+        S.sign_flip_p(d, alternative="bigger")
+
+
+def test_fisher_combined_known_values():
+    assert S.fisher_combined([0.3]) == pytest.approx(0.3)  # one p-value combines to itself
+    # two p-values of 0.05: X = -4 ln 0.05 = 11.98, P(chi2_4 >= X) = e^{-X/2} (1 + X/2) = 0.0175
+    x = -4 * math.log(0.05)
+    assert S.fisher_combined([0.05, 0.05]) == pytest.approx(math.exp(-x / 2) * (1 + x / 2))
+    assert S.fisher_combined([0.05, 0.05]) == pytest.approx(0.01747, abs=1e-5)
+    assert S.fisher_combined([1.0, 1.0, 1.0]) == pytest.approx(1.0)
+    assert S.fisher_combined([0.0, 0.5]) == 0.0
+    # against a Monte Carlo of the null: the combined p of uniform p-values is itself uniform
+    rng = np.random.default_rng(0)
+    combined = np.array([S.fisher_combined(rng.uniform(size=3)) for _ in range(4000)])
+    assert abs(np.mean(combined < 0.05) - 0.05) < 0.012
+    with pytest.raises(ValueError, match="p-values in"):
+        S.fisher_combined([1.2])
+
+
+def test_fisher_combined_mcnemar_combines_per_seed_exact_tests():
+    # seed 0: only a right on 5 problems -> p = 2/32; seed 1: 3 vs 3 -> p = 1; seed 2: no discordant pair -> p = 1
+    a = [[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 0, 1, 0, 1, 0]]
+    b = [[0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1], [1, 0, 1, 0, 1, 0]]
+    out = S.fisher_combined_mcnemar(a, b)
+    assert [x["p"] for x in out["per_seed"]] == pytest.approx([2 / 32, 1.0, 1.0])
+    assert (out["per_seed"][0]["n10"], out["per_seed"][0]["n01"]) == (5, 0)
+    assert out["p"] == pytest.approx(S.fisher_combined([2 / 32, 1.0, 1.0]))
+    assert out["p"] > 2 / 32  # two null seeds weaken the evidence of one
+    with pytest.raises(ValueError, match="one shape"):
+        S.fisher_combined_mcnemar([[1, 0]], [[1, 0, 1]])
+
+
+def test_detectable_effect_generalises_the_binary_mde():
+    assert S.detectable_effect(3, 256, 0.3, 0.03) == pytest.approx(S.minimum_detectable_effect(3, 256, 0.3, 0.03))
+    z = 1.959963984540054 + 0.8416212335729143
+    assert S.detectable_effect(5, 64, 1.5, 0.1) == pytest.approx(z * math.sqrt(0.1**2 / 5 + 1.5 / (5 * 64)))
+    with pytest.raises(ValueError, match="bad design"):
+        S.detectable_effect(5, 64, -1.0, 0.1)

@@ -1,6 +1,7 @@
 """Paired statistics of the studies (pure functions, no I/O): differences paired by seed and problem,
-a hierarchical bootstrap (seeds, then problems), McNemar's exact test, an OLS slope and the smallest
-detectable effect of the design.
+a hierarchical bootstrap (seeds, then problems), McNemar's exact test (per seed, combined over seeds by Fisher's
+method), a sign-flip test over seeds (two- or one-sided), an OLS slope and the smallest detectable effect of the
+design.
 
 Data layout: an outcome matrix `[seed][problem]` per arm (1 = correct, 0 = wrong, or a fraction such as
 pass@1), every arm evaluated on the same problems in the same order; the paired difference of arms A and B
@@ -126,8 +127,19 @@ def minimum_detectable_effect(n_seeds: int, n_problems: int, discordance: float,
     if n_seeds < 1 or n_problems < 1 or not 0 <= discordance <= 1 or seed_sd < 0:
         raise ValueError(f"minimum_detectable_effect: bad design ({n_seeds} seeds, {n_problems} problems, "
                          f"discordance {discordance}, seed_sd {seed_sd})")
+    return detectable_effect(n_seeds, n_problems, discordance, seed_sd, alpha, power)
+
+
+def detectable_effect(n_seeds: int, n_problems: int, problem_variance: float, seed_sd: float, alpha: float = 0.05,
+                      power: float = 0.8) -> float:
+    """`minimum_detectable_effect` for any per-problem measure: (z_{1 - alpha/2} + z_{power}) * SE with
+    SE = sqrt(seed_sd^2 / S + v / (S N)), v = the variance of a per-problem paired difference within a seed (for a
+    count such as distinct answers among k it can exceed 1)."""
+    if n_seeds < 1 or n_problems < 1 or not problem_variance >= 0 or not seed_sd >= 0:
+        raise ValueError(f"detectable_effect: bad design ({n_seeds} seeds, {n_problems} problems, "
+                         f"variance {problem_variance}, seed_sd {seed_sd})")
     z = NormalDist()
-    se = math.sqrt(seed_sd**2 / n_seeds + discordance / (n_seeds * n_problems))
+    se = math.sqrt(seed_sd**2 / n_seeds + problem_variance / (n_seeds * n_problems))
     return (z.inv_cdf(1 - alpha / 2) + z.inv_cdf(power)) * se
 
 
@@ -144,23 +156,63 @@ def seed_means(d: Sequence[Sequence[float]]) -> np.ndarray:
     return d.mean(axis=1)
 
 
-def sign_flip_p(d: Sequence[Sequence[float]], replicates: int = 20000, seed: int = 0) -> float:
-    """Two-sided p-value of "no mean paired difference" that respects the clustering by seed.
+def sign_flip_p(d: Sequence[Sequence[float]], replicates: int = 20000, seed: int = 0, alternative: str = "two-sided") -> float:
+    """p-value of "no mean paired difference" that respects the clustering by seed.
 
     Under H0 (the arms are exchangeable within a seed) each seed's mean difference m_s is as likely to carry
-    either sign; the statistic |mean_s m_s| is compared with its value under every sign pattern (exactly for
-    up to 16 seeds, else `replicates` random patterns). Problems x seeds are never pooled as independent: with
-    S seeds the smallest attainable p is 2 / 2^S (10 seeds: 0.002).
+    either sign; the statistic is compared with its value under every sign pattern (exactly for up to 16 seeds,
+    else `replicates` random patterns). `alternative`: "two-sided" (statistic |mean_s m_s|), "greater" (mean_s m_s,
+    large values count against H0: "A - B > 0") or "less" (-mean_s m_s). Problems x seeds are never pooled as
+    independent: with S seeds the smallest attainable p is 2 / 2^S two-sided (10 seeds: 0.002) and 1 / 2^S
+    one-sided (5 seeds: 1/32 = 0.031, reached when every seed's mean has the claimed sign).
     """
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"sign_flip_p: alternative must be 'two-sided', 'greater' or 'less', found {alternative!r}")
     m = seed_means(d)
-    observed = abs(m.mean())
     s = len(m)
     if s <= 16:
         signs = ((np.arange(2**s)[:, None] >> np.arange(s)) & 1) * 2 - 1
     else:
         signs = np.random.default_rng(seed).choice([-1, 1], size=(replicates, s))
-    flipped = np.abs((signs * m).mean(axis=1))
+    flipped = (signs * m).mean(axis=1)
+    if alternative == "two-sided":
+        flipped, observed = np.abs(flipped), abs(m.mean())
+    elif alternative == "greater":
+        observed = m.mean()
+    else:
+        flipped, observed = -flipped, -m.mean()
     return float(np.mean(flipped >= observed - 1e-12))
+
+
+def fisher_combined(p_values: Sequence[float]) -> float:
+    """Fisher's method: X = -2 sum_s ln p_s follows chi^2 with 2S degrees of freedom when every p_s is uniform
+    under H0; the combined p = P(chi^2_2S >= X) = exp(-X/2) sum_{i<S} (X/2)^i / i! (closed form for even degrees of
+    freedom). One p-value combines to itself. Exact tests' discrete p-values make it conservative."""
+    ps = [float(p) for p in p_values]
+    if not ps or any(not 0 <= p <= 1 for p in ps):
+        raise ValueError(f"fisher_combined: expected one or more p-values in [0, 1], found {ps}")
+    if min(ps) == 0:
+        return 0.0
+    half = -sum(math.log(p) for p in ps)  # X / 2
+    term, total = 1.0, 1.0
+    for i in range(1, len(ps)):
+        term *= half / i
+        total += term
+    return min(1.0, math.exp(-half) * total)
+
+
+def fisher_combined_mcnemar(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> dict:
+    """Per-seed exact McNemar tests of two arms' 0/1 outcomes (seeds x problems, paired by problem within a seed),
+    combined over seeds by Fisher's method: `{"p", "per_seed": [{"n10", "n01", "p"}, ...]}` (n10: only `a` right).
+    Problems are paired within a seed only; seeds are the independent replicates."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"fisher_combined_mcnemar: expected two seeds x problems matrices of one shape, found {a.shape} and {b.shape}")
+    per_seed = []
+    for row_a, row_b in zip(a.tolist(), b.tolist()):
+        n10, n01 = discordant_pairs(row_a, row_b)
+        per_seed.append({"n10": n10, "n01": n01, "p": mcnemar_exact(n10, n01)})
+    return {"p": fisher_combined([x["p"] for x in per_seed]), "per_seed": per_seed}
 
 
 def seed_sd(d: Sequence[Sequence[float]]) -> float:

@@ -1,0 +1,252 @@
+"""The real study's stages, each run through the toolkit itself (SFTModule, GRPOModule, the data modules, Lightning).
+
+- `write_data`: the word-problem splits (data seed 0) as JSONL under the work folder;
+- `base_test`: the base model on the test problems, greedy;
+- `run_sft`: one cold-start SFT run evaluated on the validation grid (greedy + k samples), a Hugging Face snapshot
+  at each grid point of which only those the rules can pick are kept (best accuracy, the paper's peak, the end);
+- `run_screen`: k samples per RL prompt from a snapshot, the pool of prompts solved 1..k-1 times;
+- `run_grpo`: GRPO over the pool in a fixed order, each prompt's rewards recorded at every step, test before / after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from real import rules
+from real.evaluate import evaluate
+
+
+def quiet(threads: int | None = None) -> None:
+    """Fewer library messages in the logs; `threads` torch threads if given."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def model_source(cfg: dict, work: Path) -> str:
+    """The base model: a built-in name, a folder or a hub id; `tiny` (smoke runs) is a tiny Llama with the character
+    tokenizer (`aesl_lightning.tiny`) written once under the work folder."""
+    if cfg["model"] != "tiny":
+        return cfg["model"]
+    path = work / "tiny-base"
+    if not (path / "config.json").is_file():
+        from aesl_lightning.tiny import char_tokenizer, tiny_model
+
+        tokenizer = char_tokenizer()
+        tiny_model("llama", seed=0, vocab_size=len(tokenizer)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_data(cfg: dict, work: Path) -> dict[str, Path]:
+    """`<work>/data/<split>.jsonl` for coldstart, val, rl and test (rewritten only when the sizes change)."""
+    from aesl_lightning.data.word_problems import EASY, make_splits, write_splits
+
+    d = cfg["data"]
+    sizes = {name: d[name] for name in ("coldstart", "val", "rl", "test")}
+    folder = work / "data"
+    stamp = folder / "sizes.json"
+    paths = {name: folder / f"{name}.jsonl" for name in sizes}
+    wanted = {"sizes": sizes, "seed": d["seed"], "instruction": d["instruction"]}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted and all(p.is_file() for p in paths.values())):
+        easy = EASY.__class__(**{**vars(EASY), "instruction": d["instruction"]})
+        write_splits(make_splits(sizes, seed=d["seed"], easy=easy), folder)
+        stamp.write_text(json.dumps(wanted))
+    return paths
+
+
+def _trainer(cfg: dict, run_dir: Path, **kwargs):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    m = cfg["machine"]
+    return L.Trainer(accelerator=m["accelerator"], devices=1, precision=m["precision"],
+                     logger=TensorBoardLogger(save_dir=str(run_dir), name="logs", version=""), enable_progress_bar=False,
+                     enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0, enable_checkpointing=False, **kwargs)
+
+
+def _eval_device(cfg: dict):
+    import torch
+
+    return torch.device("cuda") if cfg["machine"]["accelerator"] != "cpu" and torch.cuda.is_available() else torch.device("cpu")
+
+
+def test_eval(cfg: dict, work: Path, model, tokenizer) -> dict:
+    """Greedy decoding on the first `eval.test_problems` test problems (the primary endpoint)."""
+    e = cfg["eval"]
+    model.to(_eval_device(cfg)).eval()
+    return evaluate(model, tokenizer, write_data(cfg, work)["test"], samples=0, max_new_tokens=e["max_new_tokens"], seed=0,
+                    batch_size=e["batch_size"], limit=e["test_problems"])
+
+
+def _load(path: str):
+    from aesl_lightning.models import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(path), load_tokenizer(path)
+
+
+def base_test(cfg: dict, work: Path) -> dict:
+    model, tokenizer = _load(model_source(cfg, work))
+    return {"test": test_eval(cfg, work, model, tokenizer)}
+
+
+def snapshot_dir(work: Path, unit_id: str, step: int) -> Path:
+    return work / "runs" / unit_id / "snapshots" / f"step{step:05d}"
+
+
+def _grid_callback(cfg: dict, work: Path, unit_id: str, seed: int, grid: list[int], prune: bool):
+    from lightning.pytorch.callbacks import Callback
+
+    e = cfg["eval"]
+    val = write_data(cfg, work)["val"]
+
+    class GridEvaluation(Callback):
+        """Evaluate on the validation problems at step 0 (before any update) and at every grid step, export a snapshot
+        there, and delete the snapshots no rule can pick any more."""
+
+        def __init__(self) -> None:
+            self.rows: list[dict] = []
+
+        def evaluate_now(self, trainer, module) -> None:
+            step = trainer.global_step
+            device = _eval_device(cfg)
+            module.model.to(device)
+            out = evaluate(module.model, module.tokenizer, val, samples=e["samples"], max_new_tokens=e["max_new_tokens"],
+                           seed=seed * 1000 + step, batch_size=e["batch_size"], limit=e["val_problems"])
+            loss = trainer.callback_metrics.get("train/loss")
+            self.rows.append({"step": step, "columns": out["columns"], "summary": out["summary"], "seconds": out["seconds"],
+                              "train_loss": float(loss) if loss is not None and step > 0 else None, "examples": out["examples"][:1]})
+            module.export_hf(snapshot_dir(work, unit_id, step), overwrite=True)
+            if prune:
+                keep = set(rules.chosen_steps(self.rows, cfg["c1"]["format_level"], final=False).values())
+                for row in self.rows[:-1]:
+                    if row["step"] not in keep:
+                        shutil.rmtree(snapshot_dir(work, unit_id, row["step"]), ignore_errors=True)
+
+        def on_train_start(self, trainer, module) -> None:
+            if trainer.global_step == 0 and 0 in grid:
+                self.evaluate_now(trainer, module)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step in grid and (not self.rows or self.rows[-1]["step"] != trainer.global_step):
+                self.evaluate_now(trainer, module)
+
+    return GridEvaluation()
+
+
+def run_sft(cfg: dict, work: Path, unit_id: str, loss: dict, seed: int, grid: list[int]) -> dict:
+    """Cold-start SFT of the base with `loss` (LossConfig fields) for `sft.max_steps`, evaluated at every step of `grid`
+    (a snapshot each; with a grid of more than one point only the snapshots the rules pick are kept)."""
+    import lightning as L
+
+    from aesl_lightning import LossConfig, SFTDataModule, SFTModule
+    from aesl_lightning.evaluation import ValidationGeneration
+
+    s = cfg["sft"]
+    run_dir = work / "runs" / unit_id
+    shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted attempt of this unit left
+    paths = write_data(cfg, work)
+    L.seed_everything(seed, workers=True, verbose=False)
+    module = SFTModule(name_or_path=model_source(cfg, work), loss=LossConfig(**loss), lr=s["lr"], warmup_steps=s["warmup_steps"],
+                       scheduler=s["scheduler"], histogram_every_n_steps=0,
+                       val_generation=ValidationGeneration(num_prompts=0, num_samples=0, kl_to_base=False))
+    data = SFTDataModule(train=str(paths["coldstart"]), val_size=0, batch_size=s["batch_size"], max_length=512, seed=seed)
+    callback = _grid_callback(cfg, work, unit_id, seed, grid, prune=len(grid) > 1)
+    trainer = _trainer(cfg, run_dir, max_steps=s["max_steps"], max_epochs=-1, gradient_clip_val=1.0, limit_val_batches=0, callbacks=[callback])
+    began = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - began
+    keep = rules.chosen_steps(callback.rows, cfg["c1"]["format_level"], final=True) if len(grid) > 1 else {"end": grid[-1]}
+    kept = sorted({v for v in keep.values() if v is not None})
+    for row in callback.rows:
+        if row["step"] not in kept:
+            shutil.rmtree(snapshot_dir(work, unit_id, row["step"]), ignore_errors=True)
+    return {"loss": loss, "seed": seed, "steps": trainer.global_step, "seconds": seconds, "eval_seconds": sum(r["seconds"] for r in callback.rows),
+            "grid": callback.rows, "snapshots": {k: v for k, v in keep.items() if v is not None}}
+
+
+def run_screen(cfg: dict, work: Path, start: Path) -> dict:
+    """`screen.samples` completions for each of the first `screen.prompts` RL prompts; the pool is the first
+    `screen.pool` prompts solved `screen.min_solved`..`screen.max_solved` times (fewer if fewer qualify)."""
+    c, e = cfg["screen"], cfg["eval"]
+    model, tokenizer = _load(str(start))
+    model.to(_eval_device(cfg)).eval()
+    out = evaluate(model, tokenizer, write_data(cfg, work)["rl"], samples=c["samples"], max_new_tokens=e["max_new_tokens"], seed=0,
+                   batch_size=e["batch_size"], limit=c["prompts"], greedy=False)
+    cols = out["columns"]
+    qualifying = [i for i, n in zip(cols["id"], cols["correct"]) if c["min_solved"] <= n <= c["max_solved"]]
+    return {"columns": {k: cols[k] for k in ("id", "correct", "boxed")}, "summary": out["summary"], "seconds": out["seconds"],
+            "qualifying": len(qualifying), "pool": qualifying[: c["pool"]]}
+
+
+def _recording_grpo():
+    """GRPOModule that keeps, at every step, each prompt's rewards and its completions' entropy and length."""
+    from aesl_lightning.grpo import GRPOModule
+
+    class RecordingGRPO(GRPOModule):
+        def make_rollout(self, batch, timer=None):
+            rollout = super().make_rollout(batch, timer)
+            self._last = (list(batch["key"]), rollout)
+            return rollout
+
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+            super().on_train_batch_end(outputs, batch, batch_idx)
+            keys, rollout = self._last
+            g, gen = self.grpo.num_generations, rollout.generation
+            rewards = rollout.rewards.nan_to_num(0.0).cpu()
+            mask = gen.completion_mask.float().cpu()
+            entropy = gen.entropy.float().cpu() * mask if gen.entropy is not None else mask * math.nan
+            self.records.append([{"id": key, "correct": [int(x) for x in rewards[i * g:(i + 1) * g, 0].tolist()],
+                                  "boxed": [int(x) for x in rewards[i * g:(i + 1) * g, 1].tolist()],
+                                  "entropy_sum": round(float(entropy[i * g:(i + 1) * g].sum()), 4),
+                                  "tokens": int(mask[i * g:(i + 1) * g].sum())} for i, key in enumerate(keys)])
+
+    return RecordingGRPO
+
+
+def run_grpo(cfg: dict, work: Path, unit_id: str, start: str, seed: int, settings: dict, pool: list[str], start_test: dict | None) -> dict:
+    """GRPO from `start` over the pool (`pool`: prompt keys, in this order every pass) for `passes` passes, with the
+    `rl` settings overridden by `settings`; the test evaluation before (`start_test` if already measured) and after."""
+    import lightning as L
+
+    from aesl_lightning import PromptDataModule
+    from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation
+
+    r = {**cfg["rl"], **settings}
+    run_dir = work / "runs" / unit_id
+    shutil.rmtree(run_dir, ignore_errors=True)
+    records = {json.loads(line)["key"]: line for line in write_data(cfg, work)["rl"].read_text().splitlines() if line.strip()}
+    run_dir.mkdir(parents=True)
+    pool_file = run_dir / "pool.jsonl"
+    pool_file.write_text("".join(records[k] + "\n" for k in pool))
+    L.seed_everything(seed, workers=True, verbose=False)
+    grpo = GRPOConfig(num_generations=r["num_generations"], temperature=1.0, max_new_tokens=r["max_new_tokens"], beta=r["beta"], epsilon=0.2,
+                      epsilon_high=0.28, loss_type=r["loss_type"], scale_rewards="group", log_completions_every_n_steps=0,
+                      reward_funcs=["aesl_lightning.rewards.math_accuracy", "aesl_lightning.rewards.boxed_format"],
+                      reward_weights=list(r["reward_weights"]))
+    module = _recording_grpo()(name_or_path=start, grpo=grpo, evaluation=GRPOEvaluation(num_samples=0, greedy=False), lr=r["lr"],
+                               scheduler="constant", warmup_steps=0)
+    module.records = []
+    before = start_test or test_eval(cfg, work, module.model, module.tokenizer)
+    data = PromptDataModule(train=str(pool_file), val_size=0, test_size=0, batch_size=r["prompts_per_step"], max_prompt_length=512,
+                            shuffle=False, seed=seed)
+    steps = r["passes"] * math.ceil(len(pool) / r["prompts_per_step"])
+    trainer = _trainer(cfg, run_dir, max_steps=steps, max_epochs=-1, limit_val_batches=0)
+    began = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    train_seconds = time.perf_counter() - began
+    after = test_eval(cfg, work, module.model, module.tokenizer)
+    return {"start": start, "seed": seed, "settings": r, "steps": trainer.global_step, "train_seconds": train_seconds, "pool": len(pool),
+            "per_step": module.records, "start_test": before, "test": after}

@@ -1,0 +1,186 @@
+"""The real study as units (aesl_lightning.study.units): which units exist given the records so far, how each runs.
+
+Units, in the order they run (plan amendment 1: C1 seeds first, then the pilot, then the RL arms seed by seed):
+`base-test`; `sft-ce-s<seed>` (C1); `screen`; `pilot-rl`, then its remedies only when the recorded pilots fail; if
+no pilot passes, the extra C1 seeds; if one passes, per seed `sft-aesl-s<seed>` and `rl-<arm>-s<seed>` for the
+verdict arms, then `rl-rl_only-s0` (sanity arm) and, with `arms.dft`, `sft-dft-s<seed>` + `rl-dft_end-s<seed>`.
+An RL unit is listed once its starting snapshot is decided by records (`start_of`); one that would repeat a
+recorded run (same start, seed and RL settings, e.g. the passing pilot) reuses it (kind `reuse`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from aesl_lightning.study.units import Unit, UnitStore, run_units
+from real import analysis, rules, stages
+
+# arm -> (SFT unit prefix, which snapshot); `rl_only` starts from the base
+ARMS = {"rl_only": (None, "base"), "ce_best_acc": ("sft-ce", "best_accuracy"), "ce_turning": ("sft-ce", "turning_point"),
+        "aesl_end": ("sft-aesl", "end"), "dft_end": ("sft-dft", "end")}
+# what each kind of unit depends on: config sections, and the C1 rule's fields that choose snapshots
+SECTIONS = {"base-test": ("model", "data", "eval"), "sft-grid": ("model", "data", "sft", "eval"), "sft-end": ("model", "data", "sft", "eval"),
+            "screen": ("model", "data", "sft", "eval", "screen"), "rl": ("model", "data", "sft", "eval", "screen", "rl")}
+RULE_FIELDS = {"base-test": (), "sft-grid": ("format_level",), "sft-end": (), "screen": ("format_level",),
+               "rl": ("format_level", "noise_k", "se_replicates")}
+
+
+def config_digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def rl_kind(settings: dict, cfg: dict, base: bool) -> str:
+    passes = settings.get("passes", cfg["rl"]["passes"])
+    return "rl" + ("-base" if base else "") + (f"-{passes}pass" if passes != cfg["rl"]["passes"] else "")
+
+
+def start_of(cfg: dict, records: dict, arm: str, seed: int) -> dict | None:
+    """Where an arm's RL starts, decided from the SFT unit's record: `{"label", "sft", "step", "rule"}`; None while that
+    record is missing."""
+    prefix, which = ARMS[arm]
+    if prefix is None:
+        return {"label": "base", "sft": None, "step": None, "rule": "base"}
+    sft_id = f"{prefix}-s{seed}"
+    if sft_id not in records:
+        return None
+    grid = records[sft_id]["result"]["grid"]
+    if which == "end":
+        step, why = grid[-1]["step"], {}
+    elif which == "best_accuracy":
+        row = rules.best_accuracy(grid)
+        step, why = row["step"], {"greedy_accuracy": row["summary"]["greedy_accuracy"]}
+    else:
+        c = cfg["c1"]
+        tp = rules.turning_point(grid, c["format_level"], c["noise_k"], c["se_replicates"])
+        step = tp["peak_step"] if tp["peak_step"] is not None else grid[-1]["step"]
+        why = {k: tp[k] for k in ("peak_step", "detected", "format_step", "reason")}
+    return {"label": f"{sft_id}@step{step:05d}", "sft": sft_id, "step": step, "rule": which, **why}
+
+
+def _rl_unit(cfg: dict, records: dict, unit_id: str, arm: str, seed: int, settings: dict) -> Unit | None:
+    start = start_of(cfg, records, arm, seed)
+    if start is None:
+        return None
+    deps = tuple(d for d in (start["sft"], "screen") if d) + (("base-test",) if arm == "rl_only" else ())
+    effective = {**cfg["rl"], **settings}
+    kind = rl_kind(settings, cfg, arm == "rl_only")
+    for other_id, other in records.items():  # the same start, seed and settings already ran: the same run
+        r = other["result"]
+        if other_id != unit_id and other["kind"].startswith("rl") and r.get("start") == start["label"] and r.get("seed") == seed \
+                and r.get("settings") == effective and "same_as" not in r:
+            kind = "reuse"
+    return Unit(unit_id, kind, deps, {"arm": arm, "seed": seed, "settings": settings, "start": start})
+
+
+def study_units(cfg: dict, records: dict, preflight: bool = False) -> list[Unit]:
+    """Every unit the records so far call for (module docstring); `preflight`: only those that decide the scope."""
+    c1 = cfg["c1"]
+    ce = lambda s: Unit(f"sft-ce-s{s}", "sft-grid", (), {"loss": cfg["sft"]["losses"]["ce"], "seed": s})  # noqa: E731
+    units = [] if preflight else [Unit("base-test", "base-test")] + [ce(s) for s in c1["seeds"]]
+    units += [ce(c1["seeds"][0])] if preflight else []
+    units.append(Unit("screen", "screen", (f"sft-ce-s{c1['seeds'][0]}",)))
+    decision = analysis.pilot_decision(records, cfg)
+    for unit_id, settings in decision["units"].items():
+        unit = _rl_unit(cfg, records, unit_id, "ce_best_acc", c1["seeds"][0], settings)
+        if unit is not None:
+            units.append(unit)
+    if preflight:
+        return units
+    if decision["status"] == "failed":
+        units += [ce(s) for s in c1["extra_seeds"]]
+    if decision["status"] != "passed":
+        return units
+    a = cfg["arms"]
+    later = []
+    for seed in a["seeds"]:
+        units.append(Unit(f"sft-aesl-s{seed}", "sft-end", (), {"loss": cfg["sft"]["losses"]["aesl"], "seed": seed}))
+        units += [u for arm in a["verdict_arms"] if (u := _rl_unit(cfg, records, f"rl-{arm}-s{seed}", arm, seed, decision["settings"]))]
+        if a["dft"]:
+            later.append(Unit(f"sft-dft-s{seed}", "sft-end", (), {"loss": cfg["sft"]["losses"]["dft"], "seed": seed}))
+            later += [u for u in [_rl_unit(cfg, records, f"rl-dft_end-s{seed}", "dft_end", seed, decision["settings"])] if u]
+    units += [u for s in a["sanity_seeds"] if (u := _rl_unit(cfg, records, f"rl-rl_only-s{s}", "rl_only", s, decision["settings"]))]
+    return units + later
+
+
+def stamp(cfg: dict, units: list[Unit]) -> list[Unit]:
+    """Each unit's params carry the digest of the config sections it depends on and of its own params, so a record made
+    under other settings is never taken for this one (`check_records`)."""
+    out = []
+    for u in units:
+        section = "rl" if u.kind.startswith("rl") or u.kind == "reuse" else u.kind
+        inputs = {"config": {k: cfg[k] for k in SECTIONS[section]}, "c1": {k: cfg["c1"][k] for k in RULE_FIELDS[section]}, "unit": dict(u.params)}
+        digest = config_digest(inputs)
+        out.append(Unit(u.id, u.kind, u.deps, {**u.params, "config": digest}))
+    return out
+
+
+def check_records(units: list[Unit], store: UnitStore) -> None:
+    for u in units:
+        if store.done(u.id):
+            recorded = store.load(u.id)["params"].get("config")
+            if recorded != u.params["config"]:
+                raise SystemExit(f"{store.path(u.id)}: recorded under other settings (config {recorded}, now {u.params['config']}); "
+                                 "the study's settings changed after this unit ran: restore them, or move the record aside and say so in the plan")
+
+
+def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
+    p = unit.params
+    if unit.kind == "base-test":
+        return stages.base_test(cfg, work)
+    if unit.kind == "sft-grid":
+        return stages.run_sft(cfg, work, unit.id, p["loss"], p["seed"], cfg["sft"]["grid"])
+    if unit.kind == "sft-end":
+        return stages.run_sft(cfg, work, unit.id, p["loss"], p["seed"], [cfg["sft"]["max_steps"]])
+    records = store.records()
+    if unit.kind == "screen":
+        step = rules.best_accuracy(records[unit.deps[0]]["result"]["grid"])["step"]
+        return {"start": f"{unit.deps[0]}@step{step:05d}", **stages.run_screen(cfg, work, stages.snapshot_dir(work, unit.deps[0], step))}
+    start = p["start"]
+    if unit.kind == "reuse":
+        effective = {**cfg["rl"], **p["settings"]}
+        other_id, other = next((i, r) for i, r in records.items() if r["kind"].startswith("rl") and r["result"].get("start") == start["label"]
+                               and r["result"].get("seed") == p["seed"] and r["result"].get("settings") == effective and "same_as" not in r["result"])
+        return {**other["result"], "same_as": other_id, "start_rule": start}
+    path = stages.model_source(cfg, work) if start["sft"] is None else stages.snapshot_dir(work, start["sft"], start["step"])
+    if start["sft"] is not None and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: the snapshot of {start['sft']} at step {start['step']} is missing from the work folder; "
+                                f"move {store.path(start['sft'])} aside to rerun that SFT unit")
+    start_test = records["base-test"]["result"]["test"] if start["sft"] is None and "base-test" in records else None
+    result = stages.run_grpo(cfg, work, unit.id, str(path), p["seed"], p["settings"], records["screen"]["result"]["pool"], start_test)
+    return {**result, "start": start["label"], "start_rule": start}
+
+
+def run(cfg: dict, work: Path, out: Path, deadline: float | None, only: str | None = None, preflight: bool = False,
+        log=print) -> list[str]:
+    """Run the units the records call for, one at a time, listing them again after each (a finished pilot schedules
+    what follows; a unit that would repeat a recorded run becomes a reuse), until nothing more can start. Returns the
+    ids run."""
+    store = UnitStore(out)
+    work.mkdir(parents=True, exist_ok=True)
+    ran: list[str] = []
+    while True:
+        units = stamp(cfg, study_units(cfg, store.records(), preflight))
+        check_records(units, store)
+        waiting = []
+        for u in units:
+            if store.done(u.id) or (only and not u.id.startswith(only)):
+                continue
+            if not all(store.done(d) for d in u.deps):
+                waiting.append(f"[skip] {u.id}: waits for {', '.join(d for d in u.deps if not store.done(d))}")
+                continue
+            if run_units([u], store, lambda x: execute(cfg, work, store, x), cfg["estimates"], deadline=deadline, log=log,
+                         repo=Path(__file__).resolve().parents[2]):
+                ran.append(u.id)
+                break
+        else:
+            for line in waiting:
+                log(line)
+            return ran
+
+
+def report(cfg: dict, out: Path) -> Path:
+    from real import report as rep
+
+    return rep.write(cfg, UnitStore(out), out)
