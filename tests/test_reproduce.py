@@ -144,7 +144,7 @@ def test_committed_reports_are_rebuilt_from_the_committed_units(name, track_name
     if ablation_report:
         meta = read_json(out / "ablation_meta.json")
         summary = analysis.ablation_summary(track, ablation.plan(track), results)
-        assert summary["table"] == json.loads(json.dumps(read_json(out / "ablation.json")["table"]))
+        assert json.loads(json.dumps(summary["table"])) == read_json(out / "ablation.json")["table"]
     else:
         meta = read_json(out / "meta.json")
         summary = json.loads(json.dumps(analysis.summarise(track, results)))
