@@ -7,17 +7,17 @@ import sys
 import tempfile
 from pathlib import Path
 sys.path[:0] = ["experiments", "."]
-import reproduce as R
+from reproduction import config, stages
 from aesl_lightning import SFTModule, SFTDataModule
 from aesl_lightning.calibration import measure
 from aesl_lightning.losses import LossConfig, learned_share
 from aesl_lightning.sft import ValidationGeneration
-track = R.TRACKS["cpu"]
+track = config.load_tracks()[0]["cpu"]
 work = Path(tempfile.mkdtemp())
-paths = R.Paths(Path("experiments/results/cpu"), work)
+paths = config.Paths(Path("experiments/results/cpu"), work)
 (paths.data).mkdir(parents=True)
-info = R.make_data(track, paths)
-rec = json.load(open(paths.result("data")))
+info = stages.make_data(track, paths)
+rec = paths.store.load("data")["result"]
 print("digest match:", info["sha256"]["coldstart"] == rec["sha256"]["coldstart"])
 module = SFTModule(name_or_path="experiments/results/cpu/base_model", loss=LossConfig(name="ce"), val_generation=ValidationGeneration(num_prompts=0))
 data = SFTDataModule(train=str(paths.data / "coldstart.jsonl"), batch_size=8, max_length=512, val_size=0)
