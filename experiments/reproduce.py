@@ -48,12 +48,6 @@ from aesl_lightning.study.schedule import parse_until  # noqa: E402
 from reproduction import ablation, analysis, config, figures, report, study  # noqa: E402
 from reproduction.stages import restore_shared_inputs  # noqa: E402
 
-# experiments/track_real.py imports these from here: its records are still `<out>/runs/<id>.json` (reproduction.legacy)
-from aesl_lightning.study.report import machine_summary as machine  # noqa: E402, F401
-from aesl_lightning.study.stats import spearman  # noqa: E402, F401
-from reproduction.legacy import Paths, Run, atomic_write_json, commit, read_json  # noqa: E402, F401
-from reproduction.stages import History, TrainLog  # noqa: E402, F401
-from reproduction.stages import trainer as _trainer  # noqa: E402, F401
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
