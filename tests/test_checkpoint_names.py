@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from aesl_lightning.cli import main
-from aesl_lightning.grpo import BUILTIN_REWARDS, GRPOConfig, GRPOModule
-from aesl_lightning.lm import UnsafeCheckpointError
+from aesl_lightning.modules.grpo import BUILTIN_REWARDS, GRPOConfig, GRPOModule
+from aesl_lightning.modules.lm import UnsafeCheckpointError
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml")
 
@@ -26,7 +26,7 @@ def evil(tmp_path, monkeypatch):
     (tmp_path / "evil_reward.py").write_text(
         f"open({str(marker)!r}, 'w').close()\n"
         "def f(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
-        "from aesl_lightning.sft import SFTModule as Module\n"
+        "from aesl_lightning.modules.sft import SFTModule as Module\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -39,7 +39,7 @@ def grpo_checkpoint(path, reward_funcs, **hparams):
     grpo = GRPOConfig(num_generations=2, max_new_tokens=4, beta=0.0)
     module = GRPOModule("tiny-llama", grpo=grpo)
     torch.save({
-        "aesl_lightning": {"module_class": "aesl_lightning.grpo.GRPOModule"},
+        "aesl_lightning": {"module_class": "aesl_lightning.modules.grpo.GRPOModule"},
         "pytorch-lightning_version": lightning.__version__,
         "state_dict": module.state_dict(),
         "hyper_parameters": {**module.hparams, "grpo": replace(grpo, reward_funcs=reward_funcs), **hparams},
@@ -80,7 +80,7 @@ def _cli(capsys, subcommand, ckpt, *extra):
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
 def test_cli_refuses_a_checkpoints_reward_function_and_model_class(tmp_path, evil, capsys, subcommand):
     ckpt = grpo_checkpoint(tmp_path / "model.ckpt", [*BUILTIN_REWARDS, "evil_reward.f"],
-                           _class_path="aesl_lightning.grpo.GRPOModule")
+                           _class_path="aesl_lightning.modules.grpo.GRPOModule")
     err = _cli(capsys, subcommand, ckpt)
     assert "model.ckpt: hyper_parameters.grpo.reward_funcs names 'evil_reward.f'" in err
     assert not evil.exists()
@@ -105,7 +105,7 @@ def test_names_in_the_users_config_are_honoured(tmp_path, evil):
     with pytest.raises(UnsafeCheckpointError, match="trust_remote_code is true"):
         checked_checkpoint_hparams(ckpt, {**user, "init_args": {"grpo": {"reward_funcs": ["evil_reward.f"]}}})
     # the toolkit's own classes are always allowed
-    torch.save({"hyper_parameters": {"_class_path": "aesl_lightning.grpo.GRPOModule"}}, tmp_path / "own.ckpt")
+    torch.save({"hyper_parameters": {"_class_path": "aesl_lightning.modules.grpo.GRPOModule"}}, tmp_path / "own.ckpt")
     assert checked_checkpoint_hparams(tmp_path / "own.ckpt", {"class_path": "aesl_lightning.SFTModule"})
 
 

@@ -164,8 +164,8 @@ def test_rl_moved():
 
 def test_evaluate_problems_rows_with_a_tiny_model(tmp_path):
     from aesl_lightning.data.synthetic import write_jsonl
-    from aesl_lightning.models import load_causal_lm, load_tokenizer
-    from aesl_lightning.rewards import math_accuracy
+    from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
+    from aesl_lightning.scoring.rewards import math_accuracy
 
     path = tmp_path / "test.jsonl"
     write_jsonl([{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+3?", "answer": "5"}, {"prompt": "3*3?", "answer": "9"}], path)
@@ -184,7 +184,7 @@ def test_evaluate_problems_rows_with_a_tiny_model(tmp_path):
 @pytest.mark.integration
 def test_base_model_evaluation_on_two_word_problems(tmp_path):
     from aesl_lightning.data.word_problems import EASY, generate_split, write_splits
-    from aesl_lightning.models import load_causal_lm, load_tokenizer
+    from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
 
     write_splits({"test": generate_split("test", 2, EASY, seed=0)}, tmp_path)
     tokenizer, model = load_tokenizer("smollm2-135m-instruct"), load_causal_lm("smollm2-135m-instruct")
