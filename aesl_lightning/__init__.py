@@ -26,7 +26,7 @@ _EXPORTS = {
     "RunSummary": "aesl_lightning.training.callbacks",
     "DiversityEarlyStopping": "aesl_lightning.training.early_stopping",
     "LoRAConfig": "aesl_lightning.infra.lora",
-    "LossConfig": "aesl_lightning.maths.losses",
+    "LossConfig": "aesl_lightning.maths.loss_config",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -8,15 +8,12 @@ One registered with anchor="self" (gem) is anchored to the model's own sharpened
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from aesl_lightning.maths.loss_config import LossConfig
 from aesl_lightning.ops.kernels import Anchor
-
-if TYPE_CHECKING:
-    from aesl_lightning.maths.losses import LossConfig
 
 __all__ = ["BaseStates", "loss_anchor"]
 

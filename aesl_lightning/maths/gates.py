@@ -8,13 +8,27 @@ L = sum_t m_t [a_t (-log p_t) + b_t X_t + c_t H_t] / N; `aesl_lightning.maths.lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from aesl_lightning.maths.losses import LossConfig
+
+class LossKnobs(Protocol):
+    """The knobs the loss functions read; `aesl_lightning.maths.loss_config.LossConfig` has them all (and their
+    meaning). A protocol, so that the gates sit below the config, whose name check reads the registry of gates."""
+
+    tau_tok: float
+    tau_seq: float
+    rho: float
+    gate: str
+    softness: float
+    window: int
+    protect_below: float
+    anchor_weight: float
+    entropy_margin: float
+    drift_margin: float
+    gem_beta: float
 
 
 @dataclass
@@ -47,7 +61,7 @@ class LossTerms:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def smooth_gate(value: Tensor, tau: float, config: LossConfig) -> Tensor:
+def smooth_gate(value: Tensor, tau: float, config: LossKnobs) -> Tensor:
     """1 below the threshold, 0 at or above it: hard 1[value < tau] (off when tau >= 1), or soft sigmoid((tau - value) / s)."""
     if config.gate == "soft":
         return torch.sigmoid((tau - value) / config.softness)
@@ -90,12 +104,12 @@ def prefix_confidence(logprob: Tensor, mask: Tensor, window: int = 0) -> Tensor:
     return torch.where(count > 0, mean.exp(), 0.0)
 
 
-def _protected(weight: Tensor, view: TokenView, config: LossConfig) -> Tensor:
+def _protected(weight: Tensor, view: TokenView, config: LossKnobs) -> Tensor:
     """Full weight for tokens the model has not learned: w_t = 1 where p_t < protect_below (>= 0.5, `LossConfig`)."""
     return torch.where(view.prob < config.protect_below, torch.ones_like(weight), weight) * view.mask
 
 
-def _relax(gate: Tensor, config: LossConfig) -> Tensor:
+def _relax(gate: Tensor, config: LossKnobs) -> Tensor:
     """Gate in [0, 1] -> weight in [rho, 1]."""
     return config.rho + (1.0 - config.rho) * gate
 
@@ -105,24 +119,24 @@ def _relax(gate: Tensor, config: LossConfig) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def ce_terms(view: TokenView, config: LossConfig) -> LossTerms:
+def ce_terms(view: TokenView, config: LossKnobs) -> LossTerms:
     """Cross-entropy: a_t = 1."""
     return LossTerms(nll=view.mask.to(view.logprob.dtype))
 
 
-def dft_terms(view: TokenView, config: LossConfig) -> LossTerms:
+def dft_terms(view: TokenView, config: LossKnobs) -> LossTerms:
     """Dynamic Fine-Tuning (Wu et al. 2025): a_t = sg(p_t)."""
     return LossTerms(nll=view.prob)
 
 
-def gem_terms(view: TokenView, config: LossConfig) -> LossTerms:
+def gem_terms(view: TokenView, config: LossKnobs) -> LossTerms:
     """GEM (Li et al., ICLR 2025), linear h: per token -log p_y + sum_v q_v log p_v, q = sg(softmax(z / beta)),
     i.e. a_t = 1, b_t = -1 against r = q; its gradient with respect to the logits is q - onehot(y)."""
     m = view.mask.to(view.logprob.dtype)
     return LossTerms(nll=m, soft_ce=-m)
 
 
-def aesl_v1_terms(view: TokenView, config: LossConfig) -> LossTerms:
+def aesl_v1_terms(view: TokenView, config: LossKnobs) -> LossTerms:
     """First reading of AESL: w_t = tokgate(p_t) * [1 if P_t < tau_seq else rho], P_t over the whole prefix.
 
     Kept to reproduce old runs only. It does NOT meet the protection rule (a token with p_t < 0.5 keeps at least
@@ -136,7 +150,7 @@ def aesl_v1_terms(view: TokenView, config: LossConfig) -> LossTerms:
     return LossTerms(nll=token_gate * seq_gate, gates={"token_gate": token_gate, "seq_gate": seq_gate, "prefix_confidence": confidence})
 
 
-def _aesl_gates(view: TokenView, config: LossConfig, token_prob: Tensor, relax_gate: Tensor, extra: dict) -> LossTerms:
+def _aesl_gates(view: TokenView, config: LossKnobs, token_prob: Tensor, relax_gate: Tensor, extra: dict) -> LossTerms:
     m = view.mask.to(view.logprob.dtype)
     token_gate = smooth_gate(token_prob, config.tau_tok, config) * m
     seq_gate = relax_gate * m
@@ -144,7 +158,7 @@ def _aesl_gates(view: TokenView, config: LossConfig, token_prob: Tensor, relax_g
     return LossTerms(nll=weight, gates={"token_gate": token_gate, "seq_gate": seq_gate, **extra})
 
 
-def aesl_terms(view: TokenView, config: LossConfig) -> LossTerms:
+def aesl_terms(view: TokenView, config: LossKnobs) -> LossTerms:
     """AESL: w_t = max(tokgate(p_t) * seqgate(P^W_t), 1[p_t < protect_below]).
 
     tokgate(p) = 1[p < tau_tok]; seqgate = 1 if P^W_t < tau_seq else rho, with P^W_t the geometric-mean p of the
@@ -156,7 +170,7 @@ def aesl_terms(view: TokenView, config: LossConfig) -> LossTerms:
     return _aesl_gates(view, config, view.prob, seq_gate, {"prefix_confidence": confidence})
 
 
-def aesl_anchor_terms(view: TokenView, config: LossConfig) -> LossTerms:
+def aesl_anchor_terms(view: TokenView, config: LossKnobs) -> LossTerms:
     """Gate-to-anchor: AESL's weights w_t, and the tokens it stops learning are pulled back to the base:
     L = sum_t m_t [w_t (-log p_t) + lambda (1 - w_t) KL(p0 || p_theta)_t] / N (b_t = lambda (1 - w_t))."""
     terms = aesl_terms(view, config)
@@ -164,7 +178,7 @@ def aesl_anchor_terms(view: TokenView, config: LossConfig) -> LossTerms:
     return terms
 
 
-def aesl_entropy_floor_terms(view: TokenView, config: LossConfig) -> LossTerms:
+def aesl_entropy_floor_terms(view: TokenView, config: LossKnobs) -> LossTerms:
     """Entropy floor: a position stops being learned (weight rho) once H_t < H0_t - delta; times AESL's token gate,
     with the protection."""
     floor = view.base_entropy - config.entropy_margin
@@ -172,7 +186,7 @@ def aesl_entropy_floor_terms(view: TokenView, config: LossConfig) -> LossTerms:
     return _aesl_gates(view, config, view.prob, _relax(1.0 - below, config), {"entropy_gap": view.entropy - view.base_entropy})
 
 
-def aesl_drift_terms(view: TokenView, config: LossConfig) -> LossTerms:
+def aesl_drift_terms(view: TokenView, config: LossKnobs) -> LossTerms:
     """Drift: relax a token (weight rho) once the preceding window's mean log p_theta - log p0 exceeds epsilon; times
     AESL's token gate, with the protection."""
     m = view.mask.to(view.logprob.dtype)

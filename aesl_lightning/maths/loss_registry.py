@@ -23,15 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from aesl_lightning.maths.gates import (
     LossTerms, TokenView, aesl_anchor_terms, aesl_drift_terms, aesl_entropy_floor_terms, aesl_terms,
-    aesl_v1_terms, ce_terms, dft_terms, gem_terms,
+    LossKnobs, aesl_v1_terms, ce_terms, dft_terms, gem_terms,
 )
-
-if TYPE_CHECKING:
-    from aesl_lightning.maths.losses import LossConfig
 
 __all__ = ["LOSSES", "LossSpec", "register_loss"]
 
@@ -41,7 +38,7 @@ class LossSpec:
     """A registered loss: its coefficient function, its anchor distribution, whether it needs H_t, and whether it
     keeps a token with p_t < `protect_below` at full CE weight (then protect_below < 0.5 is refused)."""
 
-    fn: Callable[[TokenView, LossConfig], LossTerms]
+    fn: Callable[[TokenView, LossKnobs], LossTerms]
     anchor: Literal["base", "self"] | None = None
     needs_entropy: bool = False
     protected: bool = False
@@ -50,7 +47,7 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, fn: Callable[[TokenView, LossConfig], LossTerms], *, anchor: Literal["base", "self"] | None = None,
+def register_loss(name: str, fn: Callable[[TokenView, LossKnobs], LossTerms], *, anchor: Literal["base", "self"] | None = None,
                   needs_entropy: bool = False, protected: bool = False) -> None:
     """Make `LossConfig(name=name)` train with `fn(view, config) -> LossTerms`.
 
