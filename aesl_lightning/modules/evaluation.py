@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torchmetrics import MeanMetric
 
+from aesl_lightning.infra.distributed import any_rank
 from aesl_lightning.infra.generation import SamplingConfig, eos_ids, generate
 from aesl_lightning.modules.sample_metrics import SampleMetrics
 
@@ -65,16 +65,6 @@ class ValidationGeneration:
         if self.num_samples < 2:
             return None
         return SamplingConfig(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
-
-
-def any_rank(flag: bool, device: torch.device | None = None) -> bool:
-    """Whether `flag` is true on any rank (every rank must call this: it is a collective when distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    backend_device = device if device is not None and dist.get_backend() == "nccl" else torch.device("cpu")
-    value = torch.tensor([1.0 if flag else 0.0], device=backend_device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import MeanMetric, MetricCollection
 
+from aesl_lightning.infra.distributed import any_rank
 from aesl_lightning.infra.generation import Generation
 from aesl_lightning.metrics import PassAtK, TokenEntropy, distinct_n_batch, pass_at_k, self_bleu_batch
 from aesl_lightning.metrics.spread import MeanSE
@@ -101,8 +102,6 @@ class SampleMetrics(MetricCollection):
                 self["pass_gap"].update(gaps)
 
     def compute(self, prefix: str = "", device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        from aesl_lightning.modules.evaluation import any_rank
-
         values: dict[str, torch.Tensor] = {}
         for name, metric in self.items(keep_base=True, copy_state=False):
             # decided on every rank alike: compute() is a collective, and a rank that saw nothing must enter it
