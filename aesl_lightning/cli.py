@@ -198,7 +198,7 @@ def resolve_last_checkpoint(trainer) -> Path:
     was written by another tool) is skipped with a warning. `FileNotFoundError` naming the places searched when
     there is none (never a silent fresh start), `ValueError` listing the unreadable ones when none is readable."""
     from aesl_lightning.infra.checkpoint_io import newest_readable
-    from aesl_lightning.modules.lm import load_checkpoint
+    from aesl_lightning.modules.checkpoint_load import load_checkpoint
 
     places = last_checkpoint_places(trainer)
     found = [p for place in places if place.is_dir() for p in place.glob("*.ckpt") if p.is_file()]
@@ -262,7 +262,7 @@ def checked_checkpoint_hparams(ckpt_path: str | os.PathLike, model_config) -> di
     from lightning.pytorch import LightningModule
 
     from aesl_lightning.modules.grpo import BUILTIN_REWARDS
-    from aesl_lightning.modules.lm import UnsafeCheckpointError, load_checkpoint
+    from aesl_lightning.modules.checkpoint_load import UnsafeCheckpointError, load_checkpoint
 
     hparams = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
     if not isinstance(hparams, dict):

@@ -433,7 +433,7 @@ def test_a_crafted_resume_checkpoint_is_refused_by_the_safe_loader(tmp_path):
 def test_exporting_a_crafted_peak_checkpoint_refuses_it(tmp_path):
     from types import SimpleNamespace
 
-    from aesl_lightning.modules.lm import UnsafeCheckpointError
+    from aesl_lightning.modules.checkpoint_load import UnsafeCheckpointError
 
     proof = tmp_path / "pwned"
     torch.save({"state_dict": {}, "x": Payload(proof)}, tmp_path / "peak.ckpt")

@@ -9,7 +9,7 @@ import torch
 
 from aesl_lightning.training.callbacks import HFExport
 from aesl_lightning.cli import main
-from aesl_lightning.modules.lm import UnsafeCheckpointError, load_checkpoint
+from aesl_lightning.modules.checkpoint_load import UnsafeCheckpointError, load_checkpoint
 
 
 class Payload:
@@ -60,7 +60,8 @@ def test_export_imports_only_the_toolkits_module_classes(tmp_path, monkeypatch):
     proof = tmp_path / "imported"
     (tmp_path / "evil_module.py").write_text(f"open({str(proof)!r}, 'w').close()\nclass Module: pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("evil_module.Module", "os.system", "aesl_lightning..x", "aesl_lightning.infra.tiny.tiny_model"):
+    for name in ("evil_module.Module", "os.system", "aesl_lightning..x", "aesl_lightning.infra.tiny.tiny_model",
+                 "aesl_lightning.tiny.tiny_model"):  # the last two: a function, under its new and old module names
         torch.save({"aesl_lightning": {"module_class": name}, "state_dict": {}}, tmp_path / "x.ckpt")
         with pytest.raises(UnsafeCheckpointError, match="module class"):
             main(["export", "--ckpt", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "out")])

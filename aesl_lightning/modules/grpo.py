@@ -37,11 +37,6 @@ log = logging.getLogger("aesl_lightning")
 _PROMPT_KEYS = ("input_ids", "attention_mask", "prompt")
 
 
-# checkpoints written before grpo_config.py name the config classes aesl_lightning.grpo.*
-torch.serialization.add_safe_globals([GRPOConfig, GRPOEvaluation, LoRAConfig, SamplingConfig, (GRPOConfig, "aesl_lightning.grpo.GRPOConfig"),
-                                      (GRPOEvaluation, "aesl_lightning.grpo.GRPOEvaluation")])
-
-
 class GRPOModule(ResumableRandomState, CausalLMModule):
     """Group Relative Policy Optimization of a causal LM (typically an SFT export) with verifiable rewards.
 

@@ -2,7 +2,7 @@
 
 Beside `aesl_lightning.modules.grpo` (the LightningModule), as TRL keeps its trainer and its config side by side.
 Checkpoints written before this split name these classes `aesl_lightning.grpo.*`; `aesl_lightning.modules.grpo`
-re-exports them and allows both names under `torch.load(weights_only=True)`.
+re-exports them and `aesl_lightning.modules.checkpoint_load` allows those names under `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 `CausalLMModule` is the base of `SFTModule` (cold-start SFT) and the GRPO module. It loads the model
 and tokenizer once, in `__init__`, so that `load_from_checkpoint` and the CLI rebuild the same system
-from the hyper-parameters alone; everything a stage adds (its loss, its metrics) lives in the subclass.
+from the hyper-parameters alone; everything a stage adds (its loss, its metrics) lives in the subclass. This
+module never imports a subclass: checkpoints are read by `checkpoint_load` (every stage's configs allowed there),
+and `export_checkpoint` imports the class a checkpoint names, if it is a CausalLMModule of the toolkit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch.optim.lr_scheduler import LambdaLR
 
 from aesl_lightning.infra.lora import LoRAConfig, apply_lora
+# load_checkpoint and UnsafeCheckpointError lived here; `aesl_lightning.lm.load_checkpoint` still finds them
+from aesl_lightning.modules.checkpoint_load import UnsafeCheckpointError, load_checkpoint, register_safe_globals  # noqa: F401
 
 Scheduler = Literal["cosine", "linear", "constant"]
 
@@ -305,42 +309,6 @@ def mark_validation_pending(trainer: L.Trainer, checkpoint: dict) -> bool:
     total["completed"] = total["processed"]
     val["current"].update(ready=1, started=1, processed=0, completed=0)
     return True
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that `torch.load(weights_only=True)` refuses (it would run code) or that names code to run."""
-
-
-def register_safe_globals() -> None:
-    """Allow the toolkit's config dataclasses in `torch.load(weights_only=True)`: `sft` and `grpo` register the
-    classes their hyper-parameters hold when imported, so importing them is the registration."""
-    import aesl_lightning.modules.grpo  # noqa: F401
-    import aesl_lightning.modules.sft  # noqa: F401
-
-
-def load_checkpoint(path: str | Path, *, mmap: bool = True) -> dict:
-    """`torch.load(path, weights_only=True)` on CPU: tensors, containers, primitives and the toolkit's config
-    dataclasses only, so a crafted checkpoint cannot run code. Raises `FileNotFoundError` for a missing file and
-    `UnsafeCheckpointError` (naming the file and the refused object) for anything else the safe loader refuses.
-    """
-    import pickle
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    register_safe_globals()
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: torch.load(weights_only=True) rejects it ({reason[:300]}). aesl-lightning "
-            "never unpickles arbitrary objects; a checkpoint it wrote holds only tensors, numbers, strings and its "
-            "config dataclasses"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise UnsafeCheckpointError(f"{path}: expected a Lightning checkpoint (a dict), found {type(checkpoint).__name__}")
-    return checkpoint
 
 
 def _module_class(meta: object, ckpt_path: Path) -> type[CausalLMModule]:

@@ -26,11 +26,6 @@ from aesl_lightning.maths.losses import BaseStates, LossConfig, LossOutput, chun
 log = logging.getLogger("aesl_lightning")
 
 
-# Hyper-parameters hold these config objects; allow them in `torch.load(weights_only=True)` (Lightning's
-# default when resuming) so checkpoints stay loadable without trusting arbitrary pickles.
-torch.serialization.add_safe_globals([LossConfig, LoRAConfig, ValidationGeneration, SamplingConfig])
-
-
 class SFTModule(CausalLMModule):
     """Supervised fine-tuning of a causal LM on completion tokens (the RL cold-start stage).
 

@@ -65,7 +65,7 @@ class HFExport(Callback):
         if self.source == "best":
             best = _best_checkpoint(trainer)
             if best is not None:
-                from aesl_lightning.modules.lm import load_checkpoint
+                from aesl_lightning.modules.checkpoint_load import load_checkpoint
 
                 pl_module.load_state_dict(load_checkpoint(best)["state_dict"])
             else:

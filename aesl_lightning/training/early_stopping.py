@@ -333,7 +333,7 @@ class DiversityEarlyStopping(Callback):
             log.warning("DiversityEarlyStopping: the model is sharded; export %s with aesl_lightning.modules.lm.export_checkpoint",
                         path)
             return None
-        from aesl_lightning.modules.lm import load_checkpoint
+        from aesl_lightning.modules.checkpoint_load import load_checkpoint
 
         peak_state = load_checkpoint(path)["state_dict"]  # weights_only=True: a crafted file cannot run code
         return export_weights(pl_module, peak_state, self.out_dir / HF_MODEL_DIR)

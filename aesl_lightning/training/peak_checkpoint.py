@@ -61,7 +61,7 @@ def holds_step(path: Path, want: int) -> bool:
     """Whether `path` is a checkpoint of global step `want` (False, with a warning, for one the safe loader refuses)."""
     if not path.is_file():
         return False
-    from aesl_lightning.modules.lm import UnsafeCheckpointError, load_checkpoint
+    from aesl_lightning.modules.checkpoint_load import UnsafeCheckpointError, load_checkpoint
 
     try:
         return load_checkpoint(path).get("global_step") == want
