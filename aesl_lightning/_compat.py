@@ -4,7 +4,7 @@
 `_class_path` or `module_class`, a config's `aesl_lightning.rewards.math_accuracy`) gives the module that now
 lives at the new path, the same module object (`aesl_lightning.sft is aesl_lightning.modules.sft`), so classes,
 `isinstance` and pickled names stay one; the first such import warns (`DeprecationWarning`) naming the new path.
-`python -m aesl_lightning.plots` runs the new module.
+`python -m aesl_lightning.plots` and `python -m aesl_lightning.calibration` run the new modules' commands.
 
 This module imports nothing of the package: it is the lowest layer, beside the package's `__init__`.
 """
@@ -37,7 +37,7 @@ MOVED: dict[str, str] = {
 }
 """Old module name -> the module it now is."""
 
-RUN_AS_MAIN: dict[str, str] = {}
+RUN_AS_MAIN = {"aesl_lightning.calibration": "aesl_lightning.calibrate"}
 """Old names whose `python -m` command moved to another module than their functions (the CLI layer)."""
 
 

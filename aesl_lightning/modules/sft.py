@@ -277,7 +277,7 @@ class SFTModule(CausalLMModule):
         if share < MIN_LEARNED_SHARE and cfg.name != "ce":
             log.warning("!!! loss %r keeps only %.1f%% of %d completion tokens at step 0 (weight > 0.5): its gates leave almost "
                         "nothing to learn. Raise tau_tok / tau_seq, use rho > 0, or set thresholds by quantile "
-                        "(model.loss.tau_tok_quantile). See python -m aesl_lightning.modules.calibration.", cfg.name, 100 * share, total)
+                        "(model.loss.tau_tok_quantile). See python -m aesl_lightning.calibrate.", cfg.name, 100 * share, total)
         else:
             log.info("loss %r learns %.1f%% of %d completion tokens at step 0", cfg.name, 100 * share, total)
 

@@ -1,6 +1,6 @@
 """The paper's diversity figure from a run's TensorBoard logs: entropy and self-BLEU fall as SFT over-fits.
 
-    python -m aesl_lightning.plots <run_dir> [--out fig.png]
+    python -m aesl_lightning.training.plots <run_dir> [--out fig.png]
 
 Top panel: entropy (`val/gen_entropy`, else `val/token_entropy`) on the left axis and self-BLEU
 (`val/self_bleu`) on the right, against the optimiser step (symmetric log axis, step 0 shown). Middle panel,
@@ -242,7 +242,7 @@ def draw_at_end_of_fit(run_dir: str | Path, rule=None) -> tuple[Path | None, str
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m aesl_lightning.plots", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m aesl_lightning.training.plots", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run's log folder (e.g. lightning_logs/version_0)")
     parser.add_argument("--out", default=None, help="PNG to write (default: <run_dir>/diversity.png)")
     args = parser.parse_args(argv)
