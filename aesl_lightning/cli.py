@@ -21,6 +21,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from aesl_lightning._compat import canonical_name
 
 
 def make_cli(args: list[str] | None, run: bool = True):
@@ -229,7 +230,7 @@ def _get(node, *keys):
 
 def _reward_names(grpo) -> set[str]:
     names = _get(grpo, "reward_funcs")
-    return {str(n).replace(":", ".") for n in names} if isinstance(names, (list, tuple)) else set()
+    return {canonical_name(str(n).replace(":", ".")) for n in names} if isinstance(names, (list, tuple)) else set()
 
 
 def _nested_class_paths(node, where: str) -> tuple[str, object] | None:
@@ -261,7 +262,7 @@ def checked_checkpoint_hparams(ckpt_path: str | os.PathLike, model_config) -> di
     Lightning's top-level `_instantiator` entry is dropped (Lightning allows only its own)."""
     from lightning.pytorch import LightningModule
 
-    from aesl_lightning.modules.grpo import BUILTIN_REWARDS
+    from aesl_lightning.modules.grpo_config import BUILTIN_REWARDS
     from aesl_lightning.modules.checkpoint_load import UnsafeCheckpointError, load_checkpoint
 
     hparams = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
@@ -291,7 +292,7 @@ def checked_checkpoint_hparams(ckpt_path: str | os.PathLike, model_config) -> di
             f"{ckpt_path}: {nested[0]} names a class to build ({nested[1]!r}); a checkpoint's names are not imported. "
             "Resume with the settings in your config instead"
         )
-    allowed = set(BUILTIN_REWARDS) | _reward_names(_get(init_args, "grpo"))
+    allowed = {canonical_name(name) for name in BUILTIN_REWARDS} | _reward_names(_get(init_args, "grpo"))
     refused = sorted(_reward_names(hparams.get("grpo")) - allowed)
     if refused:
         raise UnsafeCheckpointError(

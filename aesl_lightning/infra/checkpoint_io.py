@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from aesl_lightning._compat import canonical_name
 from aesl_lightning.infra.export_folder import pid_alive
 
 log = logging.getLogger("aesl_lightning")
@@ -170,8 +171,9 @@ _ALLOWED_NAMES: contextvars.ContextVar[tuple[frozenset[str], str] | None] = cont
 @contextmanager
 def checkpoint_names(allowed: Iterable[str], source: str) -> Iterator[None]:
     """Inside this block, names read from a checkpoint (`source`, for messages) are not trusted: only the
-    toolkit's built-in reward functions and `allowed` may be imported (see `untrusted_name`)."""
-    token = _ALLOWED_NAMES.set((frozenset(allowed), source))
+    toolkit's built-in reward functions and `allowed` may be imported (see `untrusted_name`). A name under a module's
+    old flat path (`aesl_lightning.rewards.f`) counts as its new one (`aesl_lightning.scoring.rewards.f`)."""
+    token = _ALLOWED_NAMES.set((frozenset(canonical_name(n) for n in allowed), source))
     try:
         yield
     finally:
@@ -185,4 +187,5 @@ def untrusted_name(name: str, builtins: Iterable[str]) -> str | None:
     if current is None:
         return None
     allowed, source = current
-    return None if name in allowed or name in set(builtins) else source
+    name = canonical_name(name)
+    return None if name in allowed or name in {canonical_name(b) for b in builtins} else source
