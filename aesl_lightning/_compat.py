@@ -59,7 +59,7 @@ def old_names(module: str) -> list[str]:
 
 def _warn(old: str, new: str) -> None:
     # blame the first frame outside the import machinery and this file: the user's import line
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called this function
     while frame is not None and (frame.f_code.co_filename == __file__ or "importlib" in frame.f_code.co_filename):
         level, frame = level + 1, frame.f_back
     warnings.warn(f"{old} moved to {new}; import it from there (the old name is an alias)", DeprecationWarning,
@@ -93,7 +93,10 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in MOVED:
             return None
-        return importlib.util.spec_from_loader(fullname, _AliasLoader(fullname))
+        # the origin is the file `python -m <old name>` runs (its sys.argv[0] and __file__)
+        command = importlib.util.find_spec(RUN_AS_MAIN.get(fullname, MOVED[fullname]))
+        origin = command.origin if command is not None else None
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(fullname), origin=origin)
 
 
 def install() -> None:
