@@ -17,7 +17,6 @@ import torch.distributed as dist
 
 from aesl_lightning.infra.fsdp import is_sharded, unsharded_for_generation, unwrap
 from aesl_lightning.modules.evaluation import GenerationEval, ValidationGeneration
-from aesl_lightning.infra.generation import SamplingConfig
 from aesl_lightning.metrics import KLToBase
 from aesl_lightning.modules.lm import CausalLMModule, Scheduler
 from aesl_lightning.infra.lora import LoRAConfig
