@@ -22,9 +22,11 @@ from aesl_lightning.modules.grpo_config import GRPOConfig, GRPOEvaluation
 CHECKPOINT_CLASSES = (LossConfig, LoRAConfig, SamplingConfig, ValidationGeneration, GRPOConfig, GRPOEvaluation)
 """The classes a toolkit checkpoint's hyper-parameters hold besides tensors, numbers, strings and containers."""
 
-# checkpoints written before grpo_config.py was split from grpo.py name these two by the module of GRPOModule
+# names from before a class left the module it was defined in: GRPOConfig and GRPOEvaluation were in grpo.py,
+# LossConfig in losses.py (whose old name now stands for maths/losses.py, not maths/loss_config.py)
 _EARLIER_NAMES = {GRPOConfig: ["aesl_lightning.grpo.GRPOConfig"],
-                  GRPOEvaluation: ["aesl_lightning.grpo.GRPOEvaluation"]}
+                  GRPOEvaluation: ["aesl_lightning.grpo.GRPOEvaluation"],
+                  LossConfig: ["aesl_lightning.losses.LossConfig"]}
 
 
 class UnsafeCheckpointError(ValueError):
