@@ -21,6 +21,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from aesl_lightning._compat import canonical_name
 
 
 def make_cli(args: list[str] | None, run: bool = True):
@@ -64,7 +65,7 @@ def make_cli(args: list[str] | None, run: bool = True):
 
         def instantiate_trainer(self, **kwargs):
             """The trainer, with checkpoints saved atomically beside their target (`AtomicCheckpointIO`)."""
-            from aesl_lightning.checkpoint_io import install_atomic_checkpoint_io
+            from aesl_lightning.infra.checkpoint_io import install_atomic_checkpoint_io
 
             trainer = super().instantiate_trainer(**kwargs)
             install_atomic_checkpoint_io(trainer)
@@ -80,7 +81,7 @@ def make_cli(args: list[str] | None, run: bool = True):
 
         def instantiate_trainer(self, **kwargs):
             """The trainer, with a progress bar over the run's step budget unless the config chose a bar."""
-            from aesl_lightning.progress import use_step_progress_bar
+            from aesl_lightning.training.progress import use_step_progress_bar
 
             trainer = super().instantiate_trainer(**kwargs)
             use_step_progress_bar(trainer)
@@ -89,7 +90,7 @@ def make_cli(args: list[str] | None, run: bool = True):
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.set_defaults(
                 {
-                    "model": {"class_path": "aesl_lightning.sft.SFTModule"},
+                    "model": {"class_path": "aesl_lightning.modules.sft.SFTModule"},
                     "data": {"class_path": "aesl_lightning.data.datamodule.SFTDataModule"},
                 }
             )
@@ -164,7 +165,7 @@ def _check_data(cls, init_args: dict) -> None:
 
 
 def _check_model(cls, init_args: dict) -> None:
-    from aesl_lightning.models import check_model_source
+    from aesl_lightning.infra.models import check_model_source
 
     name = init_args.get("name_or_path")
     if isinstance(name, str):
@@ -197,8 +198,8 @@ def resolve_last_checkpoint(trainer) -> Path:
     `torch.load(weights_only=True)` reads: a newer one that is truncated or refused (a kill or a full disk while it
     was written by another tool) is skipped with a warning. `FileNotFoundError` naming the places searched when
     there is none (never a silent fresh start), `ValueError` listing the unreadable ones when none is readable."""
-    from aesl_lightning.checkpoint_io import newest_readable
-    from aesl_lightning.lm import load_checkpoint
+    from aesl_lightning.infra.checkpoint_io import newest_readable
+    from aesl_lightning.modules.checkpoint_load import load_checkpoint
 
     places = last_checkpoint_places(trainer)
     found = [p for place in places if place.is_dir() for p in place.glob("*.ckpt") if p.is_file()]
@@ -229,7 +230,7 @@ def _get(node, *keys):
 
 def _reward_names(grpo) -> set[str]:
     names = _get(grpo, "reward_funcs")
-    return {str(n).replace(":", ".") for n in names} if isinstance(names, (list, tuple)) else set()
+    return {canonical_name(str(n).replace(":", ".")) for n in names} if isinstance(names, (list, tuple)) else set()
 
 
 def _nested_class_paths(node, where: str) -> tuple[str, object] | None:
@@ -261,8 +262,8 @@ def checked_checkpoint_hparams(ckpt_path: str | os.PathLike, model_config) -> di
     Lightning's top-level `_instantiator` entry is dropped (Lightning allows only its own)."""
     from lightning.pytorch import LightningModule
 
-    from aesl_lightning.grpo import BUILTIN_REWARDS
-    from aesl_lightning.lm import UnsafeCheckpointError, load_checkpoint
+    from aesl_lightning.modules.grpo_config import BUILTIN_REWARDS
+    from aesl_lightning.modules.checkpoint_load import UnsafeCheckpointError, load_checkpoint
 
     hparams = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
     if not isinstance(hparams, dict):
@@ -291,7 +292,7 @@ def checked_checkpoint_hparams(ckpt_path: str | os.PathLike, model_config) -> di
             f"{ckpt_path}: {nested[0]} names a class to build ({nested[1]!r}); a checkpoint's names are not imported. "
             "Resume with the settings in your config instead"
         )
-    allowed = set(BUILTIN_REWARDS) | _reward_names(_get(init_args, "grpo"))
+    allowed = {canonical_name(name) for name in BUILTIN_REWARDS} | _reward_names(_get(init_args, "grpo"))
     refused = sorted(_reward_names(hparams.get("grpo")) - allowed)
     if refused:
         raise UnsafeCheckpointError(
@@ -321,7 +322,7 @@ def export_main(argv: list[str]) -> Path:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="Allow a checkpoint whose model needs trust_remote_code (runs the model repository's code).")
     args = parser.parse_args(argv)
-    from aesl_lightning.lm import export_checkpoint
+    from aesl_lightning.modules.lm import export_checkpoint
 
     out = export_checkpoint(args.ckpt, args.out, merge_lora=False if args.no_merge_lora else None,
                             overwrite=True if args.overwrite else None, trust_remote_code=args.trust_remote_code)

@@ -32,12 +32,12 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy  # noqa: E402
 
-from aesl_lightning import fsdp  # noqa: E402
+from aesl_lightning.infra import fsdp  # noqa: E402
 from aesl_lightning.data import PromptDataModule  # noqa: E402
 from aesl_lightning.data.synthetic import ArithmeticConfig  # noqa: E402
-from aesl_lightning.generation import Generation, generate  # noqa: E402
-from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule  # noqa: E402
-from aesl_lightning.lora import LoRAConfig, adapters_disabled  # noqa: E402
+from aesl_lightning.infra.generation import Generation, generate  # noqa: E402
+from aesl_lightning.modules.grpo import GRPOConfig, GRPOEvaluation, GRPOModule  # noqa: E402
+from aesl_lightning.infra.lora import LoRAConfig, adapters_disabled  # noqa: E402
 
 
 def high_chars(prompts, completions, **_):
@@ -218,7 +218,7 @@ def main():
 def reference_check(module) -> dict:
     """How far the adapter-disabled model (GRPO's reference under LoRA) and the trained policy are from the
     starting model, in logits on a fixed input; runs on every rank (a sharded forward is collective)."""
-    from aesl_lightning.models import load_causal_lm
+    from aesl_lightning.infra.models import load_causal_lm
 
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
     model = module.model.eval()
@@ -234,8 +234,8 @@ def reference_check(module) -> dict:
 def _sampled_sharded_and_plain(model, plain, tokenizer, prompt, rank: int) -> list:
     """3 seeded samples of the prompt from the sharded model (inside `unsharded_for_generation`) and from the plain
     one: k samples share one prefill of the prompt (a forward outside `generate`), so the tokens must match too."""
-    from aesl_lightning.fsdp import unsharded_for_generation
-    from aesl_lightning.generation import SamplingConfig
+    from aesl_lightning.infra.fsdp import unsharded_for_generation
+    from aesl_lightning.infra.generation import SamplingConfig
 
     sampling = SamplingConfig(3, 1.0, 1.0, max_new_tokens=4 + 6 * rank)
     samples = []
@@ -252,9 +252,9 @@ def _generation_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from aesl_lightning.fsdp import shard_model, unsharded_for_generation
-    from aesl_lightning.generation import SamplingConfig
-    from aesl_lightning.models import load_causal_lm, load_tokenizer
+    from aesl_lightning.infra.fsdp import shard_model, unsharded_for_generation
+    from aesl_lightning.infra.generation import SamplingConfig
+    from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -317,10 +317,10 @@ def _fsdp1_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers import AutoModelForCausalLM
 
-    from aesl_lightning.export import export_state_dict
-    from aesl_lightning.fsdp import unsharded_for_generation
-    from aesl_lightning.generation import SamplingConfig
-    from aesl_lightning.models import load_causal_lm, load_tokenizer
+    from aesl_lightning.infra.export import export_state_dict
+    from aesl_lightning.infra.fsdp import unsharded_for_generation
+    from aesl_lightning.infra.generation import SamplingConfig
+    from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

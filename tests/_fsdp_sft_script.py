@@ -28,12 +28,12 @@ from _fsdp_script import CPUFSDPStrategy, global_grad_norm  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
 
-from aesl_lightning.callbacks import HFExport  # noqa: E402
-from aesl_lightning.early_stopping import DiversityEarlyStopping  # noqa: E402
+from aesl_lightning.training.callbacks import HFExport  # noqa: E402
+from aesl_lightning.training.early_stopping import DiversityEarlyStopping  # noqa: E402
 from aesl_lightning.data import SFTDataModule  # noqa: E402
 from aesl_lightning.data.synthetic import ArithmeticConfig  # noqa: E402
-from aesl_lightning.fsdp import is_sharded  # noqa: E402
-from aesl_lightning.sft import SFTModule, ValidationGeneration  # noqa: E402
+from aesl_lightning.infra.fsdp import is_sharded  # noqa: E402
+from aesl_lightning.modules.sft import SFTModule, ValidationGeneration  # noqa: E402
 
 
 class RecordedSFT(SFTModule):

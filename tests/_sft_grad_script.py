@@ -19,7 +19,7 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from test_sft_normaliser import GradRecorder, data_module  # noqa: E402
 
-from aesl_lightning.losses import LossConfig  # noqa: E402
+from aesl_lightning.maths.losses import LossConfig  # noqa: E402
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aesl_lightning import kernel_autograd
+from aesl_lightning.ops import kernel_autograd
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from aesl_lightning.gates import prefix_mean
-from aesl_lightning.losses import LOSSES, BaseStates, LossConfig, aesl, ce, chunked_sft_loss, learned_share, resolve_quantiles, sft_loss
+from aesl_lightning.maths.gates import prefix_mean
+from aesl_lightning.maths.losses import LOSSES, BaseStates, LossConfig, aesl, ce, chunked_sft_loss, learned_share, resolve_quantiles, sft_loss
 
 IGNORE = -100
 VARIANTS = ["aesl", "aesl_anchor", "aesl_entropy_floor", "aesl_drift"]

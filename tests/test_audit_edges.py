@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from aesl_lightning import loss_registry
-from aesl_lightning.gates import TokenView, aesl_terms, aesl_v1_terms, prefix_mean
-from aesl_lightning.grpo_loss import group_advantages
-from aesl_lightning.losses import LOSSES, LossConfig
-from aesl_lightning.rollout import reward_metrics
+from aesl_lightning.maths import loss_registry
+from aesl_lightning.maths.gates import TokenView, aesl_terms, aesl_v1_terms, prefix_mean
+from aesl_lightning.maths.grpo_loss import group_advantages
+from aesl_lightning.maths.losses import LOSSES, LossConfig
+from aesl_lightning.modules.rollout import reward_metrics
 
 # ------------------------------------------------------------------------------------ zero-variance groups
 
@@ -137,7 +137,7 @@ def test_validation_means_are_token_weighted(tmp_path):
     means over all 62 tokens (sum of each batch's sums / 62), not the mean of the two batch means."""
     import lightning as L
 
-    from aesl_lightning.sft import SFTModule, ValidationGeneration
+    from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
     module = SFTModule("tiny-llama", loss=LossConfig(tau_tok=0.02, tau_seq=0.5), val_generation=ValidationGeneration(num_prompts=0),
                        gate_check_batches=0)
@@ -189,7 +189,7 @@ def test_truncated_importance_sampling_against_the_sampler_has_the_known_answer(
     """pi_old = 0.5 on every token; the sampler gave 0.25 (ratio 2, capped at C = 1.5) or 1.0 (ratio 0.5). With
     logp = old_logp (rho = 1), the per-token loss is -A w: rows A = +1 (two tokens, w = [1.5, 0.5]) and A = -1 (one
     token, w = 1.5) give the grpo loss (-(1.5 + 0.5) / 2 + 1.5) / 2 = 0.25, gradient -A w / (|o_i| N)."""
-    from aesl_lightning.grpo_loss import grpo_loss, sampler_importance_weights, sampler_mismatch
+    from aesl_lightning.maths.grpo_loss import grpo_loss, sampler_importance_weights, sampler_mismatch
 
     old = torch.full((2, 2), 0.5, dtype=torch.float64).log()
     sampler = torch.tensor([[0.25, 1.0], [0.25, 1.0]], dtype=torch.float64).log()
@@ -215,9 +215,9 @@ def test_truncated_importance_sampling_against_the_sampler_has_the_known_answer(
 def test_generate_records_the_samplers_log_probs_of_the_sampled_tokens(num_samples):
     """The recorded log softmax(z / T)[token] equal the teacher-forced pass of the same model in float32 (to float32
     rounding: the KV cache against a full forward), with and without the shared prefill; sampled in bf16 they do not."""
-    from aesl_lightning.generation import SamplingConfig, generate
-    from aesl_lightning.models import load_causal_lm, load_tokenizer
-    from aesl_lightning.rollout import completion_log_probs
+    from aesl_lightning.infra.generation import SamplingConfig, generate
+    from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
+    from aesl_lightning.modules.rollout import completion_log_probs
 
     model, tokenizer = load_causal_lm("tiny-llama"), load_tokenizer("tiny-llama")
     tokenizer.padding_side = "left"
@@ -246,13 +246,13 @@ def test_grpo_logs_the_sampler_mismatch_and_the_capped_correction_changes_nothin
 
     from aesl_lightning.data import PromptDataModule
     from aesl_lightning.data.synthetic import ArithmeticConfig
-    from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
+    from aesl_lightning.modules.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
 
     losses = {}
     for cap in (None, 2.0):
         L.seed_everything(0)
         config = GRPOConfig(num_generations=4, max_new_tokens=6, beta=0.0, log_completions_every_n_steps=0,
-                            reward_funcs=["aesl_lightning.rewards.boxed_format"], log_sampler_mismatch=True, sampler_is_cap=cap)
+                            reward_funcs=["aesl_lightning.scoring.rewards.boxed_format"], log_sampler_mismatch=True, sampler_is_cap=cap)
         module = GRPOModule("tiny-llama", lr=1e-2, grpo=config, evaluation=GRPOEvaluation(num_samples=0))
         data = PromptDataModule(train="synthetic", synthetic=ArithmeticConfig(num_examples=2, seed=1, max_steps=1), val_size=0,
                                 test_size=0, batch_size=2, max_prompt_length=400)
@@ -269,15 +269,15 @@ def test_grpo_logs_the_sampler_mismatch_and_the_capped_correction_changes_nothin
 
 def test_checkpoints_naming_the_config_classes_in_grpo_still_load(tmp_path):
     """Before grpo_config.py, checkpoints pickled aesl_lightning.grpo.GRPOConfig / GRPOEvaluation."""
-    from aesl_lightning import grpo
-    from aesl_lightning.grpo_config import GRPOConfig, GRPOEvaluation
+    from aesl_lightning.modules import grpo
+    from aesl_lightning.modules.grpo_config import GRPOConfig, GRPOEvaluation
 
     path = tmp_path / "old.ckpt"
     try:  # pickle them under their old names, as an old checkpoint has them
         GRPOConfig.__module__ = GRPOEvaluation.__module__ = "aesl_lightning.grpo"
         torch.save({"grpo": GRPOConfig(beta=0.1), "evaluation": GRPOEvaluation(num_samples=2)}, path)
     finally:
-        GRPOConfig.__module__ = GRPOEvaluation.__module__ = "aesl_lightning.grpo_config"
+        GRPOConfig.__module__ = GRPOEvaluation.__module__ = "aesl_lightning.modules.grpo_config"
     assert b"grpo_config" not in path.read_bytes()
     loaded = torch.load(path, weights_only=True)
     assert loaded["grpo"] == GRPOConfig(beta=0.1) and loaded["evaluation"] == GRPOEvaluation(num_samples=2)

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from aesl_lightning.data import PromptDataModule
-from aesl_lightning.rewards import math_accuracy
-from aesl_lightning.tiny import char_tokenizer
+from aesl_lightning.scoring.rewards import math_accuracy
+from aesl_lightning.infra.tiny import char_tokenizer
 
 STYLES = {
     # MATH-500: problem / solution / LaTeX answer

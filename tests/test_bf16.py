@@ -11,10 +11,10 @@ import lightning as L
 import pytest
 import torch
 
-from aesl_lightning.anchors import BaseStates, loss_anchor
-from aesl_lightning.kernels import IGNORE_INDEX, linear_token_stats, set_cpu_workers, token_stats
-from aesl_lightning.lora import LoRAConfig
-from aesl_lightning.losses import LossConfig, chunked_sft_loss, sft_loss
+from aesl_lightning.maths.anchors import BaseStates, loss_anchor
+from aesl_lightning.ops.kernels import IGNORE_INDEX, linear_token_stats, set_cpu_workers, token_stats
+from aesl_lightning.infra.lora import LoRAConfig
+from aesl_lightning.maths.losses import LossConfig, chunked_sft_loss, sft_loss
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -195,7 +195,7 @@ def test_sft_fit_under_bf16_mixed_follows_the_fp32_run(tmp_path, lora, chunk_siz
     5e-3 of the float32 run with the same seed (and not identical to it: bf16 did run)."""
     from aesl_lightning.data import SFTDataModule
     from aesl_lightning.data.synthetic import ArithmeticConfig
-    from aesl_lightning.sft import SFTModule, ValidationGeneration
+    from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
     runs, validation = {}, {}
     for precision in ("32-true", "bf16-mixed"):
@@ -220,7 +220,7 @@ def test_sft_fit_under_bf16_mixed_follows_the_fp32_run(tmp_path, lora, chunk_siz
 
 
 def _grpo_module(lora):
-    from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
+    from aesl_lightning.modules.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
 
     config = GRPOConfig(num_generations=4, max_new_tokens=6, beta=0.04, num_iterations=2, log_completions_every_n_steps=0,
                         reward_funcs=[f"{__name__}.high_chars"])
@@ -245,7 +245,7 @@ def test_grpo_policy_pass_and_loss_under_bf16_autocast_match_fp32(lora):
     """On one rollout: the policy's log-probs and entropies under bf16 autocast are float32 and within bf16 rounding
     of the float32 pass (mean |d log p| <= 5e-3, max 3e-2; measured 6e-4 and 4e-3), the loss stays float32 and the
     gradient (backward outside autocast) is within 3% of the float32 one (measured 0.6%)."""
-    from aesl_lightning.grpo_loss import grpo_loss
+    from aesl_lightning.maths.grpo_loss import grpo_loss
 
     L.seed_everything(0)
     module = _grpo_module(lora)
@@ -279,7 +279,7 @@ def test_grpo_fit_under_bf16_mixed(tmp_path, monkeypatch, lora):
     """A GRPO fit (mu = 2, beta > 0) under `bf16-mixed`: log-probs float32, ratio exactly 1 at the first inner
     iteration (the old log-probs come from the same bf16 pass), every logged train/ metric finite, and the first
     step's loss within 5e-3 of the float32 run with the same seed."""
-    import aesl_lightning.grpo as grpo_module
+    import aesl_lightning.modules.grpo as grpo_module
 
     real = grpo_module.grpo_loss
     first_loss = {}

@@ -9,7 +9,7 @@ import pytest
 
 from aesl_lightning.data import encode
 from aesl_lightning.data.formats import SFTExample
-from aesl_lightning.models import load_tokenizer
+from aesl_lightning.infra.models import load_tokenizer
 
 NESTED_LOOPS = ("{% set ns = namespace(n=0) %}{% for i in range(100000) %}{% for j in range(100000) %}"
                 "{% set ns.n = ns.n + 1 %}{% endfor %}{% endfor %}{{ ns.n }}")

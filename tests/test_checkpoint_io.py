@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from aesl_lightning.cli import resolve_last_checkpoint
 from aesl_lightning.data.datamodule import SFTDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.sft import SFTModule, ValidationGeneration
+from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
 
 def _disk_full_after_half(monkeypatch):

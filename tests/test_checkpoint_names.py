@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from aesl_lightning.cli import main
-from aesl_lightning.grpo import BUILTIN_REWARDS, GRPOConfig, GRPOModule
-from aesl_lightning.lm import UnsafeCheckpointError
+from aesl_lightning.modules.grpo import BUILTIN_REWARDS, GRPOConfig, GRPOModule
+from aesl_lightning.modules.checkpoint_load import UnsafeCheckpointError
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml")
 
@@ -26,7 +26,7 @@ def evil(tmp_path, monkeypatch):
     (tmp_path / "evil_reward.py").write_text(
         f"open({str(marker)!r}, 'w').close()\n"
         "def f(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
-        "from aesl_lightning.sft import SFTModule as Module\n"
+        "from aesl_lightning.modules.sft import SFTModule as Module\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -35,11 +35,14 @@ def evil(tmp_path, monkeypatch):
     sys.modules.pop("evil_reward", None)
 
 
-def grpo_checkpoint(path, reward_funcs, **hparams):
+OLD_GRPO = "aesl_lightning.grpo.GRPOModule"  # the class's name in checkpoints written before the sub-packages
+
+
+def grpo_checkpoint(path, reward_funcs, module_class=OLD_GRPO, **hparams):
     grpo = GRPOConfig(num_generations=2, max_new_tokens=4, beta=0.0)
     module = GRPOModule("tiny-llama", grpo=grpo)
     torch.save({
-        "aesl_lightning": {"module_class": "aesl_lightning.grpo.GRPOModule"},
+        "aesl_lightning": {"module_class": module_class},
         "pytorch-lightning_version": lightning.__version__,
         "state_dict": module.state_dict(),
         "hyper_parameters": {**module.hparams, "grpo": replace(grpo, reward_funcs=reward_funcs), **hparams},
@@ -80,7 +83,7 @@ def _cli(capsys, subcommand, ckpt, *extra):
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
 def test_cli_refuses_a_checkpoints_reward_function_and_model_class(tmp_path, evil, capsys, subcommand):
     ckpt = grpo_checkpoint(tmp_path / "model.ckpt", [*BUILTIN_REWARDS, "evil_reward.f"],
-                           _class_path="aesl_lightning.grpo.GRPOModule")
+                           _class_path="aesl_lightning.modules.grpo.GRPOModule")
     err = _cli(capsys, subcommand, ckpt)
     assert "model.ckpt: hyper_parameters.grpo.reward_funcs names 'evil_reward.f'" in err
     assert not evil.exists()
@@ -104,9 +107,10 @@ def test_names_in_the_users_config_are_honoured(tmp_path, evil):
     assert not evil.exists()  # checking the names imports nothing either
     with pytest.raises(UnsafeCheckpointError, match="trust_remote_code is true"):
         checked_checkpoint_hparams(ckpt, {**user, "init_args": {"grpo": {"reward_funcs": ["evil_reward.f"]}}})
-    # the toolkit's own classes are always allowed
-    torch.save({"hyper_parameters": {"_class_path": "aesl_lightning.grpo.GRPOModule"}}, tmp_path / "own.ckpt")
-    assert checked_checkpoint_hparams(tmp_path / "own.ckpt", {"class_path": "aesl_lightning.SFTModule"})
+    # the toolkit's own classes are always allowed, under their names now and before the sub-packages
+    for own in ("aesl_lightning.modules.grpo.GRPOModule", OLD_GRPO, "aesl_lightning.sft.SFTModule"):
+        torch.save({"hyper_parameters": {"_class_path": own}}, tmp_path / "own.ckpt")
+        assert checked_checkpoint_hparams(tmp_path / "own.ckpt", {"class_path": "aesl_lightning.SFTModule"})
 
 
 def test_a_nested_class_path_or_a_missing_toolkit_module_is_refused_with_the_field(tmp_path, evil):
@@ -120,3 +124,42 @@ def test_a_nested_class_path_or_a_missing_toolkit_module_is_refused_with_the_fie
     with pytest.raises(UnsafeCheckpointError, match=r"b.ckpt: hyper_parameters._class_path names 'aesl_lightning.no_such"):
         checked_checkpoint_hparams(tmp_path / "b.ckpt", user)
     assert not evil.exists()
+
+
+OLD_REWARDS = ["aesl_lightning.rewards.math_accuracy", "aesl_lightning.rewards.boxed_format"]
+
+
+def test_the_builtin_rewards_under_their_old_names_are_builtins(tmp_path, evil):
+    from aesl_lightning.cli import checked_checkpoint_hparams
+    from aesl_lightning.scoring.rewards import boxed_format, math_accuracy
+
+    ckpt = grpo_checkpoint(tmp_path / "model.ckpt", OLD_REWARDS, module_class="aesl_lightning.modules.grpo.GRPOModule")
+    module = GRPOModule.load_from_checkpoint(ckpt, map_location="cpu")
+    assert module.reward_funcs == [math_accuracy, boxed_format]  # imported: not names that refuse to run
+    assert checked_checkpoint_hparams(ckpt, {"class_path": "aesl_lightning.SFTModule"})["grpo"].reward_funcs == OLD_REWARDS
+
+    # anything else under the old module name, or a look-alike of it, is still a checkpoint's name, not a built-in
+    for name in ("aesl_lightning.rewards.extract_boxed", "aesl_lightning.rewardsx.math_accuracy"):
+        ckpt = grpo_checkpoint(tmp_path / "other.ckpt", [*OLD_REWARDS, name])
+        with pytest.raises(UnsafeCheckpointError, match=r"reward_funcs names 'aesl_lightning\..*', which is neither"):
+            checked_checkpoint_hparams(ckpt, {"class_path": "aesl_lightning.SFTModule"})
+        module = GRPOModule.load_from_checkpoint(ckpt, map_location="cpu")
+        with pytest.raises(PermissionError, match="was named by checkpoint"):
+            module.reward_funcs[2](prompts=["p"], completions=["c"])
+    assert not evil.exists()
+
+
+def test_a_config_class_pickled_under_its_old_module_name_loads_safely(tmp_path):
+    """Checkpoints written before the sub-packages pickle LossConfig as aesl_lightning.losses.LossConfig."""
+    from aesl_lightning.maths.loss_config import LossConfig
+    from aesl_lightning.modules.checkpoint_load import checkpoint_class_names, load_checkpoint
+
+    assert checkpoint_class_names(LossConfig) == ["aesl_lightning.maths.loss_config.LossConfig",
+                                                  "aesl_lightning.losses.LossConfig"]
+    try:
+        LossConfig.__module__ = "aesl_lightning.losses"
+        torch.save({"hyper_parameters": {"loss": LossConfig(name="dft", tau_tok=0.7)}}, tmp_path / "old.ckpt")
+    finally:
+        LossConfig.__module__ = "aesl_lightning.maths.loss_config"
+    assert b"aesl_lightning.losses" in (tmp_path / "old.ckpt").read_bytes()
+    assert load_checkpoint(tmp_path / "old.ckpt")["hyper_parameters"]["loss"] == LossConfig(name="dft", tau_tok=0.7)

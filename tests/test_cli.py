@@ -111,7 +111,7 @@ def test_tiny_end_to_end_fit_logs_checkpoints_and_exports(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
-    from aesl_lightning.models import load_tokenizer
+    from aesl_lightning.infra.models import load_tokenizer
 
     run = _tiny_fit(tmp_path)
     printed = capsys.readouterr().out
@@ -149,7 +149,7 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
     run = _tiny_fit(tmp_path)
     ckpt = run / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["global_step"] == 6 and state["aesl_lightning"]["module_class"] == "aesl_lightning.sft.SFTModule"
+    assert state["global_step"] == 6 and state["aesl_lightning"]["module_class"] == "aesl_lightning.modules.sft.SFTModule"
     assert state["lr_schedulers"] and state["optimizer_states"]
     main([
         "fit", "--config", QUICKSTART, "--model.name_or_path", "tiny-llama", "--trainer.max_steps", "8",
@@ -230,7 +230,7 @@ def _without_logging_errors(err: str) -> str:
 
 def _fit_error(capsys, monkeypatch, *args) -> str:
     """Run `fit` expecting a configuration error; the model must not be built. Returns stderr."""
-    from aesl_lightning import lm
+    from aesl_lightning.modules import lm
 
     monkeypatch.setattr(lm.CausalLMModule, "__init__", lambda *a, **k: pytest.fail("the model was built first"))
     with pytest.raises(SystemExit) as exit_info:

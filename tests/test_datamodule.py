@@ -25,7 +25,7 @@ from aesl_lightning.data.encode import (
 )
 from aesl_lightning.data.formats import DataFormatError, PromptExample, SFTExample
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.tiny import IM_END, char_tokenizer, tiny_model
+from aesl_lightning.infra.tiny import IM_END, char_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")

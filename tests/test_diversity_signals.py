@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aesl_lightning.metrics.spread import MeanSE
-from aesl_lightning.sample_metrics import SampleMetrics
+from aesl_lightning.modules.sample_metrics import SampleMetrics
 from tests.test_sample_metrics import EOS, _generation
 
 

@@ -12,13 +12,13 @@ from transformers import AutoModelForCausalLM
 
 from aesl_lightning.data.datamodule import SFTDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.early_stopping import (
+from aesl_lightning.training.early_stopping import (
     DiversityEarlyStopping,
     TurningPointConfig,
     TurningPointRule,
     smooth,
 )
-from aesl_lightning.sft import SFTModule, ValidationGeneration
+from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
 ENT, BLEU = "val/gen_entropy", "val/self_bleu"
 
@@ -433,7 +433,7 @@ def test_a_crafted_resume_checkpoint_is_refused_by_the_safe_loader(tmp_path):
 def test_exporting_a_crafted_peak_checkpoint_refuses_it(tmp_path):
     from types import SimpleNamespace
 
-    from aesl_lightning.lm import UnsafeCheckpointError
+    from aesl_lightning.modules.checkpoint_load import UnsafeCheckpointError
 
     proof = tmp_path / "pwned"
     torch.save({"state_dict": {}, "x": Payload(proof)}, tmp_path / "peak.ckpt")
@@ -450,7 +450,7 @@ def test_a_sharded_model_is_not_exported_from_rank_zero_alone(tmp_path, monkeypa
     checkpoints) there would wait forever for the other ranks, so it is skipped with a pointer to export_checkpoint."""
     from types import SimpleNamespace
 
-    from aesl_lightning import early_stopping
+    from aesl_lightning.training import early_stopping
 
     monkeypatch.setattr(early_stopping, "is_sharded", lambda model: True)
     peak = tmp_path / "peak.ckpt"

@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aesl_lightning.export import (
+from aesl_lightning.infra.export import (
     EXPORT_INFO_FILE,
     ExportTargetError,
     check_export_target,
@@ -18,9 +18,9 @@ from aesl_lightning.export import (
     export_hf,
     export_state_dict,
 )
-from aesl_lightning.lora import LoRAConfig, apply_lora, is_peft_model
-from aesl_lightning.models import load_causal_lm, load_tokenizer
-from aesl_lightning.tiny import char_tokenizer, tiny_model
+from aesl_lightning.infra.lora import LoRAConfig, apply_lora, is_peft_model
+from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
+from aesl_lightning.infra.tiny import char_tokenizer, tiny_model
 
 TOKENS = torch.tensor([[5, 17, 40, 41, 42, 60, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]])
 MESSAGES = [{"role": "user", "content": "What is 1+2?"}]
@@ -335,7 +335,7 @@ def test_a_previous_export_modified_by_its_user_is_not_replaced_without_overwrit
 
 
 def test_a_users_folder_is_refused_before_any_work_and_left_intact(tmp_path, monkeypatch):
-    from aesl_lightning import export
+    from aesl_lightning.infra import export
 
     out = tmp_path / "my_project"
     (out / "src").mkdir(parents=True)

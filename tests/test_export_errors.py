@@ -29,7 +29,7 @@ def test_export_refusals_are_one_line_naming_the_path(tmp_path, capsys, monkeypa
     assert err.startswith(f"error: export target {link} exists and is not a directory (or is a symbolic link)")
     err = _export_error(capsys, monkeypatch, "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "out"))
     assert err.startswith("error:") and "missing.ckpt" in err
-    import aesl_lightning.lm as lm
+    import aesl_lightning.modules.lm as lm
 
     for code, words in ((errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")):
         def fail(*_, code=code, words=words, **__):

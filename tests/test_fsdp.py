@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aesl_lightning.fsdp import (
+from aesl_lightning.infra.fsdp import (
     decoder_layer_classes,
     decoder_layers,
     fsdp1_roots,
@@ -25,7 +25,7 @@ from aesl_lightning.fsdp import (
     unsharded_for_generation,
     unwrap,
 )
-from aesl_lightning.models import load_causal_lm
+from aesl_lightning.infra.models import load_causal_lm
 
 SCRIPT = Path(__file__).with_name("_fsdp_script.py")
 ROOT = SCRIPT.parent.parent
@@ -189,7 +189,7 @@ def test_dapo_with_two_inner_iterations_matches_one_process_under_fsdp_and_ddp(t
 
 
 def test_wrap_fsdp1_outside_an_enable_wrap_context_says_so():
-    from aesl_lightning.fsdp import wrap_fsdp1
+    from aesl_lightning.infra.fsdp import wrap_fsdp1
 
     with pytest.raises(RuntimeError, match="enable_wrap"):
         wrap_fsdp1(load_causal_lm("tiny-llama"))
@@ -200,7 +200,7 @@ def test_fsdp1_strategy_refuses_use_orig_params_false():
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from aesl_lightning.lm import CausalLMModule
+    from aesl_lightning.modules.lm import CausalLMModule
 
     module = CausalLMModule("tiny-llama")
     module._trainer = SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False))
@@ -270,7 +270,7 @@ def test_grpo_lora_under_fsdp_matches_one_process_trains_adapters_only_and_expor
     transformers."""
     from transformers import AutoModelForCausalLM
 
-    from aesl_lightning.lora import LoRAConfig, merge_lora_state_dict
+    from aesl_lightning.infra.lora import LoRAConfig, merge_lora_state_dict
 
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
     _run("--devices", 1, "--steps", 2, "--lora", "--out", single)

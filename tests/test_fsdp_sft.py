@@ -23,7 +23,7 @@ def test_sft_trains_validates_and_exports_under_fsdp2(tmp_path):
     result = _check_sft_run(tmp_path / "fsdp")
     single = _run(tmp_path / "single", "--devices", "1", "--order", tmp_path / "fsdp" / "metrics.json")
     _assert_same_training(tmp_path / "fsdp", result, tmp_path / "single", single)
-    from aesl_lightning.models import load_causal_lm
+    from aesl_lightning.infra.models import load_causal_lm
 
     names = {name for name, _ in load_causal_lm("tiny-llama").named_parameters()}
     got = torch.load(tmp_path / "fsdp" / "grads.pt", weights_only=True)
@@ -55,7 +55,7 @@ def test_validation_with_fewer_prompts_than_ranks_does_not_hang(tmp_path):
 
 
 def load_causal_lm_state(name: str) -> dict:
-    from aesl_lightning.models import load_causal_lm
+    from aesl_lightning.infra.models import load_causal_lm
 
     return load_causal_lm(name).state_dict()
 
@@ -96,7 +96,7 @@ def _check_sft_run(tmp_path, *args) -> dict:
     for key in ["train/loss", "val/loss", "val/kl_to_base", "val/answer_accuracy", "val/self_bleu", "val/gen_entropy"]:
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["val/kl_to_base"] > 0  # the weights moved away from the start
-    from aesl_lightning.models import load_causal_lm
+    from aesl_lightning.infra.models import load_causal_lm
 
     if "--fsdp1" not in args:
         # the diversity peak is exported in Hugging Face format in the sharded case too (the RL stage's input)

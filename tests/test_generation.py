@@ -4,8 +4,8 @@ model's own (temperature-1) predictive entropy at each generated position."""
 import pytest
 import torch
 
-from aesl_lightning.generation import SamplingConfig, completion_mask_from_ids, generate
-from aesl_lightning.models import load_causal_lm, load_tokenizer
+from aesl_lightning.infra.generation import SamplingConfig, completion_mask_from_ids, generate
+from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_shared_prompt_prefill_equals_generates_own_expansion(arch):
 
 
 def test_shared_prompt_cache_holds_each_prompts_keys_once_per_sample(lm):
-    from aesl_lightning.generation import shared_prompt_cache
+    from aesl_lightning.infra.generation import shared_prompt_cache
 
     model, tokenizer = lm
     input_ids, mask = _left_padded(tokenizer, ["abc", "hello there"])

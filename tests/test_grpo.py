@@ -8,8 +8,8 @@ import torch
 
 from aesl_lightning.data import PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule, load_reward_funcs
-from aesl_lightning.lora import LoRAConfig, adapters_disabled
+from aesl_lightning.modules.grpo import GRPOConfig, GRPOEvaluation, GRPOModule, load_reward_funcs
+from aesl_lightning.infra.lora import LoRAConfig, adapters_disabled
 
 
 def high_chars(prompts, completions, **_):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from aesl_lightning.grpo_loss import (
+from aesl_lightning.maths.grpo_loss import (
     aggregate,
     clipped_surrogate,
     group_advantages,
@@ -13,8 +13,8 @@ from aesl_lightning.grpo_loss import (
     kl_k3,
     register_importance_sampling,
 )
-import aesl_lightning.grpo_loss as grpo_loss_module
-from aesl_lightning.grpo import GRPOConfig
+import aesl_lightning.maths.grpo_loss as grpo_loss_module
+from aesl_lightning.modules.grpo import GRPOConfig
 
 
 def _std(values):

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from aesl_lightning.data import PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
+from aesl_lightning.modules.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
 
 STEPS = 6  # 6 prompts in batches of 2: 3 steps per epoch, 2 epochs
 
@@ -115,7 +115,7 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    from aesl_lightning.rng_state import capture_random_state, restore_random_state
+    from aesl_lightning.infra.rng_state import capture_random_state, restore_random_state
 
     def draws():
         return torch.rand(3).tolist(), random.random(), np.random.rand(2).tolist(), float(np.random.randn())

@@ -7,14 +7,14 @@ import lightning as L
 import pytest
 import torch
 
-import aesl_lightning.grpo as grpo_module
-import aesl_lightning.rollout as rollout_module
+import aesl_lightning.modules.grpo as grpo_module
+import aesl_lightning.modules.rollout as rollout_module
 from aesl_lightning.data import PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.generation import generate
-from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule, load_reward_funcs
-from aesl_lightning.lora import LoRAConfig, merge_lora
-from aesl_lightning.rollout import PhaseTimer, check_finite, score_completions, warn_missing_groups
+from aesl_lightning.infra.generation import generate
+from aesl_lightning.modules.grpo import GRPOConfig, GRPOEvaluation, GRPOModule, load_reward_funcs
+from aesl_lightning.infra.lora import LoRAConfig, merge_lora
+from aesl_lightning.modules.rollout import PhaseTimer, check_finite, score_completions, warn_missing_groups
 
 
 def high_chars(prompts, completions, **_):
@@ -272,7 +272,7 @@ def test_bad_rewards_raise_naming_the_function(returned, message):
 
 def test_non_callable_reward_functions_are_refused():
     with pytest.raises(ValueError, match=r"grpo.reward_funcs\[1\].*BUILTIN_REWARDS.*not a function"):
-        load_reward_funcs([HIGH_CHARS, "aesl_lightning.grpo.BUILTIN_REWARDS"])
+        load_reward_funcs([HIGH_CHARS, "aesl_lightning.modules.grpo.BUILTIN_REWARDS"])
     with pytest.raises(ValueError, match="'oops' is not callable"):
         score_completions([3], ["oops"], ["p"], ["a"], [[1]], {})
     with pytest.raises(ValueError, match="reward_weights must be finite"):
@@ -310,7 +310,7 @@ def test_non_finite_loss_stops_before_the_optimiser(tmp_path, monkeypatch):
 
 
 def test_completion_log_probs_match_a_full_log_softmax():
-    from aesl_lightning.rollout import completion_log_probs
+    from aesl_lightning.modules.rollout import completion_log_probs
 
     module = _module(lora_dropout=0.0, beta=0.0)
     torch.manual_seed(0)
@@ -336,7 +336,7 @@ def test_completion_log_probs_match_a_full_log_softmax():
 
 
 def test_padding_buckets_split_where_the_padded_area_is_least():
-    from aesl_lightning.rollout import padding_buckets
+    from aesl_lightning.modules.rollout import padding_buckets
 
     def masks(prompts, completions, width_p=6, width_c=9):
         p = torch.tensor([[0] * (width_p - n) + [1] * n for n in prompts])
@@ -355,7 +355,7 @@ def test_padding_buckets_split_where_the_padded_area_is_least():
 
 
 def test_bucketed_log_probs_equal_one_batch_values_and_gradients():
-    from aesl_lightning.rollout import completion_log_probs
+    from aesl_lightning.modules.rollout import completion_log_probs
 
     module = _module(lora_dropout=0.0, beta=0.0, num_generations=4, max_new_tokens=12)
     torch.manual_seed(0)
@@ -363,7 +363,7 @@ def test_bucketed_log_probs_equal_one_batch_values_and_gradients():
     gen = rollout.generation
     mask = gen.completion_mask.clone()
     mask[::3, 2:] = False  # short completions beside long ones, so the rows do split
-    from aesl_lightning.rollout import padding_buckets
+    from aesl_lightning.modules.rollout import padding_buckets
     assert len(padding_buckets(rollout.attention_mask[:, : -mask.shape[1]], mask, 2)) == 2
     module.model.double()  # float64, so that only a wrong row, column or position could differ
     args = (module.model, rollout.input_ids, rollout.attention_mask, gen.completion_ids, mask, 0.8, True)

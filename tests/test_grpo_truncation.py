@@ -6,11 +6,11 @@ import lightning as L
 import pytest
 import torch
 
-import aesl_lightning.grpo as grpo_module
+import aesl_lightning.modules.grpo as grpo_module
 from aesl_lightning.data import PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.generation import completion_mask_from_ids, eos_ids
-from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
+from aesl_lightning.infra.generation import completion_mask_from_ids, eos_ids
+from aesl_lightning.modules.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
 
 MAX_NEW_TOKENS, BETA, EPSILON = 6, 0.04, 0.2
 ENDED_ROWS = {0: 2, 3: 4, 5: 0}  # row: position of the EOS written into it (any other row hits max_new_tokens)

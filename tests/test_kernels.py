@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from aesl_lightning.kernels import IGNORE_INDEX, linear_token_stats, set_cpu_workers, token_entropy, token_logprobs, token_stats
+from aesl_lightning.ops.kernels import IGNORE_INDEX, linear_token_stats, set_cpu_workers, token_entropy, token_logprobs, token_stats
 
 
 def reference_stats(z: torch.Tensor, targets: torch.Tensor, temperature: float, anchor_logits: torch.Tensor | None):

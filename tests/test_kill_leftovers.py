@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from aesl_lightning.data.datamodule import SFTDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.export import EXPORT_INFO_FILE
-from aesl_lightning.sft import SFTModule, ValidationGeneration
+from aesl_lightning.infra.export import EXPORT_INFO_FILE
+from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
 
 class Killed(RuntimeError):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from aesl_lightning.lm import warmup_decay_factor
+from aesl_lightning.modules.lm import warmup_decay_factor
 
 
 def test_warmup_is_linear_from_zero_to_one():
@@ -33,7 +33,7 @@ def test_constant_schedule_and_unknown_name():
 
 
 def test_optimizer_decays_matrices_only_and_schedule_is_stepwise():
-    from aesl_lightning.sft import SFTModule
+    from aesl_lightning.modules.sft import SFTModule
 
     module = SFTModule("tiny-llama", lr=1e-3, weight_decay=0.1, warmup_steps=0, scheduler="constant")
     config = module.configure_optimizers()
@@ -47,7 +47,7 @@ def test_optimizer_decays_matrices_only_and_schedule_is_stepwise():
 
 
 def test_bad_hyperparameters_name_the_field():
-    from aesl_lightning.sft import SFTModule
+    from aesl_lightning.modules.sft import SFTModule
 
     with pytest.raises(ValueError, match="model.lr"):
         SFTModule("tiny-llama", lr=0.0)
@@ -56,7 +56,7 @@ def test_bad_hyperparameters_name_the_field():
 
 
 def test_forward_returns_vocab_logits():
-    from aesl_lightning.sft import SFTModule
+    from aesl_lightning.modules.sft import SFTModule
 
     module = SFTModule("tiny-qwen2")
     ids = torch.randint(0, len(module.tokenizer), (2, 7))
@@ -70,7 +70,7 @@ def test_sharded_load_on_one_device_equals_the_ordinary_load(tmp_path):
 
     from aesl_lightning.data import SFTDataModule
     from aesl_lightning.data.synthetic import ArithmeticConfig
-    from aesl_lightning.sft import SFTModule, ValidationGeneration
+    from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
     def fit(sharded_load):
         L.seed_everything(0)

@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
-from aesl_lightning.lora import (
+from aesl_lightning.infra.lora import (
     LLAMA_LINEAR_MODULES,
     LoRAConfig,
     adapters_disabled,
@@ -15,7 +15,7 @@ from aesl_lightning.lora import (
     merge_lora_state_dict,
     merged_adapters,
 )
-from aesl_lightning.tiny import tiny_model
+from aesl_lightning.infra.tiny import tiny_model
 
 TOKENS = torch.tensor([[5, 17, 40, 41, 42, 60, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]])
 

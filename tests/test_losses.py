@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import aesl_lightning.losses as losses
-import aesl_lightning.kernels as kernels
-from aesl_lightning.losses import LossConfig, aesl, ce, chunked_sft_loss, dft, sft_loss, token_entropy
+import aesl_lightning.maths.losses as losses
+import aesl_lightning.ops.kernels as kernels
+from aesl_lightning.maths.losses import LossConfig, aesl, ce, chunked_sft_loss, dft, sft_loss, token_entropy
 
 IGNORE = -100
 

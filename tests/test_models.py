@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, Qwen2ForCausalLM
 
-from aesl_lightning import models
-from aesl_lightning.export import export_hf
-from aesl_lightning.models import (
+from aesl_lightning.infra import models
+from aesl_lightning.infra.export import export_hf
+from aesl_lightning.infra.models import (
     BUILTIN_MODELS,
     SMOLLM2_INSTALL,
     ModelLoadError,
@@ -17,7 +17,7 @@ from aesl_lightning.models import (
     load_causal_lm,
     load_tokenizer,
 )
-from aesl_lightning.tiny import char_tokenizer, tiny_model
+from aesl_lightning.infra.tiny import char_tokenizer, tiny_model
 
 TOKENS = torch.tensor([[5, 17, 40, 41, 42, 60, 7, 8]])
 

@@ -7,7 +7,7 @@ import matplotlib.image
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from aesl_lightning.plots import diversity_figure, main, plot_diversity, read_scalars, turning_point_step
+from aesl_lightning.training.plots import diversity_figure, main, plot_diversity, read_scalars, turning_point_step
 
 
 def write_run(run_dir, tags=("val/gen_entropy", "val/self_bleu", "val/answer_accuracy"), turning_point=None):

@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from aesl_lightning.cli import _quiet_known_noise
-from aesl_lightning.progress import StepProgressBar, StepTQDMProgressBar, _description, use_step_progress_bar
+from aesl_lightning.training.progress import StepProgressBar, StepTQDMProgressBar, _description, use_step_progress_bar
 
 
 def test_the_bar_shows_the_step_budget_not_epoch_minus_two():

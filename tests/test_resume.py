@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from aesl_lightning.data.datamodule import EpochShuffleSampler, ResumableDataLoader, SFTDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.sft import SFTModule, ValidationGeneration
+from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
 STEPS_PER_EPOCH, EPOCHS = 5, 2  # 20 examples in batches of 4
 

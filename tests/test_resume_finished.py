@@ -10,8 +10,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from aesl_lightning.data.datamodule import SFTDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.early_stopping import DiversityEarlyStopping
-from aesl_lightning.sft import SFTModule, ValidationGeneration
+from aesl_lightning.training.early_stopping import DiversityEarlyStopping
+from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
 
 class Record(Callback):

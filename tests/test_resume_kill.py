@@ -37,11 +37,11 @@ def train(root: Path, kill: str | None) -> None:
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from aesl_lightning import export
+    from aesl_lightning.infra import export
     from aesl_lightning.data.datamodule import SFTDataModule
     from aesl_lightning.data.synthetic import ArithmeticConfig
-    from aesl_lightning.early_stopping import DiversityEarlyStopping
-    from aesl_lightning.sft import SFTModule, ValidationGeneration
+    from aesl_lightning.training.early_stopping import DiversityEarlyStopping
+    from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
     torch.set_num_threads(1)
     kind, _, at = (kill or "none:-1").partition(":")

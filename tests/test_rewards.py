@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from aesl_lightning.rewards import (
+from aesl_lightning.scoring.rewards import (
     MAX_COMPLETION_CHARS,
     VerifierPool,
     answers_match,
@@ -175,7 +175,7 @@ def test_works_in_a_daemonic_worker_process():
 def test_math_verify_log_messages_are_cut(caplog):
     import logging
 
-    from aesl_lightning.verifier import LOG_CHARS, _quiet_math_verify
+    from aesl_lightning.scoring.verifier import LOG_CHARS, _quiet_math_verify
 
     _quiet_math_verify()
     logger = logging.getLogger("math_verify.parser")
@@ -234,13 +234,13 @@ def test_hedges_in_any_language_or_symbol_score_0():
     ids=lambda value: repr(value)[:40],
 )
 def test_single_values_and_equal_sets_still_score_1(completion, gold):
-    from aesl_lightning.rewards import check_answers
+    from aesl_lightning.scoring.rewards import check_answers
 
     assert check_answers([completion], [gold], time_limit=30) == [True]  # a generous limit: a loaded machine is no verdict
 
 
 def test_the_values_an_answer_names_are_read_from_its_grammar():
-    from aesl_lightning.answer_values import answer_values, names_several_values
+    from aesl_lightning.scoring.answer_values import answer_values, names_several_values
 
     for hedge in HEDGES:
         values, nested = answer_values(hedge)
@@ -261,7 +261,7 @@ def test_the_values_an_answer_names_are_read_from_its_grammar():
 
 
 def test_math_verify_salvages_no_number_from_text_it_cannot_parse():
-    from aesl_lightning.verifier import _verify_in_process
+    from aesl_lightning.scoring.verifier import _verify_in_process
 
     assert not _verify_in_process("\\boxed{43 ó 42}", "42")  # math-verify's default read it as 42
     assert _verify_in_process("\\boxed{\\frac{84}{2}}", "42")

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from aesl_lightning.callbacks import HFExport
+from aesl_lightning.training.callbacks import HFExport
 from aesl_lightning.cli import main
-from aesl_lightning.lm import UnsafeCheckpointError, load_checkpoint
+from aesl_lightning.modules.checkpoint_load import UnsafeCheckpointError, load_checkpoint
 
 
 class Payload:
@@ -23,7 +23,7 @@ class Payload:
 
 
 def crafted(path, proof, **extra):
-    torch.save({"aesl_lightning": {"module_class": "aesl_lightning.sft.SFTModule"}, "state_dict": {},
+    torch.save({"aesl_lightning": {"module_class": "aesl_lightning.modules.sft.SFTModule"}, "state_dict": {},
                 "hyper_parameters": {"name_or_path": "tiny-llama"}, "payload": Payload(proof), **extra}, path)
     return path
 
@@ -60,7 +60,8 @@ def test_export_imports_only_the_toolkits_module_classes(tmp_path, monkeypatch):
     proof = tmp_path / "imported"
     (tmp_path / "evil_module.py").write_text(f"open({str(proof)!r}, 'w').close()\nclass Module: pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("evil_module.Module", "os.system", "aesl_lightning..x", "aesl_lightning.tiny.tiny_model"):
+    for name in ("evil_module.Module", "os.system", "aesl_lightning..x", "aesl_lightning.infra.tiny.tiny_model",
+                 "aesl_lightning.tiny.tiny_model"):  # the last two: a function, under its new and old module names
         torch.save({"aesl_lightning": {"module_class": name}, "state_dict": {}}, tmp_path / "x.ckpt")
         with pytest.raises(UnsafeCheckpointError, match="module class"):
             main(["export", "--ckpt", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "out")])
@@ -68,9 +69,9 @@ def test_export_imports_only_the_toolkits_module_classes(tmp_path, monkeypatch):
 
 
 def test_export_refuses_trust_remote_code_unless_asked(tmp_path, monkeypatch):
-    from aesl_lightning.sft import SFTModule
+    from aesl_lightning.modules.sft import SFTModule
 
-    torch.save({"aesl_lightning": {"module_class": "aesl_lightning.sft.SFTModule"}, "state_dict": {},
+    torch.save({"aesl_lightning": {"module_class": "aesl_lightning.modules.sft.SFTModule"}, "state_dict": {},
                 "hyper_parameters": {"name_or_path": "someone/model-with-code", "trust_remote_code": True}},
                tmp_path / "remote.ckpt")
     monkeypatch.setattr(SFTModule, "load_from_checkpoint", classmethod(lambda *a, **k: pytest.fail("model built")))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from aesl_lightning.generation import Generation
+from aesl_lightning.infra.generation import Generation
 from aesl_lightning.metrics import pass_at_k
-from aesl_lightning.sample_metrics import SampleMetrics, completion_token_groups
+from aesl_lightning.modules.sample_metrics import SampleMetrics, completion_token_groups
 
 EOS = 2
 

@@ -6,9 +6,9 @@ import torch
 
 from aesl_lightning.data import SFTDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.lora import LoRAConfig
-from aesl_lightning.losses import LossConfig
-from aesl_lightning.sft import SFTModule, ValidationGeneration
+from aesl_lightning.infra.lora import LoRAConfig
+from aesl_lightning.maths.losses import LossConfig
+from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
 
 def _data(num_examples=16, batch_size=4, val_size=4):
@@ -116,8 +116,8 @@ def test_validate_before_fit_with_inference_mode(tmp_path):
 
 def test_answer_accuracy_counts_correct_completions(monkeypatch):
     """Scoring path with a stubbed generator: 2 of 3 completions carry the right boxed answer."""
-    import aesl_lightning.evaluation as evaluation
-    from aesl_lightning.generation import Generation
+    import aesl_lightning.modules.evaluation as evaluation
+    from aesl_lightning.infra.generation import Generation
 
     module = SFTModule("tiny-llama", val_generation=ValidationGeneration(num_prompts=3, num_samples=0))
     module.log_dict = lambda *a, **k: None

@@ -14,8 +14,8 @@ import torch
 
 from aesl_lightning.data import SFTDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.losses import LossConfig
-from aesl_lightning.sft import SFTModule, ValidationGeneration
+from aesl_lightning.maths.losses import LossConfig
+from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,9 @@ import lightning as L
 import torch
 
 from aesl_lightning.data import SFTDataModule
-from aesl_lightning.early_stopping import DiversityEarlyStopping
-from aesl_lightning.losses import LossConfig
-from aesl_lightning.sft import SFTModule, ValidationGeneration
+from aesl_lightning.training.early_stopping import DiversityEarlyStopping
+from aesl_lightning.maths.losses import LossConfig
+from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
 
 
 def test_collapsing_diversity_stops_training_at_the_peak(tmp_path):
@@ -47,10 +47,10 @@ def test_collapsing_diversity_stops_training_at_the_peak(tmp_path):
 def test_a_tiny_fit_writes_the_figure_and_prints_the_verdict(tmp_path, capsys):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from aesl_lightning.callbacks import RunSummary
+    from aesl_lightning.training.callbacks import RunSummary
     from aesl_lightning.data.synthetic import ArithmeticConfig
-    from aesl_lightning.plots import read_scalars
-    from aesl_lightning.val_schedule import ValidationSchedule
+    from aesl_lightning.training.plots import read_scalars
+    from aesl_lightning.training.val_schedule import ValidationSchedule
 
     torch.manual_seed(0)
     module = SFTModule("tiny-llama", lr=1e-2, warmup_steps=0, gate_check_batches=0, histogram_every_n_steps=0,

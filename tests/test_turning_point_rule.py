@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from aesl_lightning.early_stopping import DiversityEarlyStopping
-from aesl_lightning.turning_point import TurningPointConfig, TurningPointRule, find_turning_point
+from aesl_lightning.training.early_stopping import DiversityEarlyStopping
+from aesl_lightning.maths.turning_point import TurningPointConfig, TurningPointRule, find_turning_point
 
 STEPS = [0, 1, 2, 4, 8, 16, 32]
 # A base model's free prose scores far above any template at step 0; the format (boxed rate) is learned by step 4,

@@ -7,8 +7,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from aesl_lightning.data.datamodule import SFTDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.sft import SFTModule, ValidationGeneration
-from aesl_lightning.val_schedule import ValidationSchedule, log_spaced_steps
+from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
+from aesl_lightning.training.val_schedule import ValidationSchedule, log_spaced_steps
 
 
 class Seen(Callback):
@@ -95,7 +95,7 @@ def test_a_checkpoint_written_before_its_steps_validation_validates_that_step_on
 def test_metrics_are_logged_at_the_global_step_so_steps_0_and_1_do_not_collide(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from aesl_lightning.plots import read_scalars
+    from aesl_lightning.training.plots import read_scalars
 
     torch.manual_seed(0)
     module = SFTModule("tiny-llama", lr=1e-2, warmup_steps=0, val_generation=ValidationGeneration(num_prompts=0),

@@ -20,7 +20,7 @@ from aesl_lightning.data.word_problems import (
     split_of,
     write_splits,
 )
-from aesl_lightning.rewards import boxed_format, extract_boxed, math_accuracy
+from aesl_lightning.scoring.rewards import boxed_format, extract_boxed, math_accuracy
 
 SIZES = {"coldstart": 48, "val": 64, "rl": 400, "test": 200, "test_hard": 120}
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}

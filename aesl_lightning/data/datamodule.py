@@ -44,7 +44,7 @@ __all__ = ["SFTDataModule", "PromptDataModule", "EpochShuffleSampler", "Resumabl
 
 def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     # Imported here: loading weights-side code is only needed when a tokenizer is named by string.
-    from aesl_lightning.models import load_tokenizer
+    from aesl_lightning.infra.models import load_tokenizer
 
     path = Path(name)
     if path.suffix == ".gguf":

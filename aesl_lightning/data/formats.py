@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aesl_lightning.answers import GOLD_CHARS, gold_reason
+from aesl_lightning.scoring.answers import GOLD_CHARS, gold_reason
 from aesl_lightning.data.jsonl import RECORD_CHARS_ENV, capped_lines, invalid_utf8_line, max_record_chars, strict_json
 from aesl_lightning.data.synthetic import ArithmeticConfig, disjoint_splits
 
@@ -250,7 +250,7 @@ def normalize_answer(value: Any, where: str, name: str = "answer") -> tuple[str,
 
     Numbers become strings (`42.0` -> `"42"`); a thousands-separated number loses its commas (`"1,234"` -> `"1234"`).
     Refused (`DataFormatError` naming `where` and the field): NaN and infinite numbers, and an answer the math
-    reward cannot check (`aesl_lightning.answers.gold_reason`: longer than `GOLD_CHARS`, control characters).
+    reward cannot check (`aesl_lightning.scoring.answers.gold_reason`: longer than `GOLD_CHARS`, control characters).
     """
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise _field_error(where, name, "a string or a number", value)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from aesl_lightning.kernels import token_entropy
+from aesl_lightning.ops.kernels import token_entropy
 from aesl_lightning.metrics.functional import (
     Sample,
     distinct_n_batch,

@@ -5,7 +5,7 @@
 - `distinct_n_batch`: unique n-grams / total n-grams of each group of samples.
 - `pass_at_k`: the unbiased pass@k estimator of Chen et al. (2021).
 - `kl_divergence`: KL(p_theta || p_base) per token, chunked over tokens.
-  (Token entropy is `aesl_lightning.kernels.token_entropy`.)
+  (Token entropy is `aesl_lightning.ops.kernels.token_entropy`.)
 The torchmetrics `Metric`s that accumulate them are in `aesl_lightning.metrics`.
 
 Tokens: a sample is a sequence of hashable tokens (a list of ints or strings, a 1-D integer tensor or array)
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from aesl_lightning.kernels import masked_rows, row_chunk
+from aesl_lightning.ops.kernels import masked_rows, row_chunk
 
 __all__ = ["Sample", "tokenize_text", "self_bleu_batch", "distinct_n_batch", "pass_at_k", "kl_divergence"]
 
