@@ -40,7 +40,7 @@ def summarise(cfg: dict, records: dict) -> dict:
     out["tuning"] = {k: {"overrides": r["params"].get("overrides"), "superseded": _version(k) if r.get("superseded") else None, **A.m3(r["result"])}
                      for k, r in records.items() if r["kind"] == "tune"}
     out["superseded_bases"] = {_version(k): A.m1_m2(r["result"]) for k, r in sorted(records.items()) if k.startswith("base-check-v")}
-    pilots = {k: A.m4(r["result"], cfg) for k, r in records.items() if k.startswith("pilot-rl-") and "test" in r["result"]}
+    pilots = {k: A.m4(r["result"], cfg) for k, r in records.items() if k.startswith("pilot-rl-") and "test" in r["result"] and not r.get("superseded")}
     if pilots:
         out["M4"] = {"runs": pilots, "pass": sum(p["pass"] for p in pilots.values()) * 2 > len(pilots)}
     seeds = cfg["main"]["seeds"]

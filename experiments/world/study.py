@@ -146,7 +146,7 @@ def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
         arm, seed = unit.params["arm"], unit.params["seed"]
         start, why = start_of(cfg, work, store, arm, seed)
         for other_id, other in store.records().items():  # the same start and seed was already trained: same run
-            if other.get("kind") == "rl" and other["result"].get("start") == str(start.relative_to(work)) and other["result"].get("seed") == seed \
+            if other.get("kind") == "rl" and not other.get("superseded") and other["result"].get("start") == str(start.relative_to(work)) and other["result"].get("seed") == seed \
                     and other_id.split("-")[0] == unit.id.split("-")[0] and "same_as" not in other["result"]:
                 return {**other["result"], "same_as": other_id, "start_rule": why}
         return stages.run_grpo(cfg, work, start, seed, unit.id) | {"start_rule": why}
