@@ -1,7 +1,9 @@
 """Reward functions: TRL signature, boxed extraction, symbolic answer checking."""
 
+import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,7 @@ from aesl_lightning.scoring.rewards import (
     math_accuracy,
     prefilter_reason,
 )
+from aesl_lightning.scoring.verifier import worker_environment
 
 
 @pytest.mark.parametrize(
@@ -141,6 +144,23 @@ def test_a_stalled_check_is_cut_at_the_hard_limit_and_its_worker_replaced():
     finally:
         pool.close()
     assert all(w.process.poll() is not None for w in pool.workers) and pool.workers == []
+
+
+def test_workers_start_beside_the_package_they_import():
+    # The layout move put the verifier one folder deeper; its workers then started inside the package folder and could
+    # not import it unless it was installed (a checkout run as a script hung for two minutes, then "stopped answering").
+    env, cwd = worker_environment()
+    assert (Path(cwd) / "aesl_lightning" / "scoring" / "verifier.py").is_file()
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == cwd
+
+
+def test_a_worker_that_dies_at_start_up_is_a_clear_error():
+    pool = VerifierPool(workers=1, command=[sys.executable, "-c", "import sys; sys.stderr.write('No module named aesl_x'); sys.exit(3)"])
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"(?s)exited during start-up \(exit code 3.*No module named aesl_x"):
+        pool.start()
+    assert time.perf_counter() - started < 30 and pool.workers == []
+    pool.close()
 
 
 def test_works_from_threads_and_in_parallel():

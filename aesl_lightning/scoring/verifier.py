@@ -20,6 +20,7 @@ import os
 import selectors
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -91,13 +92,26 @@ def _worker_main() -> None:
 _WORKER_COMMAND = (sys.executable, "-c", "from aesl_lightning.scoring.verifier import _worker_main; _worker_main()")
 
 
+# The folder that holds the `aesl_lightning` package: a worker runs there with it first on PYTHONPATH, so it imports
+# this very package whether or not it is installed (a checkout run as a script, a stale editable install).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def worker_environment() -> tuple[dict[str, str], str]:
+    """(environment, working directory) a worker starts with."""
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": PACKAGE_ROOT + (os.pathsep + path if path else "")}
+    return env, PACKAGE_ROOT
+
+
 class _Worker:
     def __init__(self, command: Sequence[str]) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env, cwd = worker_environment()
+        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
         self.process = subprocess.Popen(
             list(command),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), text=True, encoding="utf-8",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env, cwd=cwd, text=True, encoding="utf-8",
         )
         self.ready = False
         self.task: int | None = None
@@ -108,10 +122,18 @@ class _Worker:
         self.process.stdin.flush()
         self.task, self.deadline = task_id, deadline
 
+    def error_tail(self, chars: int = 2000) -> str:
+        """The end of what the worker wrote to stderr (why it died)."""
+        try:
+            self.stderr.seek(0)
+            return self.stderr.read()[-chars:].strip()
+        except (OSError, ValueError):
+            return ""
+
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
+        for stream in (self.process.stdin, self.process.stdout, self.stderr):
             try:
                 stream.close()
             except OSError:
@@ -159,6 +181,13 @@ class VerifierPool:
                 worker = key.data
                 line = worker.process.stdout.readline()
                 if not line:  # died
+                    if not worker.ready:  # before it could import math-verify: no replacement would fare better
+                        worker.process.wait()
+                        why = worker.error_tail()
+                        worker.kill()
+                        self.workers.remove(worker)
+                        raise RuntimeError(f"a math-verify worker exited during start-up (exit code {worker.process.returncode}; "
+                                           f"command {list(self.command)!r}, run in {PACKAGE_ROOT}):\n{why or '(no output)'}")
                     if worker.task is not None:
                         results[worker.task] = False
                     worker.kill()
