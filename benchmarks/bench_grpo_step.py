@@ -48,19 +48,19 @@ import lightning as L
 import torch
 
 from _timing import HFStepTimer, StepTimer, competing_load  # benchmarks/ is on sys.path when run as a script
-from aesl_lightning import PromptDataModule
+from aesl_lightning import GRPOModule, LoRAConfig, PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.generation import eos_ids
-from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
-from aesl_lightning.lora import LoRAConfig, adapters_disabled, merge_lora
-from aesl_lightning.models import load_tokenizer, smollm2_cache_dir
-from aesl_lightning.rewards import boxed_format, math_accuracy
-from aesl_lightning.rollout import eval_mode, sampling_weights
+from aesl_lightning.infra.generation import eos_ids
+from aesl_lightning.infra.lora import adapters_disabled, merge_lora
+from aesl_lightning.infra.models import load_tokenizer, smollm2_cache_dir
+from aesl_lightning.modules.grpo_config import GRPOConfig, GRPOEvaluation
+from aesl_lightning.modules.rollout import eval_mode, sampling_weights
+from aesl_lightning.scoring.rewards import boxed_format, math_accuracy
 
 MODEL = "smollm2-135m-instruct"
 DATA = ArithmeticConfig(num_examples=64, seed=3)
 PROMPTS, G, MAX_NEW, TEMPERATURE, BETA, EPSILON, LR, MAX_GRAD_NORM = 8, 4, 64, 1.0, 0.04, 0.2, 1e-6, 1.0
-REWARDS, WEIGHTS = ["aesl_lightning.rewards.math_accuracy", "aesl_lightning.rewards.boxed_format"], [1.0, 0.1]
+REWARDS, WEIGHTS = ["aesl_lightning.scoring.rewards.math_accuracy", "aesl_lightning.scoring.rewards.boxed_format"], [1.0, 0.1]
 LORA = LoRAConfig(r=16, alpha=32.0, dropout=0.05, target_modules="all-linear")
 
 

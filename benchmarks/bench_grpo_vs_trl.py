@@ -2,7 +2,7 @@
 
 Same tiny model (the built-in tiny-llama, saved to a temp folder for TRL, which also loads its reference
 from there), same char-level tokenizer and ChatML template, same synthetic arithmetic prompts, same reward
-(`aesl_lightning.rewards.boxed_format`), G = 4 completions for each of 4 prompts per step (16 completions),
+(`aesl_lightning.scoring.rewards.boxed_format`), G = 4 completions for each of 4 prompts per step (16 completions),
 32 completion tokens at temperature 1.0, beta 0.04, epsilon 0.2, loss_type "grpo", one iteration per
 generation, plain AdamW lr 1e-5 constant (no decay), no gradient checkpointing, max_grad_norm 1.0, fp32 on CPU. Both are run in one process, in rounds
 that alternate the order; the first step of each run is dropped (warm-up). Reports the median step time of
@@ -42,10 +42,10 @@ import torch
 from _timing import HFStepTimer, StepTimer  # benchmarks/ is on sys.path when run as a script
 from aesl_lightning import PromptDataModule
 from aesl_lightning.data.synthetic import ArithmeticConfig
-from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation
-from aesl_lightning.models import load_causal_lm, load_tokenizer
+from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
+from aesl_lightning.modules.grpo_config import GRPOConfig, GRPOEvaluation
+from aesl_lightning.scoring.rewards import boxed_format
 from bench_grpo_step import TimedGRPO, prompt_text
-from aesl_lightning.rewards import boxed_format
 
 MODEL = "tiny-llama"
 DATA = ArithmeticConfig(num_examples=64, seed=3)
@@ -64,7 +64,7 @@ def ours_steps(steps: int, seed: int) -> list[dict]:
     L.seed_everything(seed, verbose=False)
     grpo = GRPOConfig(num_generations=G, temperature=TEMPERATURE, top_p=1.0, max_new_tokens=MAX_COMPLETION, beta=BETA,
                       epsilon=EPSILON, loss_type=LOSS_TYPE, scale_rewards="group", num_iterations=NUM_ITERATIONS,
-                      reward_funcs=["aesl_lightning.rewards.boxed_format"], max_grad_norm=MAX_GRAD_NORM,
+                      reward_funcs=["aesl_lightning.scoring.rewards.boxed_format"], max_grad_norm=MAX_GRAD_NORM,
                       log_completions_every_n_steps=0)
     module = TimedGRPO(MODEL, dtype="float32", grpo=grpo, evaluation=GRPOEvaluation(num_samples=0), lr=LR,
                         weight_decay=0.0, warmup_steps=0, scheduler="constant")

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import aesl_lightning.kernels as kernels  # noqa: E402
-from aesl_lightning.losses import IGNORE_INDEX, LossConfig, chunked_sft_loss, sft_loss  # noqa: E402
+import aesl_lightning.ops.kernels as kernels  # noqa: E402
+from aesl_lightning import LossConfig  # noqa: E402
+from aesl_lightning.maths.losses import IGNORE_INDEX, chunked_sft_loss, sft_loss  # noqa: E402
 
 PATHS = {
     "ce": "F.cross_entropy on logits",

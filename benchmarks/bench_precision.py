@@ -35,7 +35,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZE
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from aesl_lightning.models import load_causal_lm, load_tokenizer  # noqa: E402
+from aesl_lightning.infra.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 PRECISIONS = ("fp32", "bf16_mixed", "bf16_weights")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aesl_lightning import rewards  # noqa: E402
-from aesl_lightning.rewards import math_accuracy, verifier_pool  # noqa: E402
+from aesl_lightning.scoring import rewards  # noqa: E402
+from aesl_lightning.scoring.rewards import math_accuracy, verifier_pool  # noqa: E402
 
 LATEX_BITS = [
     "\\frac{", "\\sqrt{", "\\left(", "\\right)", "\\begin{pmatrix}", "\\end{pmatrix}", "\\\\", "&", "^{", "_{", "}",

@@ -1,4 +1,4 @@
-"""GRPO rollout sampling (`GRPOModule.sample` = `aesl_lightning.generation.generate`, which also records the
+"""GRPO rollout sampling (`GRPOModule.sample` = `aesl_lightning.infra.generation.generate`, which also records the
 per-token entropy and builds EOS masks) against a bare `model.generate` on the same prompts.
 
 Both paths sample with the same seed before each call, so they draw the same completions and the same
@@ -18,8 +18,8 @@ import time
 import torch
 
 from aesl_lightning.data.synthetic import ArithmeticConfig, generate_arithmetic
-from aesl_lightning.generation import SamplingConfig, completion_mask_from_ids, eos_ids, generate
-from aesl_lightning.models import load_causal_lm, load_tokenizer
+from aesl_lightning.infra.generation import SamplingConfig, completion_mask_from_ids, eos_ids, generate
+from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
 
 
 def left_padded_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

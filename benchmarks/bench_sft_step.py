@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from _timing import StepTimer  # benchmarks/ is on sys.path when run as a script
-from aesl_lightning.losses import LossConfig
-from aesl_lightning.models import load_causal_lm
-from aesl_lightning.sft import SFTModule, ValidationGeneration
+from aesl_lightning import LossConfig, SFTModule
+from aesl_lightning.infra.models import load_causal_lm
+from aesl_lightning.modules.evaluation import ValidationGeneration
 
 
 def make_batches(vocab: int, n: int, batch: int, length: int, seed: int = 0) -> list[dict]:

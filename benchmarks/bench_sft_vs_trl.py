@@ -1,7 +1,7 @@
 """SFT throughput of `SFTModule` under a Lightning Trainer against TRL's `SFTTrainer`, same settings.
 
 Both sides train SmolLM2-135M-Instruct (the built-in `smollm2-135m-instruct`; TRL loads its converted
-Hugging Face folder, `aesl_lightning.models.smollm2_cache_dir()`, as model and tokenizer) on the same fixed
+Hugging Face folder, `aesl_lightning.infra.models.smollm2_cache_dir()`, as model and tokenizer) on the same fixed
 list of prompt/completion examples: the first `--batch x --steps` problems of the built-in cold-start split
 (`aesl_lightning.data.word_problems`, split "coldstart"), in that order (no shuffling on either side), one
 user turn and one assistant reply under the model's chat template, so that every step sees the same examples.
@@ -96,8 +96,8 @@ def ours_side(opts, tmp: str) -> dict:
     from _timing import StepTimer  # benchmarks/ is on sys.path when run as a script
     from aesl_lightning.data import SFTDataModule
     from aesl_lightning.data.synthetic import write_jsonl
-    from aesl_lightning.losses import LossConfig
-    from aesl_lightning.sft import SFTModule, ValidationGeneration
+    from aesl_lightning import LossConfig, SFTModule
+    from aesl_lightning.modules.evaluation import ValidationGeneration
 
     class CountingTimer(StepTimer):
         """The step's completion tokens (counted before the clock starts), then the shared step timer."""
@@ -147,7 +147,7 @@ def trl_side(opts, tmp: str) -> dict:
 
     from aesl_lightning.data.encode import encode_sft_examples
     from aesl_lightning.data.formats import SFTExample
-    from aesl_lightning.models import smollm2_cache_dir
+    from aesl_lightning.infra.models import smollm2_cache_dir
 
 
     start = time.perf_counter()

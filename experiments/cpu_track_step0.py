@@ -8,10 +8,10 @@ import tempfile
 from pathlib import Path
 sys.path[:0] = ["experiments", "."]
 from reproduction import config, stages
-from aesl_lightning import SFTModule, SFTDataModule
-from aesl_lightning.calibration import measure
-from aesl_lightning.losses import LossConfig, learned_share
-from aesl_lightning.sft import ValidationGeneration
+from aesl_lightning import LossConfig, SFTModule, SFTDataModule
+from aesl_lightning.maths.losses import learned_share
+from aesl_lightning.modules.calibration import measure
+from aesl_lightning.modules.evaluation import ValidationGeneration
 track = config.load_tracks()[0]["cpu"]
 work = Path(tempfile.mkdtemp())
 paths = config.Paths(Path("experiments/results/cpu"), work)

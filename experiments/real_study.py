@@ -27,7 +27,7 @@ for _p in (HERE, HERE.parent):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from strategy_world import deadline  # noqa: E402  (HH:MM or ISO -> seconds since the epoch)
+from aesl_lightning.study.schedule import parse_until  # noqa: E402  (HH:MM UTC or ISO -> seconds since the epoch)
 
 SECTIONS = ("model", "paths", "machine", "data", "sft", "eval", "c1", "screen", "rl", "pilot", "arms", "verdicts", "estimates")
 # Toy sizes for a check that every stage runs (a tiny random model: it solves nothing, so the screen takes every prompt
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"report: {study.report(cfg, out)}")
         return
     began = time.time()
-    ran = study.run(cfg, work, out, deadline(args.until), only=args.only, preflight=args.preflight)
+    ran = study.run(cfg, work, out, parse_until(args.until), only=args.only, preflight=args.preflight)
     print(json.dumps({"ran": ran, "wall_minutes": round((time.time() - began) / 60, 2)}))
     print(f"report: {study.report(cfg, out)}")
 

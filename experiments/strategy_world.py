@@ -17,13 +17,14 @@ import copy
 import json
 import sys
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 for p in (HERE, HERE.parent):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+
+from aesl_lightning.study.schedule import parse_until  # noqa: E402  (HH:MM UTC or ISO -> seconds since the epoch)
 
 SMOKE = {"world": {"pretrain_size": 256, "val_size": 8, "rl_size": 32, "test_size": 8, "coldstart_size": 8},
          "base": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "steps": 4, "batch_size": 8, "snapshot_every": 2,
@@ -42,25 +43,6 @@ def load_config(path: Path, smoke: bool = False) -> dict:
         for section, values in SMOKE.items():
             cfg[section].update(values)
     return cfg
-
-
-def deadline(until: str | None) -> float | None:
-    """`HH:MM` (UTC, today or tomorrow) or an ISO date-time, as seconds since the epoch."""
-    if until is None:
-        return None
-    now = datetime.now(timezone.utc)
-    try:
-        when = datetime.fromisoformat(until)
-        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-    except ValueError:
-        try:
-            hour, minute = (int(x) for x in until.split(":"))
-        except ValueError as err:
-            raise SystemExit(f"--until: expected HH:MM (UTC) or an ISO date-time, got {until!r}") from err
-        when = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
-        if when <= now:
-            when += timedelta(days=1)
-    return when.timestamp()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         units = [u for u in units if u.id.startswith(args.only)]
     began = time.time()
-    study.run(cfg, work, out, units, deadline(args.until))
+    study.run(cfg, work, out, units, parse_until(args.until))
     print(json.dumps({"wall_minutes": (time.time() - began) / 60}))
 
 

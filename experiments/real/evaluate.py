@@ -29,10 +29,10 @@ ROUND = 4
 
 
 def final_answer(text: str) -> str:
-    """The answer a completion commits to, as the reward reads it (`aesl_lightning.rewards.final_answers`), with
+    """The answer a completion commits to, as the reward reads it (`aesl_lightning.scoring.rewards.final_answers`), with
     `\\boxed{}`, `$`, whitespace and thousands separators removed ("" when there is none): "\\boxed{1,000}" and
     "1000" count once among distinct answers."""
-    from aesl_lightning.rewards import final_answers
+    from aesl_lightning.scoring.rewards import final_answers
 
     answers, reason = final_answers(text)
     if reason is not None or not answers:
@@ -79,10 +79,10 @@ def evaluate(model, tokenizer, path: str | Path, samples: int, max_new_tokens: i
 
 
 def _evaluate_batch(model, tokenizer, batch: dict, k: int, max_new_tokens: int, greedy: bool) -> dict:
-    from aesl_lightning.generation import SamplingConfig, eos_ids, generate
+    from aesl_lightning.infra.generation import SamplingConfig, eos_ids, generate
     from aesl_lightning.metrics import self_bleu_batch
-    from aesl_lightning.rewards import boxed_format, math_accuracy
-    from aesl_lightning.sample_metrics import completion_token_groups
+    from aesl_lightning.modules.sample_metrics import completion_token_groups
+    from aesl_lightning.scoring.rewards import boxed_format, math_accuracy
 
     prompts, answers = batch["prompt"], batch["answer"]
     out: dict[str, list] = {"examples": []}

@@ -7,7 +7,7 @@ A grid row is `{"step", "columns", "summary"}` as `stages.run_sft` records it (c
   weights of the two signals; a missing self-BLEU counts as 0); a point's D is the mean over problems and its noise
   the bootstrap SE of that mean (problems resampled);
 - format gate: grid points from the first one whose sample boxed rate is >= the format level on (the "format step";
-  `aesl_lightning.turning_point.find_turning_point`'s gate, which stays open once reached);
+  `aesl_lightning.maths.turning_point.find_turning_point`'s gate, which stays open once reached);
 - turning point: the peak is the gated point with the highest D (the earliest of ties); it is a turning point when
   a later gated point lies more than `noise_k` x sqrt(SE_peak^2 + SE_later^2) below it (no smoothing, patience 1:
   `find_turning_point` run from the peak on). The turning-point arm starts from the peak whether or not it is
@@ -50,7 +50,7 @@ def bootstrap_se(values: Sequence[float], replicates: int = 1000, seed: int = 0)
 def turning_point(grid: Sequence[dict], format_level: float = 0.8, noise_k: float = 2.0, replicates: int = 1000) -> dict:
     """`{"format_step", "peak_step", "detected", "drop_step", "reason", "curve"}` by the rule in the module docstring;
     `curve` holds each point's D, its SE and its sample boxed rate."""
-    from aesl_lightning.turning_point import find_turning_point
+    from aesl_lightning.maths.turning_point import find_turning_point
 
     steps = [int(row["step"]) for row in grid]
     scores = [float(np.mean(paper_scores(row["columns"]))) for row in grid]

@@ -37,12 +37,12 @@ def quiet(threads: int | None = None) -> None:
 
 def model_source(cfg: dict, work: Path) -> str:
     """The base model: a built-in name, a folder or a hub id; `tiny` (smoke runs) is a tiny Llama with the character
-    tokenizer (`aesl_lightning.tiny`) written once under the work folder."""
+    tokenizer (`aesl_lightning.infra.tiny`) written once under the work folder."""
     if cfg["model"] != "tiny":
         return cfg["model"]
     path = work / "tiny-base"
     if not (path / "config.json").is_file():
-        from aesl_lightning.tiny import char_tokenizer, tiny_model
+        from aesl_lightning.infra.tiny import char_tokenizer, tiny_model
 
         tokenizer = char_tokenizer()
         tiny_model("llama", seed=0, vocab_size=len(tokenizer)).save_pretrained(path)
@@ -92,7 +92,7 @@ def test_eval(cfg: dict, work: Path, model, tokenizer) -> dict:
 
 
 def _load(path: str):
-    from aesl_lightning.models import load_causal_lm, load_tokenizer
+    from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(path), load_tokenizer(path)
 
@@ -152,7 +152,7 @@ def run_sft(cfg: dict, work: Path, unit_id: str, loss: dict, seed: int, grid: li
     import lightning as L
 
     from aesl_lightning import LossConfig, SFTDataModule, SFTModule
-    from aesl_lightning.evaluation import ValidationGeneration
+    from aesl_lightning.modules.evaluation import ValidationGeneration
 
     s = cfg["sft"]
     run_dir = work / "runs" / unit_id
@@ -193,7 +193,7 @@ def run_screen(cfg: dict, work: Path, start: Path) -> dict:
 
 def _recording_grpo():
     """GRPOModule that keeps, at every step, each prompt's rewards and its completions' entropy and length."""
-    from aesl_lightning.grpo import GRPOModule
+    from aesl_lightning import GRPOModule
 
     class RecordingGRPO(GRPOModule):
         def make_rollout(self, batch, timer=None):
@@ -222,7 +222,7 @@ def run_grpo(cfg: dict, work: Path, unit_id: str, start: str, seed: int, setting
     import lightning as L
 
     from aesl_lightning import PromptDataModule
-    from aesl_lightning.grpo import GRPOConfig, GRPOEvaluation
+    from aesl_lightning.modules.grpo_config import GRPOConfig, GRPOEvaluation
 
     r = {**cfg["rl"], **settings}
     run_dir = work / "runs" / unit_id
@@ -234,7 +234,7 @@ def run_grpo(cfg: dict, work: Path, unit_id: str, start: str, seed: int, setting
     L.seed_everything(seed, workers=True, verbose=False)
     grpo = GRPOConfig(num_generations=r["num_generations"], temperature=1.0, max_new_tokens=r["max_new_tokens"], beta=r["beta"], epsilon=0.2,
                       epsilon_high=0.28, loss_type=r["loss_type"], scale_rewards="group", log_completions_every_n_steps=0,
-                      reward_funcs=["aesl_lightning.rewards.math_accuracy", "aesl_lightning.rewards.boxed_format"],
+                      reward_funcs=["aesl_lightning.scoring.rewards.math_accuracy", "aesl_lightning.scoring.rewards.boxed_format"],
                       reward_weights=list(r["reward_weights"]))
     module = _recording_grpo()(name_or_path=start, grpo=grpo, evaluation=GRPOEvaluation(num_samples=0, greedy=False), lr=r["lr"],
                                scheduler="constant", warmup_steps=0)

@@ -12,7 +12,7 @@ def write_figures(ce_run_dir: Path, out: Path, summary: dict) -> None:
     """`diversity_curve.png` when the CE run's logs are in the work folder; `sweep.png` when the sweep has points."""
     from matplotlib.figure import Figure
 
-    from aesl_lightning.plots import plot_diversity
+    from aesl_lightning.training.plots import plot_diversity
 
     if (ce_run_dir / "logs").is_dir():
         plot_diversity(ce_run_dir, out / "diversity_curve.png")

@@ -128,10 +128,9 @@ def make_base(track: Track, paths: Paths, seed: int = 0) -> dict:
     """Pre-train a small Llama-style model from scratch on the broad corpus (CE on completions)."""
     import lightning as L
 
-    from aesl_lightning import SFTDataModule, SFTModule
-    from aesl_lightning.losses import LossConfig
-    from aesl_lightning.sft import ValidationGeneration
-    from aesl_lightning.tiny import char_tokenizer, tiny_model
+    from aesl_lightning import LossConfig, SFTDataModule, SFTModule
+    from aesl_lightning.infra.tiny import char_tokenizer, tiny_model
+    from aesl_lightning.modules.evaluation import ValidationGeneration
 
     run_dir = paths.run_dir("base")
     init = run_dir / "init"
@@ -174,10 +173,8 @@ def run_sft(track: Track, *, run_dir: Path, data_dir: Path, base: str, loss: str
     validation."""
     import lightning as L
 
-    from aesl_lightning import DiversityEarlyStopping, SFTDataModule, SFTModule
-    from aesl_lightning.lora import LoRAConfig
-    from aesl_lightning.losses import LossConfig
-    from aesl_lightning.sft import ValidationGeneration
+    from aesl_lightning import DiversityEarlyStopping, LoRAConfig, LossConfig, SFTDataModule, SFTModule
+    from aesl_lightning.modules.evaluation import ValidationGeneration
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished earlier attempt
     L.seed_everything(seed, workers=True, verbose=False)
@@ -211,15 +208,15 @@ def run_sft(track: Track, *, run_dir: Path, data_dir: Path, base: str, loss: str
 
 
 def grpo_config(track: Track):
-    from aesl_lightning.grpo import GRPOConfig
+    from aesl_lightning.modules.grpo_config import GRPOConfig
 
     return GRPOConfig(num_generations=track.num_generations, temperature=1.0, max_new_tokens=track.max_new_tokens, beta=track.beta,
                       epsilon=0.2, epsilon_high=0.28, loss_type="dr_grpo", scale_rewards="group", log_completions_every_n_steps=10,
-                      reward_funcs=["aesl_lightning.rewards.math_accuracy", "aesl_lightning.rewards.boxed_format"], reward_weights=[1.0, 0.1])
+                      reward_funcs=["aesl_lightning.scoring.rewards.math_accuracy", "aesl_lightning.scoring.rewards.boxed_format"], reward_weights=[1.0, 0.1])
 
 
 def _evaluation(track: Track):
-    from aesl_lightning.grpo import GRPOEvaluation
+    from aesl_lightning.modules.grpo_config import GRPOEvaluation
 
     return GRPOEvaluation(num_samples=track.eval_samples, temperature=1.0, max_new_tokens=track.max_new_tokens, greedy=True,
                           num_text_samples=2)
@@ -230,9 +227,7 @@ def run_grpo(track: Track, *, run_dir: Path, data_dir: Path, start: str, seed: i
     """GRPO from `start` on `<data_dir>/rl.jsonl` for `steps` steps, then `evaluate` on `splits`."""
     import lightning as L
 
-    from aesl_lightning import PromptDataModule
-    from aesl_lightning.grpo import GRPOModule
-    from aesl_lightning.lora import LoRAConfig
+    from aesl_lightning import GRPOModule, LoRAConfig, PromptDataModule
 
     shutil.rmtree(run_dir, ignore_errors=True)
     L.seed_everything(seed, workers=True, verbose=False)
@@ -267,7 +262,7 @@ def run_start_eval(track: Track, *, run_dir: Path, data_dir: Path, start: str, s
     """The starting point of an arm on the test splits before RL (same evaluation as after RL): the RL gain."""
     import lightning as L
 
-    from aesl_lightning.grpo import GRPOModule
+    from aesl_lightning import GRPOModule
 
     shutil.rmtree(run_dir, ignore_errors=True)
     L.seed_everything(seed, workers=True, verbose=False)

@@ -53,9 +53,9 @@ def evaluate(model, tokenizer, problems: Sequence[dict], samples: int, max_new_t
              greedy: bool = True) -> list[dict]:
     """One row per problem (see the module docstring). Sampling at temperature 1 under a fixed seed, without
     moving the caller's RNG."""
-    from aesl_lightning.generation import SamplingConfig, eos_ids, generate
+    from aesl_lightning.infra.generation import SamplingConfig, eos_ids, generate
     from aesl_lightning.metrics import self_bleu_batch
-    from aesl_lightning.sample_metrics import completion_token_groups
+    from aesl_lightning.modules.sample_metrics import completion_token_groups
 
     rows: list[dict] = []
     eos = eos_ids(model, tokenizer)

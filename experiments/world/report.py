@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from aesl_lightning.study.report import markdown_table
 from aesl_lightning.study.units import UnitStore, strict_json
 from world import analysis as A
 
@@ -78,12 +79,11 @@ def _preflight_lines(s: dict) -> list[str]:
         b = s["base_selection"]
         chosen = f"step {b['chosen_step']}" if b["chosen_step"] is not None else "none qualified (the last snapshot is used; see plan.md)"
         lines += ["", f"Base selection (amendment 5: the first snapshot where M1 and M2 pass and round's success >= "
-                      f"{A.BASE_MIN_ROUND_SUCCESS}): {chosen}.", "",
-                  "| step | shares direct / round / column | success direct / round / column | M1 | M2 |", "|---|---|---|---|---|"]
-        for c in b["snapshots"]:
-            sh, su = c["M1"]["shares"], c["M1"]["success"]
-            lines.append(f"| {c['step']} | {' / '.join(_f(sh.get(k)) for k in ('direct', 'round', 'column'))} | "
-                         f"{' / '.join(_f(su.get(k)) for k in ('direct', 'round', 'column'))} | {A.check(c['M1']['pass'])} | {A.check(c['M2']['pass'])} |")
+                      f"{A.BASE_MIN_ROUND_SUCCESS}): {chosen}.", ""]
+        lines += markdown_table(["step", "shares direct / round / column", "success direct / round / column", "M1", "M2"],
+                                [[c["step"], " / ".join(_f(c["M1"]["shares"].get(k)) for k in ("direct", "round", "column")),
+                                  " / ".join(_f(c["M1"]["success"].get(k)) for k in ("direct", "round", "column")),
+                                  A.check(c["M1"]["pass"]), A.check(c["M2"]["pass"])] for c in b["snapshots"]])
     if "M3" in s:
         m = s["M3"]
         lines += [f"- **M3** ({A.check(m['pass'])}): CE (narrow, seed 0) learns the format (target rate >= 0.8) at step {m['format_step']} "
@@ -97,39 +97,37 @@ def _preflight_lines(s: dict) -> list[str]:
             lines += [f"  - {k}: {_f(m['pass1'])} -> {_f(m['pass2'])}, gain {_f(m['gain'])} (SE {_f(m['se'])}; >= {A.M4_MIN_GAIN} and > 2 SE), "
                       f"test target rate after RL {_f(m['test_target_rate_after'])} (>= 0.9): {A.check(m['pass'])}"]
     if s.get("tuning"):
-        lines += ["", "## SFT tuning runs (narrow cold start, CE, seed 0; 16 validation problems x 4 samples)", "",
-                  "| run | settings | format step | target rate at end | round success step 0 -> end | other strategies at end | "
-                  "pass@1 at format step -> end | M3 | M3b |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for k, t in sorted(s["tuning"].items()):
             st = t["success_start_end"]
             label = f" ({t['superseded']}, superseded)" if t["superseded"] else ""
-            lines.append(f"| {k}{label} | "
-                         f"{json.dumps(t['overrides'].get('sft') if t['overrides'] else None)} | "
-                         f"{t['format_step']} | {_f(t['end_target_rate'])} | {_f(st[0])} -> {_f(st[1])} | {_f(t['end_not_coldstart_share'])} | "
-                         f"{_f(t['pass1_at_format_step'])} -> {_f(t['end_pass1'])} | {A.check(t['pass'])} | {A.check(t['M3b'])} |")
+            rows.append([f"{k}{label}", json.dumps(t["overrides"].get("sft") if t["overrides"] else None), t["format_step"],
+                         _f(t["end_target_rate"]), f"{_f(st[0])} -> {_f(st[1])}", _f(t["end_not_coldstart_share"]),
+                         f"{_f(t['pass1_at_format_step'])} -> {_f(t['end_pass1'])}", A.check(t["pass"]), A.check(t["M3b"])])
+        lines += ["", "## SFT tuning runs (narrow cold start, CE, seed 0; 16 validation problems x 4 samples)", ""]
+        lines += markdown_table(["run", "settings", "format step", "target rate at end", "round success step 0 -> end",
+                                 "other strategies at end", "pass@1 at format step -> end", "M3", "M3b"], rows)
     for version, v in s.get("superseded_bases", {}).items():
         lines += ["", f"World {version} base (superseded, see plan.md): M1 {A.check(v['M1']['pass'])} (shares "
                   + ", ".join(f"{k} {_f(x)}" for k, x in v["M1"]["shares"].items()) + "; success "
                   + ", ".join(f"{k} {_f(x)}" for k, x in v["M1"]["success"].items()) + f"), M2 {A.check(v['M2']['pass'])} (target rate {_f(v['M2']['target_rate'])})."]
-    lines += ["", "## Unit costs (idle units only)", "", "| kind | median minutes | idle units | busy units |", "|---|---|---|---|"]
-    for k, c in sorted(s["costs"].items()):
-        lines.append(f"| {k} | {_f(c['median_seconds'] / 60 if c['median_seconds'] else None, 1)} | {c['idle_units']} | {c['busy_units']} |")
+    lines += ["", "## Unit costs (idle units only)", ""]
+    lines += markdown_table(["kind", "median minutes", "idle units", "busy units"],
+                            [[k, _f(c["median_seconds"] / 60 if c["median_seconds"] else None, 1), c["idle_units"], c["busy_units"]]
+                             for k, c in sorted(s["costs"].items())])
     return lines
 
 
 def _main_lines(s: dict) -> list[str]:
-    lines = ["", "## Accuracy after RL (test, greedy, target format)", "", "| arm | seeds | before RL | after RL |", "|---|---|---|---|"]
-    for arm, a in s.get("arms", {}).items():
-        mean = lambda v: sum(v) / len(v)  # noqa: E731
-        lines.append(f"| {arm} | {a['seeds']} | {_f(mean(a['start_accuracy']))} | {_f(mean(a['test_accuracy']))} |")
-    lines += ["", "## Comparisons (paired by seed and problem; 95 % hierarchical bootstrap; sign-flip p over seeds)", "",
-              "| comparison | seeds | A - B [95 % CI] | p | MDE | verdict |", "|---|---|---|---|---|---|"]
-    for name, c in s.get("comparisons", {}).items():
-        if c["verdict"] == "not run":
-            lines.append(f"| {name} | {c['seeds']} | - | - | - | not run |")
-        else:
-            lines.append(f"| {name} | {c['seeds']} | {_interval(c)} | {_f(c['sign_flip_p'])} | {_f(c['mde'])} | {c['verdict']} |")
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    lines = ["", "## Accuracy after RL (test, greedy, target format)", ""]
+    lines += markdown_table(["arm", "seeds", "before RL", "after RL"],
+                            [[arm, a["seeds"], _f(mean(a["start_accuracy"])), _f(mean(a["test_accuracy"]))] for arm, a in s.get("arms", {}).items()])
+    lines += ["", "## Comparisons (paired by seed and problem; 95 % hierarchical bootstrap; sign-flip p over seeds)", ""]
+    lines += markdown_table(["comparison", "seeds", "A - B [95 % CI]", "p", "MDE", "verdict"],
+                            [[name, c["seeds"], "-", "-", "-", "not run"] if c["verdict"] == "not run" else
+                             [name, c["seeds"], _interval(c), _f(c["sign_flip_p"]), _f(c["mde"]), c["verdict"]]
+                             for name, c in s.get("comparisons", {}).items()])
     for coldstart in ("narrow", "best", "all"):
         c = s.get(f"C1_{coldstart}")
         if not c:
@@ -140,10 +138,10 @@ def _main_lines(s: dict) -> list[str]:
         if "decline" in c:
             lines.append(f"Strategy entropy, paper's peak minus end (bits per problem): {_interval(c['decline'])}, p {_f(c['decline']['sign_flip_p'])}: "
                          f"{c['decline']['verdict']} (smallest effect of interest {A.SESOI_BITS} bits).")
-        lines += ["", "| seed | format step | paper peak | detected | truth peak | Spearman(paper, truth) |", "|---|---|---|---|---|---|"]
-        for x in c["seeds"]:
-            lines.append(f"| {x['seed']} | {x['paper']['format_step']} | {x['paper']['peak_step']} | {x['paper']['detected']} | "
-                         f"{x['truth']['peak_step']} | {_f(x['spearman_paper_vs_truth'])} |")
+        lines += [""]
+        lines += markdown_table(["seed", "format step", "paper peak", "detected", "truth peak", "Spearman(paper, truth)"],
+                                [[x["seed"], x["paper"]["format_step"], x["paper"]["peak_step"], x["paper"]["detected"],
+                                  x["truth"]["peak_step"], _f(x["spearman_paper_vs_truth"])] for x in c["seeds"]])
     return lines
 
 

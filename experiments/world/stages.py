@@ -69,10 +69,9 @@ def pretrain_base(cfg: dict, work: Path) -> dict:
     """Pre-train the base (CE on every token of the native-format completions) and evaluate it on `val`."""
     import lightning as L
 
-    from aesl_lightning import SFTDataModule, SFTModule
-    from aesl_lightning.evaluation import ValidationGeneration
-    from aesl_lightning.losses import LossConfig
-    from aesl_lightning.tiny import char_tokenizer, tiny_model
+    from aesl_lightning import LossConfig, SFTDataModule, SFTModule
+    from aesl_lightning.infra.tiny import char_tokenizer, tiny_model
+    from aesl_lightning.modules.evaluation import ValidationGeneration
 
     b = cfg["base"]
     paths = write_data(cfg, work)
@@ -166,9 +165,8 @@ def run_sft(cfg: dict, work: Path, variant: str, loss: str, seed: int, run_id: s
     at every grid step, with a snapshot at each (under `<work>/runs/<run_id>/snapshots/stepNNNNN`)."""
     import lightning as L
 
-    from aesl_lightning import SFTDataModule, SFTModule
-    from aesl_lightning.evaluation import ValidationGeneration
-    from aesl_lightning.losses import LossConfig
+    from aesl_lightning import LossConfig, SFTDataModule, SFTModule
+    from aesl_lightning.modules.evaluation import ValidationGeneration
 
     s = cfg["sft"]
     run_dir = work / "runs" / run_id
@@ -191,8 +189,8 @@ def run_sft(cfg: dict, work: Path, variant: str, loss: str, seed: int, run_id: s
 def _recording_grpo():
     """GRPOModule that keeps, per rollout batch, each prompt's rewards and its completions' strategies
     (the per-prompt record of the manipulation check and of the strategy shares during RL)."""
+    from aesl_lightning import GRPOModule
     from aesl_lightning.data.strategy_world import label_strategy
-    from aesl_lightning.grpo import GRPOModule
 
     class RecordingGRPO(GRPOModule):
         def make_rollout(self, batch, timer=None):
@@ -213,7 +211,7 @@ def run_grpo(cfg: dict, work: Path, start: Path, seed: int, run_id: str, evaluat
     import lightning as L
 
     from aesl_lightning import PromptDataModule
-    from aesl_lightning.grpo import GRPOConfig
+    from aesl_lightning.modules.grpo_config import GRPOConfig
 
     r = cfg["rl"]
     run_dir = work / "runs" / run_id

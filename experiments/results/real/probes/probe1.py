@@ -2,11 +2,11 @@ import sys, time, json
 sys.path.insert(0, "/work/main/experiments"); sys.path.insert(0, "/work/main")
 import track_real as T
 T.quiet(1)
-from aesl_lightning.models import load_causal_lm, load_tokenizer
+from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
 from aesl_lightning.data.encode import encode_prompt_examples, collate_prompts
 from aesl_lightning.data.formats import load_prompt_examples
-from aesl_lightning.generation import generate, SamplingConfig
-from aesl_lightning.rewards import math_accuracy, boxed_format
+from aesl_lightning.infra.generation import generate, SamplingConfig
+from aesl_lightning.scoring.rewards import math_accuracy, boxed_format
 tok = load_tokenizer("smollm2-135m-instruct"); model = load_causal_lm("smollm2-135m-instruct")
 ex = load_prompt_examples("/work/main/lightning_logs/track_real/data/test.jsonl")[:16]
 enc, _ = encode_prompt_examples(tok, ex, 1024)

@@ -3,7 +3,7 @@ sys.path.insert(0, "/work/main/experiments"); sys.path.insert(0, "/work/main")
 import track_real as T
 T.quiet(1)
 from aesl_lightning.data.word_problems import WordProblemConfig, generate_split, write_splits
-from aesl_lightning.models import load_causal_lm, load_tokenizer
+from aesl_lightning.infra.models import load_causal_lm, load_tokenizer
 cfg = WordProblemConfig(min_ops=2, max_ops=2)
 recs = generate_split("test", 32, cfg, seed=0)
 write_splits({"test": recs}, "/tmp/rt/probe2")
