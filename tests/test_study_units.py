@@ -113,3 +113,23 @@ def test_busy_is_the_other_processes_cpu_not_the_load_left_by_this_run(monkeypat
     monkeypatch.setattr(U, "_own_cpu_seconds", lambda: 0.0)
     clock = iter([0.0, 100.0])
     assert U.MachineProbe(clock=lambda: next(clock)).finish()["busy"] is True
+
+
+def test_superseded_records_are_kept_under_a_version_and_the_unit_runs_again(tmp_path):
+    store = UnitStore(tmp_path)
+    calls = []
+    run_units(_units()[:2], store, lambda u: calls.append(u.id) or {"value": len(calls)}, planned={"base": 1, "sft": 1},
+              log=lambda m: None)
+    first = store.load("sft-s0")
+    assert store.supersede("sft-s0", "v1", "cap too short") == "sft-s0-v1"
+    kept = store.load("sft-s0-v1")
+    assert kept["result"] == first["result"] and kept["renamed_from"] == "sft-s0" and kept["superseded"] == "cap too short"
+    assert kept["id"] == "sft-s0-v1" and not store.done("sft-s0")
+    run_units(_units()[:2], store, lambda u: calls.append(u.id) or {"value": len(calls)}, planned={"base": 1, "sft": 1},
+              log=lambda m: None)
+    assert calls == ["base", "sft-s0", "sft-s0"] and store.load("sft-s0")["result"] == {"value": 3}
+    with pytest.raises(FileExistsError, match="sft-s0-v1.json exists"):
+        store.supersede("sft-s0", "v1", "again")  # evidence is never overwritten
+    assert store.load("sft-s0-v1")["result"] == first["result"] and store.done("sft-s0")
+    with pytest.raises(ValueError, match="reason"):
+        store.supersede("sft-s0", "v2", "")

@@ -117,3 +117,19 @@ def test_the_base_is_the_first_snapshot_that_passes_m1_m2_with_a_usable_round_st
     assert analysis.choose_base(checks) == 1500
     assert analysis.choose_base([checks[0], checks[-1]]) is None
     assert analysis.choose_base([_check(1500, (0.6, 0.55, 0.9), target=0.05)]) is None  # M2: the base already writes the target format
+
+
+def test_the_generation_cap_must_fit_every_strategy_in_either_format():
+    import copy
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / "strategy_world.yaml").read_text())
+    longest = study.longest_solution(cfg)
+    # 3-digit sums written column by column in the target format: 100-105 characters, + the end token
+    assert longest == {"tokens": 106, "strategy": "column", "format": "target"}
+    study.check_generation_cap(cfg)  # the frozen config fits
+    short = copy.deepcopy(cfg)
+    short["eval"]["max_new_tokens"] = 96  # amendment 9: every column solution in the target format was cut
+    with pytest.raises(SystemExit, match="96 cuts solutions before their answer: a column solution in the target format takes up to 106"):
+        study.check_generation_cap(short)

@@ -73,6 +73,20 @@ class UnitStore:
             tmp.unlink(missing_ok=True)
         return path
 
+    def supersede(self, unit_id: str, version: str, why: str) -> str:
+        """Set aside a record that no longer counts: it is kept as `<unit_id>-<version>`, marked with `why` and
+        the id it had, and the unit counts as not done (a driver runs it again). Returns the new id. Records are
+        evidence: nothing is deleted, and an existing `<unit_id>-<version>` is never overwritten."""
+        if not version or not why:
+            raise ValueError("supersede: a version label and the reason are both required")
+        new_id = f"{unit_id}-{version}"
+        if self.done(new_id):
+            raise FileExistsError(f"{self.path(new_id)} exists: pick another version label")
+        record = self.load(unit_id)
+        self.save(new_id, {**record, "id": new_id, "renamed_from": unit_id, "superseded": why})
+        self.path(unit_id).unlink()
+        return new_id
+
     def records(self) -> dict[str, dict]:
         """Every recorded unit by id (the report's only input)."""
         if not self.dir.is_dir():

@@ -153,7 +153,39 @@ def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
     raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 
-def run(cfg: dict, work: Path, out: Path, units: list[Unit], deadline: float | None) -> list[str]:
+def longest_solution(cfg: dict) -> dict:
+    """The longest solution, in tokens with its end-of-sequence token, of any strategy in either format over the
+    problems the study generates for (validation, RL pool, test), with the strategy and format that give it."""
+    from dataclasses import replace
+
+    from aesl_lightning.data.strategy_world import STRATEGIES, Problem, fixed_splits, solution
+    from aesl_lightning.infra.tiny import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    splits = fixed_splits(replace(stages.world_config(cfg), pretrain_size=0))  # the same problems, no corpus
+    problems = {(r["a"], r["b"]) for name in ("val", "rl", "test") for r in splits[name]}
+    longest = {"tokens": 0}
+    for strategy in STRATEGIES:
+        for fmt in ("native", "target"):
+            texts = [solution(Problem(a, b), strategy, fmt) for a, b in sorted(problems)]
+            tokens = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) + 1
+            if tokens > longest["tokens"]:
+                longest = {"tokens": tokens, "strategy": strategy, "format": fmt}
+    return longest
+
+
+def check_generation_cap(cfg: dict) -> None:
+    """Every strategy must fit the generation cap in either format (amendment 9: a cap of 96 cut every `column`
+    solution in the target format before its answer, so neither the evaluations nor RL could ever see one)."""
+    longest, cap = longest_solution(cfg), cfg["eval"]["max_new_tokens"]
+    if longest["tokens"] > cap:
+        raise SystemExit(f"eval.max_new_tokens = {cap} cuts solutions before their answer: a {longest['strategy']} solution in the "
+                         f"{longest['format']} format takes up to {longest['tokens']} tokens with its end token; raise the cap")
+
+
+def run(cfg: dict, work: Path, out: Path, units: list[Unit], deadline: float | None, check_cap: bool = True) -> list[str]:
+    if check_cap:
+        check_generation_cap(cfg)
     store = UnitStore(out)
     units = stamp(cfg, units)
     check_records(units, store)
