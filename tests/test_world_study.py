@@ -133,3 +133,13 @@ def test_the_generation_cap_must_fit_every_strategy_in_either_format():
     short["eval"]["max_new_tokens"] = 96  # amendment 9: every column solution in the target format was cut
     with pytest.raises(SystemExit, match="96 cuts solutions before their answer: a column solution in the target format takes up to 106"):
         study.check_generation_cap(short)
+
+
+def test_superseded_rl_records_do_not_make_main_results():
+    from world import report
+
+    record = {"kind": "rl", "machine": {"busy": False, "seconds": 100.0, "start": {}, "end": {}}, "result": {},
+              "superseded": "made with a cap that cut the best strategy (amendment 9)"}
+    summary = report.summarise({"main": {"seeds": [0]}, "rl": {}}, {"rl-ce_end-s0-v5e": record})
+    assert "comparisons" not in summary and "arms" not in summary
+    assert summary["costs"]["rl"]["idle_units"] == 1  # still counted where the pre-flight lists costs

@@ -45,6 +45,7 @@ def summarise(cfg: dict, records: dict) -> dict:
     if pilots:
         out["M4"] = {"runs": pilots, "pass": sum(p["pass"] for p in pilots.values()) * 2 > len(pilots)}
     seeds = cfg["main"]["seeds"]
+    records = {k: r for k, r in records.items() if not r.get("superseded")}  # the main results: current records only
     if any(k.startswith("rl-") for k in records):
         out["comparisons"] = {name: A.compare(records, a, b, seeds) for name, (a, b) in A.COMPARISONS.items()}
         arms = {}
@@ -149,7 +150,7 @@ def write(cfg: dict, store: UnitStore, out: Path) -> Path:
     records = store.records()
     s = summarise(cfg, records)
     (out / "results.json").write_text(json.dumps(strict_json(s), indent=1, sort_keys=True, allow_nan=False) + "\n")
-    main = any(k.startswith("rl-") for k in records)
+    main = any(k.startswith("rl-") and not r.get("superseded") for k, r in records.items())
     title = "results.md" if main else "preflight.md"
     lines = [f"# Strategy world: {'results' if main else 'pre-flight'}", "",
              "A mechanism test in a controlled world (a from-scratch ~1M-parameter model), not evidence about 7B models. "
