@@ -47,7 +47,12 @@ def summarise(cfg: dict, records: dict) -> dict:
     seeds = cfg["main"]["seeds"]
     records = {k: r for k, r in records.items() if not r.get("superseded")}  # the main results: current records only
     if any(k.startswith("rl-") for k in records):
+        from world.study import ARMS
+
         out["comparisons"] = {name: A.compare(records, a, b, seeds) for name, (a, b) in A.COMPARISONS.items()}
+        control_seeds = cfg["main"].get("control_seeds", {})
+        for name, (a, _) in A.COMPARISONS.items():  # how many seeds the plan gives it: a verdict is read only at that count
+            out["comparisons"][name]["planned_seeds"] = len(control_seeds.get(ARMS[a][0], seeds))
         arms = {}
         for arm in cfg["main"]["arms"]:
             got = [records[f"rl-{arm}-s{s}"]["result"] for s in seeds if f"rl-{arm}-s{s}" in records]
@@ -62,6 +67,7 @@ def summarise(cfg: dict, records: dict) -> dict:
     for coldstart in ("narrow", "best", "all"):
         if any(k.startswith(f"sft-{coldstart}-ce-") for k in records):
             out[f"C1_{coldstart}"] = A.c1(records, coldstart, seeds)
+            out[f"C1_{coldstart}"]["planned_seeds"] = len(cfg["main"].get("control_seeds", {}).get(coldstart, seeds))
     return out
 
 
@@ -127,7 +133,8 @@ def _main_lines(s: dict) -> list[str]:
     lines += ["", "## Comparisons (paired by seed and problem; 95 % hierarchical bootstrap; sign-flip p over seeds)", ""]
     lines += markdown_table(["comparison", "seeds", "A - B [95 % CI]", "p", "MDE", "verdict"],
                             [[name, c["seeds"], "-", "-", "-", "not run"] if c["verdict"] == "not run" else
-                             [name, c["seeds"], _interval(c), _f(c["sign_flip_p"]), _f(c["mde"]), c["verdict"]]
+                             [name, f"{c['seeds']} of {c['planned_seeds']}", _interval(c), _f(c["sign_flip_p"]), _f(c["mde"]),
+                              c["verdict"] if c["seeds"] >= c["planned_seeds"] else f"interim, no verdict (reads {c['verdict']} so far)"]
                              for name, c in s.get("comparisons", {}).items()])
     for coldstart in ("narrow", "best", "all"):
         c = s.get(f"C1_{coldstart}")
@@ -138,7 +145,9 @@ def _main_lines(s: dict) -> list[str]:
                   f"{c['truth_detected']}.", ""]
         if "decline" in c:
             lines.append(f"Strategy entropy, paper's peak minus end (bits per problem): {_interval(c['decline'])}, p {_f(c['decline']['sign_flip_p'])}: "
-                         f"{c['decline']['verdict']} (smallest effect of interest {A.SESOI_BITS} bits).")
+                         + (c['decline']['verdict'] if len(c["seeds"]) >= c.get("planned_seeds", 0) else
+                            f"interim at {len(c['seeds'])} of {c['planned_seeds']} seeds, no verdict (reads {c['decline']['verdict']} so far)")
+                         + f" (smallest effect of interest {A.SESOI_BITS} bits).")
         lines += [""]
         lines += markdown_table(["seed", "format step", "paper peak", "detected", "truth peak", "Spearman(paper, truth)"],
                                 [[x["seed"], x["paper"]["format_step"], x["paper"]["peak_step"], x["paper"]["detected"],
