@@ -143,3 +143,39 @@ def test_superseded_rl_records_do_not_make_main_results():
     summary = report.summarise({"main": {"seeds": [0]}, "rl": {}}, {"rl-ce_end-s0-v5e": record})
     assert "comparisons" not in summary and "arms" not in summary
     assert summary["costs"]["rl"]["idle_units"] == 1  # still counted where the pre-flight lists costs
+
+
+def test_a_fresh_checkout_rebuilds_the_weights_its_pending_units_need_and_checks_them_against_the_records(tmp_path):
+    """Weights are not committed: a new checkout rebuilds the base (stopped at its chosen step) and the SFT run a pending
+    RL unit starts from, and each rebuild must reproduce its record's evaluations exactly, else the study stops."""
+    import json
+
+    import torch
+
+    import strategy_world as driver
+
+    torch.set_num_threads(1)
+    cfg = driver.load_config(driver.HERE / "strategy_world.yaml", smoke=True)
+    out, work = tmp_path / "out", tmp_path / "work"
+    units = study.main_units(cfg)
+    first = [u for u in units if u.id in ("base", "sft-narrow-ce-s0")]
+    study.run(cfg, work, out, first, None, check_cap=False)
+    assert not (out / "restores.jsonl").exists()  # nothing was missing
+
+    import shutil
+
+    shutil.rmtree(work)  # a fresh checkout: records, no weights
+    later = [u for u in units if u.id in ("base", "sft-narrow-ce-s0", "rl-ce_end-s0")]
+    study.run(cfg, work, out, later, None, check_cap=False)
+    log = [json.loads(line) for line in (out / "restores.jsonl").read_text().splitlines()]
+    assert [(e["unit"], e["matches_record"]) for e in log] == [("base", True), ("sft-narrow-ce-s0", True)]
+    assert UnitStore(out).done("rl-ce_end-s0")
+
+    store = UnitStore(out)  # a record the rebuild cannot reproduce stops the study before any unit runs
+    record = store.load("sft-narrow-ce-s0")
+    record["result"]["grid"][-1]["summary"]["pass@1"] = 0.123456
+    store.save("sft-narrow-ce-s0", record)
+    shutil.rmtree(work / "runs" / "sft-narrow-ce-s0")
+    with pytest.raises(SystemExit, match="did not reproduce"):
+        study.run(cfg, work, out, [u for u in units if u.id in ("base", "sft-narrow-ce-s0", "rl-ce_turning-s0")], None, check_cap=False)
+    assert not store.done("rl-ce_turning-s0")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
-from aesl_lightning.study.units import Unit, UnitStore, run_units
+from aesl_lightning.study.units import Unit, UnitStore, git_commit, run_units, strict_json
 from world import rules, stages
 
 # arm -> (cold start, SFT loss, which grid point); `rl_only` starts from the base
@@ -183,6 +185,67 @@ def check_generation_cap(cfg: dict) -> None:
                          f"{longest['format']} format takes up to {longest['tokens']} tokens with its end token; raise the cap")
 
 
+def _same(summaries: list[dict], recorded: list[dict]) -> bool:
+    """Equal after the JSON round trip a record goes through (exact: the stages are deterministic on this machine)."""
+    return json.loads(json.dumps(strict_json(summaries), sort_keys=True)) == json.loads(json.dumps(recorded, sort_keys=True))
+
+
+def _log_restore(out: Path, entry: dict) -> None:
+    with open(out / "restores.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(strict_json(entry), sort_keys=True) + "\n")
+
+
+def restore_missing(cfg: dict, work: Path, out: Path, store: UnitStore, units: list[Unit]) -> list[str]:
+    """Weights live in the (git-ignored) work folder and a fresh checkout has none. Before pending units run, rebuild
+    what they need from their committed records: the base (the recorded run, stopped at its `chosen_step`) and the
+    SFT runs whose snapshots a pending RL unit starts from. Each rebuild must reproduce its record's evaluations
+    exactly, else the study stops: later units would otherwise start from weights no record describes. Each rebuild
+    is logged to `<out>/restores.jsonl` (unit, commit, load, seconds, whether it matched)."""
+    todo = [u for u in units if not store.done(u.id)]
+    if not todo:
+        return []
+    restored = []
+
+    def rebuild(unit_id: str, make, recorded: list[dict]) -> None:
+        start = {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": git_commit(Path(__file__).resolve().parents[2]),
+                 "loadavg": list(os.getloadavg())}
+        began = time.perf_counter()
+        summaries = make()
+        ok = _same(summaries, recorded)
+        _log_restore(out, {"unit": unit_id, "start": start, "seconds": time.perf_counter() - began, "matches_record": ok,
+                           "end_loadavg": list(os.getloadavg())})
+        if not ok:
+            raise SystemExit(f"{store.path(unit_id)}: rebuilding this unit's weights did not reproduce its recorded evaluations, so the "
+                             "pending units would start from weights no record describes; see restores.jsonl and decide in the plan")
+        restored.append(unit_id)
+
+    if store.done("base") and not (work / "base" / "config.json").is_file():
+        record = store.load("base")["result"]
+        step = record["chosen_step"] or cfg["base"]["steps"]  # no snapshot qualified: the base is the last one
+        check = next(c["summary"] for c in record["snapshot_checks"] if c["step"] == step)
+
+        def make_base() -> list[dict]:
+            result = stages.pretrain_base(cfg, work, stop_at=step)
+            (work / "base" / "train.json").write_text(json.dumps({**record, "restored": True, "config": config_digest(cfg["base"] | {"world": cfg["world"]})}))
+            return [result["snapshot_checks"][0]["summary"]]
+
+        rebuild("base", make_base, [check])
+    for u in todo:
+        if u.kind != "rl":
+            continue
+        coldstart, loss, _ = ARMS[u.params["arm"]]
+        sid = None if coldstart is None else sft_id(coldstart, loss, u.params["seed"])
+        if sid is None or sid in restored or not store.done(sid):
+            continue
+        grid = store.load(sid)["result"]["grid"]
+        if all((work / "runs" / sid / "snapshots" / f"step{row['step']:05d}" / "config.json").is_file() for row in grid):
+            continue
+        p = store.load(sid)["params"]
+        rebuild(sid, lambda p=p, sid=sid: [row["summary"] for row in stages.run_sft(cfg, work, p["coldstart"], p["loss"], p["seed"], sid)["grid"]],
+                [row["summary"] for row in grid])
+    return restored
+
+
 def run(cfg: dict, work: Path, out: Path, units: list[Unit], deadline: float | None, check_cap: bool = True) -> list[str]:
     if check_cap:
         check_generation_cap(cfg)
@@ -190,6 +253,7 @@ def run(cfg: dict, work: Path, out: Path, units: list[Unit], deadline: float | N
     units = stamp(cfg, units)
     check_records(units, store)
     work.mkdir(parents=True, exist_ok=True)
+    restore_missing(cfg, work, out, store, units)
     return run_units(units, store, lambda u: execute(cfg, work, store, u), cfg["estimates"], deadline=deadline,
                      repo=Path(__file__).resolve().parents[2])
 
