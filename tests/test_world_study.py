@@ -170,6 +170,10 @@ def test_a_fresh_checkout_rebuilds_the_weights_its_pending_units_need_and_checks
     log = [json.loads(line) for line in (out / "restores.jsonl").read_text().splitlines()]
     assert [(e["unit"], e["matches_record"]) for e in log] == [("base", True), ("sft-narrow-ce-s0", True)]
     assert UnitStore(out).done("rl-ce_end-s0")
+    base = UnitStore(out).load("base")["result"]["weights"]  # the base is kept beside the records, file by file
+    assert "model.safetensors" in base["sha256"] and (out / base["folder"] / "model.safetensors").is_file()
+    cpu = UnitStore(out).load("rl-ce_end-s0")["machine"]["start"]["cpu"]
+    assert cpu["cores"] >= 1 and isinstance(cpu["flags"], list)
 
     store = UnitStore(out)  # a record the rebuild cannot reproduce stops the study before any unit runs
     record = store.load("sft-narrow-ce-s0")
@@ -179,3 +183,23 @@ def test_a_fresh_checkout_rebuilds_the_weights_its_pending_units_need_and_checks
     with pytest.raises(SystemExit, match="did not reproduce"):
         study.run(cfg, work, out, [u for u in units if u.id in ("base", "sft-narrow-ce-s0", "rl-ce_turning-s0")], None, check_cap=False)
     assert not store.done("rl-ce_turning-s0")
+
+
+def test_under_a_deadline_a_seed_starts_only_if_all_its_pending_units_fit():
+    from aesl_lightning.study.units import Unit
+
+    class Empty:
+        def records(self):
+            return {}
+
+        def done(self, unit_id):
+            return unit_id == "sft-narrow-ce-s0"
+
+    units = [Unit("base", "base"), Unit("sft-narrow-ce-s0", "sft", ("base",), {"seed": 0}), Unit("rl-ce_end-s0", "rl", (), {"seed": 0}),
+             Unit("sft-narrow-ce-s1", "sft", ("base",), {"seed": 1}), Unit("rl-ce_end-s1", "rl", (), {"seed": 1}),
+             Unit("rl-rl_only-s2", "rl", (), {"seed": 2})]
+    planned = {"base": 0, "sft": 100, "rl": 100}
+    kept = study.whole_seeds(units, Empty(), planned, deadline=1000 + 250, now=1000)
+    # seed 0 needs 100 s (its SFT is done), seed 1 200 s more: 300 > 250, so seed 1 is refused whole; seed 2 (100 s) fits after seed 0
+    assert [u.id for u in kept] == ["base", "sft-narrow-ce-s0", "rl-ce_end-s0", "rl-rl_only-s2"]
+    assert study.whole_seeds(units, Empty(), planned, deadline=None, now=0) == units

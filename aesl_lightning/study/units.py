@@ -117,6 +117,24 @@ def git_commit(repo: str | os.PathLike | None = None) -> str:
     return sha + ("+dirty" if dirty else "")
 
 
+def cpu_info() -> dict:
+    """The CPU's model name and the vector-ISA flags that change which float kernels run (Linux /proc/cpuinfo;
+    empty elsewhere). Runs on CPUs with different flags can round differently, so the same seed need not give the
+    same weights across machines: records carry this so a reader can tell."""
+    model, flags = None, []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model is None:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = sorted(x for x in value.split() if x.startswith(("avx", "amx", "fma", "f16c")))
+    except OSError:
+        pass
+    return {"model": model, "flags": flags, "cores": os.cpu_count()}
+
+
 def _busy_jiffies() -> int | None:
     """Non-idle CPU time of the whole machine in clock ticks (Linux /proc/stat), or None elsewhere."""
     try:
@@ -143,7 +161,7 @@ class MachineProbe:
 
     def __post_init__(self) -> None:
         self.start = {"time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()) + " UTC", "loadavg": list(os.getloadavg()),
-                      "commit": git_commit(self.repo)}
+                      "commit": git_commit(self.repo), "cpu": cpu_info()}
         self._jiffies, self._own, self._wall = _busy_jiffies(), _own_cpu_seconds(), self.clock()
 
     def finish(self) -> dict:

@@ -65,11 +65,8 @@ def _load(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
 
 
-def pretrain_base(cfg: dict, work: Path, stop_at: int | None = None) -> dict:
-    """Pre-train the base (CE on every token of the native-format completions) and evaluate it on `val`.
-
-    `stop_at`: rebuild the base a record already chose (`chosen_step`): the same run, stopped at that step, with
-    only that snapshot made and checked (the schedule still spans `base.steps`, so the weights are the same)."""
+def pretrain_base(cfg: dict, work: Path) -> dict:
+    """Pre-train the base (CE on every token of the native-format completions) and evaluate it on `val`."""
     import lightning as L
 
     from aesl_lightning import LossConfig, SFTDataModule, SFTModule
@@ -91,19 +88,15 @@ def pretrain_base(cfg: dict, work: Path, stop_at: int | None = None) -> dict:
     data = SFTDataModule(train=str(paths["pretrain"]), val=str(paths["pretrain_val"]), batch_size=b["batch_size"], max_length=256, seed=b["seed"])
     every = b.get("snapshot_every")
     steps = list(range(b.get("snapshot_from", every or 0), b["steps"] + 1, every)) if every else []
-    if stop_at is not None:
-        if stop_at not in steps:
-            raise ValueError(f"stop_at={stop_at} is not one of the base's snapshot steps {steps}")
-        steps = [stop_at]
     snapshots = work / "base-snapshots"
     shutil.rmtree(snapshots, ignore_errors=True)  # what an interrupted attempt of this unit left (under the work folder only)
     trainer = _trainer(work / "base-run", max_steps=b["steps"], gradient_clip_val=1.0, val_check_interval=b["steps"], check_val_every_n_epoch=None,
-                       callbacks=([SnapshotAt(steps, snapshots)] if steps else []) + ([StopAt(stop_at)] if stop_at is not None else []))
+                       callbacks=[SnapshotAt(steps, snapshots)] if steps else [])
     began = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - began
     result = {"parameters": sum(p.numel() for p in module.model.parameters()), "steps": trainer.global_step, "train_seconds": seconds,
-              "val_loss": float(trainer.callback_metrics["val/loss"]) if "val/loss" in trainer.callback_metrics else None}
+              "val_loss": float(trainer.callback_metrics["val/loss"])}
     if steps:  # amendment 5: check every snapshot, the base is the first that qualifies
         from world.analysis import choose_base
 
@@ -111,7 +104,7 @@ def pretrain_base(cfg: dict, work: Path, stop_at: int | None = None) -> dict:
         for step in steps:
             rows = evaluate_dir(cfg, snapshots / f"step{step:05d}", _read_jsonl(paths["val"]), samples=cfg["eval"]["samples"], seed=0)
             checks.append({"step": step, "summary": summarise(rows)})
-        chosen = choose_base(checks) if stop_at is None else stop_at
+        chosen = choose_base(checks)
         result.update(snapshot_checks=checks, chosen_step=chosen)
         shutil.copytree(snapshots / f"step{(chosen or b['steps']):05d}", out, dirs_exist_ok=True)
     else:
@@ -129,17 +122,6 @@ class SnapshotAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step in self.steps:
             pl_module.export_hf(self.folder / f"step{trainer.global_step:05d}")
-
-
-class StopAt(Callback):
-    """End training once the training-step count reaches `step`."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def evaluate_dir(cfg: dict, model_dir: Path, problems: list[dict], samples: int, seed: int) -> list[dict]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
-from aesl_lightning.study.units import Unit, UnitStore, git_commit, run_units, strict_json
+from aesl_lightning.study.units import Unit, UnitStore, estimate, git_commit, run_units, strict_json
 from world import rules, stages
 
 # arm -> (cold start, SFT loss, which grid point); `rl_only` starts from the base
@@ -137,6 +138,7 @@ def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
         if cached.is_file() and json.loads(cached.read_text()).get("config") == config_digest(cfg["base"] | {"world": cfg["world"]}):
             return {**json.loads(cached.read_text()), "reused": str(cached)}  # weights kept from an earlier attempt of this unit
         result = stages.pretrain_base(cfg, work) | {"config": config_digest(cfg["base"] | {"world": cfg["world"]})}
+        result["weights"] = keep_base(work, store.dir.parent)
         cached.write_text(json.dumps(result))
         return result
     if unit.id == "base-check":
@@ -185,6 +187,45 @@ def check_generation_cap(cfg: dict) -> None:
                          f"{longest['format']} format takes up to {longest['tokens']} tokens with its end token; raise the cap")
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def keep_base(work: Path, out: Path) -> dict:
+    """Commit-sized copy of the base (~3 MB) beside the records, with the sha256 of each file in the base record:
+    every seed must start from the same base, and training it again on another CPU gives other weights (amendment 10)."""
+    kept = out / "base"
+    kept.mkdir(parents=True, exist_ok=True)
+    files = sorted(p.name for p in (work / "base").iterdir() if p.is_file() and p.name != "train.json")
+    for name in files:
+        shutil.copy2(work / "base" / name, kept / name)
+    return {"folder": str(kept.relative_to(out)), "sha256": {name: _sha256(kept / name) for name in files}}
+
+
+def seed_of(unit: Unit) -> int | None:
+    return unit.params.get("seed") if unit.kind in ("sft", "rl") else None
+
+
+def whole_seeds(units: list[Unit], store: UnitStore, planned: dict, deadline: float | None, now: float) -> list[Unit]:
+    """Under a deadline, start no seed whose pending units would not all finish before it: a seed's RL units start
+    from its SFT runs' snapshots, which live in the (uncommitted) work folder, so a seed left half done would have
+    to rebuild them in a later sitting, perhaps on another CPU that cannot reproduce them."""
+    if deadline is None:
+        return units
+    records, clock, kept, skipped = store.records(), now, [], set()
+    for seed in dict.fromkeys(seed_of(u) for u in units):
+        group = [u for u in units if seed_of(u) == seed]
+        cost = sum(estimate(u.kind, records, planned) for u in group if not store.done(u.id))
+        if seed is not None and clock + cost > deadline:
+            skipped.add(seed)
+            continue
+        clock += cost
+        kept += group
+    if skipped:
+        print(f"[refused] seeds {sorted(skipped)}: their pending units would not all end before the deadline")
+    return kept
+
+
 def _same(summaries: list[dict], recorded: list[dict]) -> bool:
     """Equal after the JSON round trip a record goes through (exact: the stages are deterministic on this machine)."""
     return json.loads(json.dumps(strict_json(summaries), sort_keys=True)) == json.loads(json.dumps(recorded, sort_keys=True))
@@ -197,10 +238,11 @@ def _log_restore(out: Path, entry: dict) -> None:
 
 def restore_missing(cfg: dict, work: Path, out: Path, store: UnitStore, units: list[Unit]) -> list[str]:
     """Weights live in the (git-ignored) work folder and a fresh checkout has none. Before pending units run, rebuild
-    what they need from their committed records: the base (the recorded run, stopped at its `chosen_step`) and the
-    SFT runs whose snapshots a pending RL unit starts from. Each rebuild must reproduce its record's evaluations
-    exactly, else the study stops: later units would otherwise start from weights no record describes. Each rebuild
-    is logged to `<out>/restores.jsonl` (unit, commit, load, seconds, whether it matched)."""
+    what they need: the base from its committed copy (sha256 checked against its record) and the SFT runs whose
+    snapshots a pending RL unit starts from, trained again. Each SFT rebuild must reproduce its record's evaluations
+    exactly (another CPU may not: amendment 10), else the study stops: later units would otherwise start from
+    weights no record describes. Each restore is logged to `<out>/restores.jsonl` (unit, commit, load, seconds,
+    whether it matched)."""
     todo = [u for u in units if not store.done(u.id)]
     if not todo:
         return []
@@ -220,16 +262,20 @@ def restore_missing(cfg: dict, work: Path, out: Path, store: UnitStore, units: l
         restored.append(unit_id)
 
     if store.done("base") and not (work / "base" / "config.json").is_file():
-        record = store.load("base")["result"]
-        step = record["chosen_step"] or cfg["base"]["steps"]  # no snapshot qualified: the base is the last one
-        check = next(c["summary"] for c in record["snapshot_checks"] if c["step"] == step)
-
-        def make_base() -> list[dict]:
-            result = stages.pretrain_base(cfg, work, stop_at=step)
-            (work / "base" / "train.json").write_text(json.dumps({**record, "restored": True, "config": config_digest(cfg["base"] | {"world": cfg["world"]})}))
-            return [result["snapshot_checks"][0]["summary"]]
-
-        rebuild("base", make_base, [check])
+        if "weights" not in store.load("base")["result"]:
+            raise SystemExit(f"{store.path('base')}: the base's weights are neither in the work folder nor kept beside the records; "
+                             "a base trained again on this machine need not be the same (amendment 10): supersede the base and rerun the study")
+        weights = store.load("base")["result"]["weights"]  # the committed copy, checked file by file
+        kept = out / weights["folder"]
+        bad = [name for name, digest in weights["sha256"].items() if not (kept / name).is_file() or _sha256(kept / name) != digest]
+        if bad:
+            raise SystemExit(f"{kept}: {', '.join(bad)} missing or not the recorded file (sha256 in {store.path('base')})")
+        (work / "base").mkdir(parents=True, exist_ok=True)
+        for name in weights["sha256"]:
+            shutil.copy2(kept / name, work / "base" / name)
+        (work / "base" / "train.json").write_text(json.dumps({**store.load("base")["result"], "config": config_digest(cfg["base"] | {"world": cfg["world"]})}))
+        _log_restore(out, {"unit": "base", "from": str(kept.relative_to(out)), "matches_record": True, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+        restored.append("base")
     for u in todo:
         if u.kind != "rl":
             continue
@@ -254,6 +300,7 @@ def run(cfg: dict, work: Path, out: Path, units: list[Unit], deadline: float | N
     check_records(units, store)
     work.mkdir(parents=True, exist_ok=True)
     restore_missing(cfg, work, out, store, units)
+    units = whole_seeds(units, store, cfg["estimates"], deadline, time.time())
     return run_units(units, store, lambda u: execute(cfg, work, store, u), cfg["estimates"], deadline=deadline,
                      repo=Path(__file__).resolve().parents[2])
 
