@@ -203,3 +203,19 @@ def test_under_a_deadline_a_seed_starts_only_if_all_its_pending_units_fit():
     # seed 0 needs 100 s (its SFT is done), seed 1 200 s more: 300 > 250, so seed 1 is refused whole; seed 2 (100 s) fits after seed 0
     assert [u.id for u in kept] == ["base", "sft-narrow-ce-s0", "rl-ce_end-s0", "rl-rl_only-s2"]
     assert study.whole_seeds(units, Empty(), planned, deadline=None, now=0) == units
+
+
+def test_a_set_of_superseded_main_runs_is_summarised_apart_and_never_pooled():
+    import json
+
+    from world import report
+
+    units = Path(__file__).resolve().parents[1] / "experiments" / "results" / "strategy-world" / "units"
+    records = {p.stem: json.loads(p.read_text()) for p in units.glob("rl-*-s0-avx2.json")}
+    assert records, "the avx2 records of seed 0 are the fixture"
+    cfg = {"main": {"seeds": [0, 1], "arms": ["rl_only", "ce_end"], "control_seeds": {}}, "rl": {"pool_size": 128, "prompts_per_step": 16}}
+    summary = report.summarise(cfg, records)
+    assert "arms" not in summary  # nothing current
+    apart = summary["superseded_main"]["avx2"]["arms"]
+    assert set(apart) == {"rl_only", "ce_end"} and apart["ce_end"]["seeds"] == 1
+    assert apart["ce_end"]["test_accuracy"] == [records["rl-ce_end-s0-avx2"]["result"]["test"]["summary"]["greedy_accuracy"]]

@@ -27,25 +27,10 @@ def _version(unit_id: str) -> str:
     return unit_id.rsplit("-", 1)[-1]
 
 
-def summarise(cfg: dict, records: dict) -> dict:
-    out: dict = {"costs": A.unit_costs(records), "units": {k: {"kind": r["kind"], "busy": r["machine"]["busy"], "seconds": r["machine"]["seconds"],
-                                                                 "start": r["machine"]["start"], "end": r["machine"]["end"]} for k, r in records.items()}}
-    if "base-check" in records:
-        out.update(A.m1_m2(records["base-check"]["result"]))
-    if "base" in records and "snapshot_checks" in records["base"]["result"]:
-        r = records["base"]["result"]
-        out["base_selection"] = {"chosen_step": r["chosen_step"], "snapshots": [{"step": c["step"], **A.m1_m2({"summary": c["summary"]})}
-                                                                               for c in r["snapshot_checks"]]}
-    if "sft-narrow-ce-s0" in records:
-        out["M3"] = A.m3(records["sft-narrow-ce-s0"]["result"])
-    out["tuning"] = {k: {"overrides": r["params"].get("overrides"), "superseded": _version(k) if r.get("superseded") else None, **A.m3(r["result"])}
-                     for k, r in records.items() if r["kind"] == "tune"}
-    out["superseded_bases"] = {_version(k): A.m1_m2(r["result"]) for k, r in sorted(records.items()) if k.startswith("base-check-v")}
-    pilots = {k: A.m4(r["result"], cfg) for k, r in records.items() if k.startswith("pilot-rl-") and "test" in r["result"] and not r.get("superseded")}
-    if pilots:
-        out["M4"] = {"runs": pilots, "pass": sum(p["pass"] for p in pilots.values()) * 2 > len(pilots)}
+def _main(cfg: dict, records: dict) -> dict:
+    """Comparisons, arms and C1 from main-unit records keyed by their current ids."""
+    out: dict = {}
     seeds = cfg["main"]["seeds"]
-    records = {k: r for k, r in records.items() if not r.get("superseded")}  # the main results: current records only
     if any(k.startswith("rl-") for k in records):
         from world.study import ARMS
 
@@ -68,6 +53,34 @@ def summarise(cfg: dict, records: dict) -> dict:
         if any(k.startswith(f"sft-{coldstart}-ce-") for k in records):
             out[f"C1_{coldstart}"] = A.c1(records, coldstart, seeds)
             out[f"C1_{coldstart}"]["planned_seeds"] = len(cfg["main"].get("control_seeds", {}).get(coldstart, seeds))
+    return out
+
+
+def summarise(cfg: dict, records: dict) -> dict:
+    out: dict = {"costs": A.unit_costs(records), "units": {k: {"kind": r["kind"], "busy": r["machine"]["busy"], "seconds": r["machine"]["seconds"],
+                                                                 "start": r["machine"]["start"], "end": r["machine"]["end"]} for k, r in records.items()}}
+    if "base-check" in records:
+        out.update(A.m1_m2(records["base-check"]["result"]))
+    if "base" in records and "snapshot_checks" in records["base"]["result"]:
+        r = records["base"]["result"]
+        out["base_selection"] = {"chosen_step": r["chosen_step"], "snapshots": [{"step": c["step"], **A.m1_m2({"summary": c["summary"]})}
+                                                                               for c in r["snapshot_checks"]]}
+    if "sft-narrow-ce-s0" in records:
+        out["M3"] = A.m3(records["sft-narrow-ce-s0"]["result"])
+    out["tuning"] = {k: {"overrides": r["params"].get("overrides"), "superseded": _version(k) if r.get("superseded") else None, **A.m3(r["result"])}
+                     for k, r in records.items() if r["kind"] == "tune"}
+    out["superseded_bases"] = {_version(k): A.m1_m2(r["result"]) for k, r in sorted(records.items()) if k.startswith("base-check-") and r.get("superseded")}
+    pilots = {k: A.m4(r["result"], cfg) for k, r in records.items() if k.startswith("pilot-rl-") and "test" in r["result"] and not r.get("superseded")}
+    if pilots:
+        out["M4"] = {"runs": pilots, "pass": sum(p["pass"] for p in pilots.values()) * 2 > len(pilots)}
+    out.update(_main(cfg, {k: r for k, r in records.items() if not r.get("superseded")}))  # the main results: current records only
+    out["superseded_main"] = {}  # a set of main runs set aside whole (amendment 10's `avx2`): reported apart, never pooled
+    for version in sorted({_version(k) for k, r in records.items() if r.get("superseded") and k.startswith("rl-")}):
+        sub = {k[: -len(version) - 1]: r for k, r in records.items() if r.get("superseded") and k.endswith(f"-{version}")
+               and (k.startswith("sft-") or (k.startswith("rl-") and "test" in r["result"]))}
+        main = _main(cfg, sub)
+        if main.get("arms"):
+            out["superseded_main"][version] = main
     return out
 
 
@@ -165,6 +178,9 @@ def write(cfg: dict, store: UnitStore, out: Path) -> Path:
              "A mechanism test in a controlled world (a from-scratch ~1M-parameter model), not evidence about 7B models. "
              "Rebuilt by `python experiments/strategy_world.py --report` from `units/*.json` alone; the plan is plan.md.", ""]
     lines += _preflight_lines(s) + (_main_lines(s) if main or any(k.startswith("C1_") for k in s) else [])
+    for version, sub in s.get("superseded_main", {}).items():
+        lines += ["", f"## Superseded main runs `{version}` (set aside whole, see plan.md; not pooled with the results above)"]
+        lines += [("#" + line) if line.startswith("## ") else line for line in _main_lines(sub)]
     path = out / title
     path.write_text("\n".join(lines) + "\n")
     try:
