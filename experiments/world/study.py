@@ -136,7 +136,8 @@ def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
     if unit.kind == "base":
         cached = work / "base" / "train.json"
         if cached.is_file() and json.loads(cached.read_text()).get("config") == config_digest(cfg["base"] | {"world": cfg["world"]}):
-            return {**json.loads(cached.read_text()), "reused": str(cached)}  # weights kept from an earlier attempt of this unit
+            result = {**json.loads(cached.read_text()), "reused": str(cached)}  # weights kept from an earlier attempt of this unit
+            return result if "weights" in result else {**result, "weights": keep_base(work, store.dir.parent)}
         result = stages.pretrain_base(cfg, work) | {"config": config_digest(cfg["base"] | {"world": cfg["world"]})}
         result["weights"] = keep_base(work, store.dir.parent)
         cached.write_text(json.dumps(result))
