@@ -184,6 +184,12 @@ def test_a_fresh_checkout_rebuilds_the_weights_its_pending_units_need_and_checks
         study.run(cfg, work, out, [u for u in units if u.id in ("base", "sft-narrow-ce-s0", "rl-ce_turning-s0")], None, check_cap=False)
     assert not store.done("rl-ce_turning-s0")
 
+    shutil.rmtree(work / "base")  # a committed base file that is not the recorded one is refused, not used
+    kept = out / store.load("base")["result"]["weights"]["folder"] / "config.json"
+    kept.write_text(kept.read_text() + " ")
+    with pytest.raises(SystemExit, match="not the recorded file"):
+        study.run(cfg, work, out, [u for u in units if u.id in ("base", "rl-rl_only-s0")], None, check_cap=False)
+
 
 def test_under_a_deadline_a_seed_starts_only_if_all_its_pending_units_fit():
     from aesl_lightning.study.units import Unit
