@@ -64,10 +64,21 @@ def run_fit(argv: list[str]) -> tuple[int, list[str]]:
     return proc.returncode, lines
 
 
+SUMMARY_LINE = re.compile(r"^  \S")
+
+
 def run_summary(lines: list[str]) -> list[str]:
-    """RunSummary's block: from its "Run finished" line to the end of the output."""
+    """RunSummary's block: its "Run finished" line and the lines indented by two spaces after it (the verdict is the
+    last). What the progress bar redraws after it (a step line, deeper-indented metric columns) is not part of it."""
     starts = [i for i, line in enumerate(lines) if line.startswith("Run finished")]
-    return [line for line in lines[starts[-1]:] if line.strip()] if starts else []
+    if not starts:
+        return []
+    block = [lines[starts[-1]]]
+    for line in lines[starts[-1] + 1:]:
+        if not SUMMARY_LINE.match(line):
+            break
+        block.append(line)
+    return block
 
 
 def series_by_step(run_dir: Path) -> dict[str, dict[str, float]]:

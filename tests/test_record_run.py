@@ -49,3 +49,13 @@ def test_a_failed_run_leaves_its_error_and_output_tail(tmp_path):
     assert record["returncode"] == code and record["error"] == "the fit failed"
     assert any("lr" in line for line in record["output_tail"])
     assert not (out / "diversity.png").exists()
+
+
+def test_the_summary_block_ends_before_what_the_progress_bar_redraws_after_it():
+    lines = ["step 31/32 ...", "Run finished at step 32.", "  TensorBoard logs : lightning_logs/q/version_0",
+             "  No turning point within 32 steps: the peak at step 8 has not been followed by 2 validation(s) in a row",
+             "step 32/32 (epoch 1) ━━━━ 32/32 0:02:16", "                                  val/loss: 0.143",
+             "                                  0.098"]
+    block = _script().run_summary(lines)
+    assert block[0] == "Run finished at step 32." and len(block) == 3
+    assert block[-1].strip().startswith("No turning point")  # the verdict, not the bar's last metric
