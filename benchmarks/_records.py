@@ -61,16 +61,11 @@ def versions() -> dict[str, str | None]:
 
 def machine() -> dict:
     """CPU model (from /proc/cpuinfo where there is one), logical cores, total memory in GiB, platform."""
-    cpu = platform.processor() or platform.machine()
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = [f for f in line.split(":", 1)[1].split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")]
-    except OSError:
-        pass
+    from aesl_lightning.study.units import cpu_info
+
+    info = cpu_info()
+    cpu = info["model"] or platform.processor() or platform.machine()
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in info["flags"]]
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
