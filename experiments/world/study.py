@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
-from aesl_lightning.study.units import Unit, UnitStore, estimate, git_commit, run_units, strict_json
+from aesl_lightning.study.units import MachineProbe, Unit, UnitStore, estimate, run_units, strict_json
 from world import rules, stages
 
 # arm -> (cold start, SFT loss, which grid point); `rl_only` starts from the base
@@ -250,23 +249,20 @@ def restore_missing(cfg: dict, work: Path, out: Path, store: UnitStore, units: l
     restored = []
 
     def rebuild(unit_id: str, make, recorded: list[dict]) -> None:
-        start = {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": git_commit(Path(__file__).resolve().parents[2]),
-                 "loadavg": list(os.getloadavg())}
-        began = time.perf_counter()
-        summaries = make()
-        ok = _same(summaries, recorded)
-        _log_restore(out, {"unit": unit_id, "start": start, "seconds": time.perf_counter() - began, "matches_record": ok,
-                           "end_loadavg": list(os.getloadavg())})
+        probe = MachineProbe(Path(__file__).resolve().parents[2])
+        ok = _same(make(), recorded)
+        _log_restore(out, {"unit": unit_id, "machine": probe.finish(), "matches_record": ok})
         if not ok:
             raise SystemExit(f"{store.path(unit_id)}: rebuilding this unit's weights did not reproduce its recorded evaluations, so the "
                              "pending units would start from weights no record describes; see restores.jsonl and decide in the plan")
         restored.append(unit_id)
 
     if store.done("base") and not (work / "base" / "config.json").is_file():
-        if "weights" not in store.load("base")["result"]:
+        base = store.load("base")["result"]
+        if "weights" not in base:
             raise SystemExit(f"{store.path('base')}: the base's weights are neither in the work folder nor kept beside the records; "
                              "a base trained again on this machine need not be the same (amendment 10): supersede the base and rerun the study")
-        weights = store.load("base")["result"]["weights"]  # the committed copy, checked file by file
+        weights = base["weights"]  # the committed copy, checked file by file
         kept = out / weights["folder"]
         bad = [name for name, digest in weights["sha256"].items() if not (kept / name).is_file() or _sha256(kept / name) != digest]
         if bad:
@@ -274,7 +270,7 @@ def restore_missing(cfg: dict, work: Path, out: Path, store: UnitStore, units: l
         (work / "base").mkdir(parents=True, exist_ok=True)
         for name in weights["sha256"]:
             shutil.copy2(kept / name, work / "base" / name)
-        (work / "base" / "train.json").write_text(json.dumps({**store.load("base")["result"], "config": config_digest(cfg["base"] | {"world": cfg["world"]})}))
+        (work / "base" / "train.json").write_text(json.dumps({**base, "config": config_digest(cfg["base"] | {"world": cfg["world"]})}))
         _log_restore(out, {"unit": "base", "from": str(kept.relative_to(out)), "matches_record": True, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
         restored.append("base")
     for u in todo:
