@@ -74,6 +74,17 @@ def test_estimates_use_idle_records_only(tmp_path):
         estimate("eval", records, {})
 
 
+def test_estimates_follow_the_latest_records_not_a_superseded_set():
+    def rec(seconds, time):
+        return {"kind": "rl", "machine": {"seconds": seconds, "busy": False, "start": {"time": time}}}
+
+    old = {f"old{i}": rec(100, f"2026-12-05 0{i}:00:00 UTC") for i in range(9)}  # a set from another machine
+    new = {f"new{i}": rec(200 + i, f"2026-12-06 0{i}:00:00 UTC") for i in range(3)}
+    assert estimate("rl", {**old, **new}, {"rl": 5}, recent=3) == 201
+    assert estimate("rl", {**old, **new}, {"rl": 5}, recent=4) == pytest.approx(200.5)  # one old record in the window
+    assert estimate("rl", {"a": {"kind": "rl", "machine": {"seconds": 7, "busy": False}}}, {"rl": 5}) == 7  # no time
+
+
 def test_store_refuses_paths_and_names_the_file_of_a_broken_record(tmp_path):
     store = UnitStore(tmp_path)
     with pytest.raises(ValueError, match="plain file name"):

@@ -179,10 +179,14 @@ class MachineProbe:
         return {"start": self.start, "end": end, "seconds": wall, "other_cores": other, "busy": busy}
 
 
-def estimate(kind: str, records: Mapping[str, Mapping], planned: Mapping[str, float]) -> float:
-    """Seconds a unit of `kind` is expected to take: the median of idle finished units of that kind, else the
-    plan's estimate. A kind with neither is an error (the plan must budget every kind)."""
-    seen = [r["machine"]["seconds"] for r in records.values() if r.get("kind") == kind and not r["machine"].get("busy")]
+def estimate(kind: str, records: Mapping[str, Mapping], planned: Mapping[str, float], recent: int = 6) -> float:
+    """Seconds a unit of `kind` is expected to take: the median of the `recent` latest idle finished units of that
+    kind (by their start time: a study's costs change with the machine and the design, and the records of a
+    superseded set stay in the store), else the plan's estimate. A kind with neither is an error (the plan must
+    budget every kind)."""
+    idle = [r["machine"] for r in records.values() if r.get("kind") == kind and not r["machine"].get("busy")]
+    idle.sort(key=lambda m: str((m.get("start") or {}).get("time", "")))
+    seen = [m["seconds"] for m in idle[-recent:]]
     if seen:
         return float(median(seen))
     if kind not in planned:
