@@ -225,3 +225,72 @@ def test_a_set_of_superseded_main_runs_is_summarised_apart_and_never_pooled():
     apart = summary["superseded_main"]["avx2"]["arms"]
     assert set(apart) == {"rl_only", "ce_end"} and apart["ce_end"]["seeds"] == 1
     assert apart["ce_end"]["test_accuracy"] == [records["rl-ce_end-s0-avx2"]["result"]["test"]["summary"]["greedy_accuracy"]]
+
+
+def test_rl_moved_only_when_the_paired_gain_exceeds_two_standard_errors():
+    assert analysis.moved({"gain": 0.10, "se": 0.04})
+    assert not analysis.moved({"gain": 0.10, "se": 0.05})  # exactly 2 SE is not beyond it
+    assert not analysis.moved({"gain": -0.5, "se": 0.01})  # a fall is not "moved"
+    assert not analysis.moved({"gain": 0.0, "se": 0.0})    # rl_only: every reward 0
+    assert not analysis.moved({"gain": 0.2, "se": float("nan")})
+
+
+def _rl_record(before, after, ids=None):
+    ids = ids or list(range(len(before)))
+    return {"result": {"start_test": {"columns": {"id": ids, "greedy_correct": before}},
+                       "test": {"columns": {"id": list(range(len(after))), "greedy_correct": after}}}}
+
+
+def test_rl_gain_pairs_each_test_problem_after_rl_with_itself_before():
+    records = {"rl-ce_end-s0": _rl_record([0, 0, 1, 1], [1, 1, 1, 0]), "rl-ce_end-s1": _rl_record([0, 1, 1, 1], [1, 1, 1, 1])}
+    g = analysis.rl_gain(records, "ce_end", [0, 1, 2])
+    assert g["seeds"] == 2 and g["difference"]["estimate"] == pytest.approx((0.25 + 0.25) / 2)
+    assert analysis.rl_gain({"rl-ce_end-s0": records["rl-ce_end-s0"]}, "ce_end", [0]) is None  # one seed: no interval
+    records["rl-ce_end-s1"] = _rl_record([0, 1, 1, 1], [1, 1, 1, 1], ids=[3, 2, 1, 0])
+    with pytest.raises(ValueError, match="rl-ce_end-s1: the test before and after RL are not the same problems"):
+        analysis.rl_gain(records, "ce_end", [0, 1])
+
+
+def test_signal_tracking_ranks_each_signal_against_the_strategy_entropy():
+    # strategy entropy falls over the gated points (2, 1, 0 bits); token entropy and distinct answers fall with it,
+    # self-BLEU rises (so it correlates negatively), pass@k - pass@1 goes the other way
+    counts = [[[1, 1, 1, 1]], [[2, 2, 0, 0]], [[4, 0, 0, 0]]]
+    rows = []
+    for i, c in enumerate(counts):
+        row = _row(8 * (i + 1), 0.9, 0.3, [1.0 - 0.3 * i], [0.2 + 0.3 * i], strategy_counts=c)
+        row["summary"].update(token_entropy=1.0 - 0.3 * i, self_bleu=0.2 + 0.3 * i, distinct_answers=3.0 - i, **{"pass@k_minus_pass@1": 0.1 * i})
+        rows.append(row)
+    t = analysis.signal_tracking(rows)
+    assert t == {"paper": pytest.approx(1.0), "token_entropy": pytest.approx(1.0), "self_bleu": pytest.approx(-1.0),
+                 "distinct_answers": pytest.approx(1.0), "pass@k_minus_pass@1": pytest.approx(-1.0)}
+    assert set(analysis.signal_tracking(rows[:2]).values()) == {None}  # two points give no rank correlation
+
+
+def _comparison(low, high, seeds=10, planned=10, moved=((10, 10), (10, 10))):
+    return {"verdict": "inconclusive", "difference": {"estimate": (low + high) / 2, "low": low, "high": high}, "seeds": seeds,
+            "planned_seeds": planned, "rl_moved": {"a": list(moved[0]), "b": list(moved[1])},
+            "read": all(2 * m[0] > m[1] for m in moved)}
+
+
+def test_a_comparison_is_read_only_at_its_planned_seeds_and_when_rl_moved_in_most_units_of_both_arms():
+    from world import report
+
+    assert report._reading("C2: turning point vs best accuracy", _comparison(-0.02, 0.05)) == "inconclusive"
+    assert report._reading("C2: turning point vs best accuracy", _comparison(-0.02, 0.05, seeds=4)).startswith("interim, no verdict")
+    r = report._reading("C2: turning point vs best accuracy", _comparison(-0.02, 0.05, moved=((5, 10), (10, 10))))
+    assert r.startswith("not read: RL did not move in most units of both arms (a 5/10, b 10/10)")
+    # the `best` control predicts no effect: as predicted only when the whole interval lies inside +-0.03
+    assert report._reading(report.CONTROL_BEST, _comparison(-0.02, 0.025, seeds=5, planned=5)).startswith("as predicted")
+    assert report._reading(report.CONTROL_BEST, _comparison(-0.058, 0.018, seeds=5, planned=5)).startswith("not as predicted")
+
+
+def test_the_all_control_is_as_predicted_only_when_its_decline_stays_below_the_smallest_effect():
+    from world import report
+
+    def c1(high, n=5):
+        return {"seeds": [{}] * n, "planned_seeds": 5, "decline": {"difference": {"low": -0.05, "high": high}, "verdict": "refuted"}}
+
+    assert report._c1_reading(c1(0.08), control=True).startswith("as predicted (no collapse")
+    assert report._c1_reading(c1(0.7), control=True).startswith("not as predicted")
+    assert report._c1_reading(c1(0.08), control=False) == "refuted"
+    assert report._c1_reading(c1(0.08, n=3), control=True).startswith("interim at 3 of 5 seeds")

@@ -97,6 +97,44 @@ def passes(rl: dict, pool_size: int, per_step: int) -> dict:
             "gain": mean, "se": se}
 
 
+def moved(p: dict) -> bool:
+    """The plan's manipulation check for one RL unit: the training reward rose from pass 1 to pass 2 by more than
+    2 standard errors (paired by prompt)."""
+    return bool(p["gain"] > 0 and not math.isnan(p["se"]) and p["gain"] > 2 * p["se"])
+
+
+def rl_gain(records: dict, arm: str, seeds: list[int]) -> dict | None:
+    """Test accuracy after RL minus before RL (the start checkpoint), paired by seed and problem."""
+    before, after = [], []
+    for s in seeds:
+        r = records.get(f"rl-{arm}-s{s}")
+        if r is None:
+            continue
+        b, a = r["result"]["start_test"]["columns"], r["result"]["test"]["columns"]
+        if b["id"] != a["id"]:
+            raise ValueError(f"rl-{arm}-s{s}: the test before and after RL are not the same problems in the same order")
+        before.append(b["greedy_correct"])
+        after.append(a["greedy_correct"])
+    if len(after) < 2:
+        return None
+    d = stats.paired_differences(after, before)
+    return {"seeds": len(after), "difference": stats.hierarchical_bootstrap(d, replicates=4000).as_dict(), "sign_flip_p": stats.sign_flip_p(d)}
+
+
+def signal_tracking(gated_rows: list[dict]) -> dict:
+    """Spearman correlations over the gated grid points between each diversity signal (mean over problems) and the
+    ground truth (mean per-problem strategy entropy): the paper's D, token entropy, self-BLEU (a diversity signal
+    when it falls: expected negative), distinct final answers, pass@k - pass@1. None with fewer than 3 points."""
+    if len(gated_rows) < 3:
+        return {k: None for k in ("paper", "token_entropy", "self_bleu", "distinct_answers", "pass@k_minus_pass@1")}
+    truth = [float(np.mean(rules.strategy_score(r["columns"]))) for r in gated_rows]
+    out = {"paper": stats.spearman([float(np.mean(rules.paper_score(r["columns"]))) for r in gated_rows], truth)}
+    for key in ("token_entropy", "self_bleu", "distinct_answers", "pass@k_minus_pass@1"):
+        values = [r["summary"].get(key) for r in gated_rows]
+        out[key] = None if None in values else stats.spearman(values, truth)
+    return out
+
+
 def m4(rl: dict, cfg: dict) -> dict:
     p = passes(rl, cfg["rl"]["pool_size"], cfg["rl"]["prompts_per_step"])
     target = rl["test"]["summary"].get("target_rate", 0.0)
@@ -137,8 +175,10 @@ def compare(records: dict, a: str, b: str, seeds: list[int], sesoi: float = SESO
     discordance = float(np.mean(d != 0))
     sd = stats.seed_sd(d)
     mde = stats.minimum_detectable_effect(len(common), d.shape[1], discordance, 0.0 if math.isnan(sd) else sd)
+    mcnemar = stats.fisher_combined_mcnemar(np.asarray(xa, dtype=int), np.asarray(xb, dtype=int))  # per-seed exact tests, combined
     return {"seeds": len(common), "problems": int(d.shape[1]), "mean_a": float(np.mean(xa)), "mean_b": float(np.mean(xb)),
-            "difference": interval.as_dict(), "sign_flip_p": p, "seed_signs": stats.seed_signs(d), "seed_sd": sd, "mde": mde,
+            "difference": interval.as_dict(), "sign_flip_p": p, "mcnemar_fisher_p": mcnemar["p"], "seed_signs": stats.seed_signs(d),
+            "seed_sd": sd, "mde": mde,
             "verdict": stats.verdict(interval, p, sesoi)}
 
 
@@ -153,23 +193,26 @@ def c1(records: dict, coldstart: str, seeds: list[int]) -> dict:
         grid = records[key]["result"]["grid"]
         paper, truth = rules.turning_point(grid, "paper"), rules.turning_point(grid, "strategy")
         gated = rules.gated(grid)
-        tracking = None
-        if len(gated) >= 3:
-            p = [np.mean(rules.paper_score(r["columns"])) for r in gated]
-            t = [np.mean(rules.strategy_score(r["columns"])) for r in gated]
-            tracking = stats.spearman(p, t)
+        signals = signal_tracking(gated)
+        tracking = signals["paper"]
         peak = rules.row_at(grid, paper["peak_step"]) if paper["peak_step"] is not None else None
         if peak is not None:
             peak_rows.append(rules.strategy_score(peak["columns"]))
             end_rows.append(rules.strategy_score(grid[-1]["columns"]))
-        per_seed.append({"seed": s, "paper": paper, "truth": truth, "spearman_paper_vs_truth": tracking,
+        per_seed.append({"seed": s, "paper": paper, "truth": truth, "spearman_paper_vs_truth": tracking, "spearman_vs_truth": signals,
                          "curve": [{"step": r["step"], "target_rate": r["summary"].get("target_rate"), "greedy_accuracy": r["summary"].get("greedy_accuracy"),
                                     "strategy_entropy": r["summary"].get("strategy_entropy"), "token_entropy": r["summary"].get("token_entropy"),
                                     "self_bleu": r["summary"].get("self_bleu"), "distinct_answers": r["summary"].get("distinct_answers"),
                                     "pass@k_minus_pass@1": r["summary"].get("pass@k_minus_pass@1"), "shares": r["summary"].get("strategy_shares")}
                                    for r in grid]})
     out: dict = {"seeds": per_seed, "detected": sum(x["paper"]["detected"] for x in per_seed),
-                 "truth_detected": sum(x["truth"]["detected"] for x in per_seed)}
+                 "truth_detected": sum(x["truth"]["detected"] for x in per_seed),
+                 "same_peak": sum(x["paper"]["peak_step"] is not None and x["paper"]["peak_step"] == x["truth"]["peak_step"] for x in per_seed)}
+    tracked = {}
+    for key in ("paper", "token_entropy", "self_bleu", "distinct_answers", "pass@k_minus_pass@1"):
+        rho = [x["spearman_vs_truth"][key] for x in per_seed if x["spearman_vs_truth"][key] is not None and not math.isnan(x["spearman_vs_truth"][key])]
+        tracked[key] = {"seeds": len(rho), "median": median(rho) if rho else None, "positive": sum(r > 0 for r in rho)}
+    out["tracking"] = tracked
     if len(peak_rows) >= 2:
         d = stats.paired_differences(peak_rows, end_rows)
         interval = stats.hierarchical_bootstrap(d, replicates=4000)

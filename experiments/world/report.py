@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from statistics import median
 
 from aesl_lightning.study.report import markdown_table
 from aesl_lightning.study.units import UnitStore, strict_json
@@ -34,26 +35,47 @@ def _main(cfg: dict, records: dict) -> dict:
     if any(k.startswith("rl-") for k in records):
         from world.study import ARMS
 
-        out["comparisons"] = {name: A.compare(records, a, b, seeds) for name, (a, b) in A.COMPARISONS.items()}
-        control_seeds = cfg["main"].get("control_seeds", {})
-        for name, (a, _) in A.COMPARISONS.items():  # how many seeds the plan gives it: a verdict is read only at that count
-            out["comparisons"][name]["planned_seeds"] = len(control_seeds.get(ARMS[a][0], seeds))
         arms = {}
         for arm in cfg["main"]["arms"]:
             got = [records[f"rl-{arm}-s{s}"]["result"] for s in seeds if f"rl-{arm}-s{s}" in records]
             if got:
+                manipulation = [A.passes(g, cfg["rl"]["pool_size"], cfg["rl"]["prompts_per_step"]) for g in got]
                 arms[arm] = {"seeds": len(got),
                              "test_accuracy": [g["test"]["summary"]["greedy_accuracy"] for g in got],
                              "start_accuracy": [g["start_test"]["summary"]["greedy_accuracy"] for g in got],
                              "shares_after": [g["test"]["summary"].get("strategy_shares") for g in got],
                              "shares_before": [g["start_test"]["summary"].get("strategy_shares") for g in got],
-                             "manipulation": [A.passes(g, cfg["rl"]["pool_size"], cfg["rl"]["prompts_per_step"]) for g in got]}
+                             "manipulation": manipulation, "moved": [A.moved(m) for m in manipulation],
+                             "rl_gain": A.rl_gain(records, arm, seeds)}
         out["arms"] = arms
+        out["comparisons"] = {name: A.compare(records, a, b, seeds) for name, (a, b) in A.COMPARISONS.items()}
+        control_seeds = cfg["main"].get("control_seeds", {})
+        for name, (a, b) in A.COMPARISONS.items():
+            c = out["comparisons"][name]
+            c["planned_seeds"] = len(control_seeds.get(ARMS[a][0], seeds))  # a verdict is read only at the plan's seed count
+            # the plan's manipulation check: a comparison is read only if RL moved in most units of both arms
+            c["rl_moved"] = {arm: [sum(arms[arm]["moved"]), arms[arm]["seeds"]] if arm in arms else None for arm in (a, b)}
+            c["read"] = all(m is not None and 2 * m[0] > m[1] for m in c["rl_moved"].values())
     for coldstart in ("narrow", "best", "all"):
         if any(k.startswith(f"sft-{coldstart}-ce-") for k in records):
             out[f"C1_{coldstart}"] = A.c1(records, coldstart, seeds)
             out[f"C1_{coldstart}"]["planned_seeds"] = len(cfg["main"].get("control_seeds", {}).get(coldstart, seeds))
     return out
+
+
+def meta(records: dict) -> dict:
+    """Where and when the current main units ran: commits, span, summed unit time, load at the units' starts."""
+    main = [r for k, r in records.items() if not r.get("superseded") and (k.startswith("sft-") or k.startswith("rl-"))]
+    if not main:
+        return {}
+    starts = sorted(r["machine"]["start"]["time"] for r in main)
+    ends = sorted(r["machine"]["end"]["time"] for r in main)
+    load = [r["machine"]["start"]["loadavg"][0] for r in main]
+    cpus = sorted({r["machine"]["start"].get("cpu", {}).get("model", "?") for r in main})
+    return {"command": "python experiments/strategy_world.py --run [--until HH:MM]", "units": len(main),
+            "commits": sorted({r["machine"]["start"]["commit"] for r in main}), "first_start": starts[0], "last_end": ends[-1],
+            "unit_hours": sum(r["machine"]["seconds"] for r in main) / 3600, "busy_units": sum(bool(r["machine"]["busy"]) for r in main),
+            "start_load_median": median(load), "start_load_max": max(load), "cpus": cpus}
 
 
 def summarise(cfg: dict, records: dict) -> dict:
@@ -73,6 +95,7 @@ def summarise(cfg: dict, records: dict) -> dict:
     pilots = {k: A.m4(r["result"], cfg) for k, r in records.items() if k.startswith("pilot-rl-") and "test" in r["result"] and not r.get("superseded")}
     if pilots:
         out["M4"] = {"runs": pilots, "pass": sum(p["pass"] for p in pilots.values()) * 2 > len(pilots)}
+    out["meta"] = meta(records)
     out.update(_main(cfg, {k: r for k, r in records.items() if not r.get("superseded")}))  # the main results: current records only
     out["superseded_main"] = {}  # a set of main runs set aside whole (amendment 10's `avx2`): reported apart, never pooled
     for version in sorted({_version(k) for k, r in records.items() if r.get("superseded") and k.startswith("rl-")}):
@@ -138,16 +161,101 @@ def _preflight_lines(s: dict) -> list[str]:
     return lines
 
 
-def _main_lines(s: dict) -> list[str]:
+CONTROL_BEST = "control (best strategy): turning point vs best accuracy"
+
+
+def _complete(c: dict, n_seeds: int) -> bool:
+    return n_seeds >= c.get("planned_seeds", 0)
+
+
+def _reading(name: str, c: dict) -> str:
+    """A comparison's verdict as the plan reads it: only at the planned seed count, only if RL moved in most units of
+    both arms (the manipulation check), and for the `best` control as a prediction of no effect."""
+    if c["verdict"] == "not run":
+        return "not run"
+    if name == CONTROL_BEST:
+        d = c["difference"]
+        inside = -A.SESOI_ACCURACY <= d["low"] and d["high"] <= A.SESOI_ACCURACY
+        reading = ("as predicted (no C2 effect: interval inside +-0.03)" if inside else
+                   f"not as predicted (interval not inside +-{A.SESOI_ACCURACY}; reads {c['verdict']})")
+    else:
+        reading = c["verdict"]
+    if not c.get("read", True):
+        moved = ", ".join(f"{arm} {m[0]}/{m[1]}" for arm, m in c["rl_moved"].items() if m)
+        reading = f"not read: RL did not move in most units of both arms ({moved}); would read {reading}"
+    return reading if _complete(c, c["seeds"]) else f"interim, no verdict (reads {reading} so far)"
+
+
+def _c1_reading(c: dict, control: bool) -> str:
+    d = c["decline"]
+    if control:  # the `all` cold start predicts no collapse: the decline's interval below the smallest effect of interest
+        reading = ("as predicted (no collapse: interval below 0.1 bits)" if d["difference"]["high"] < A.SESOI_BITS else
+                   f"not as predicted (the decline's interval reaches {d['difference']['high']:+.3f} bits; reads {d['verdict']})")
+    else:
+        reading = d["verdict"]
+    n = len(c["seeds"])
+    return reading if n >= c.get("planned_seeds", 0) else f"interim at {n} of {c['planned_seeds']} seeds, no verdict (reads {reading} so far)"
+
+
+def _shares(shares: list[dict | None]) -> str:
+    got = [x for x in shares if x]
+    if not got:
+        return "-"
+    return " / ".join(_f(sum(x.get(k, 0.0) for x in got) / len(got)) for k in ("direct", "round", "column", "other"))
+
+
+def _verdict_lines(s: dict) -> list[str]:
+    comps = s.get("comparisons", {})
+    lines = ["", "## Verdicts (the plan's rules; each with the number it rests on)", ""]
+    c = s.get("C1_narrow")
+    if c and "decline" in c:
+        t = c["tracking"]["paper"]
+        lines.append(f"- **C1** (a narrow cold start collapses strategy diversity after the format is learned, and the paper's signals see it): "
+                     f"{_c1_reading(c, False)}: strategy entropy at the paper-rule peak minus at the end {_interval(c['decline'])} bits per "
+                     f"problem (p {_f(c['decline']['sign_flip_p'])}); the paper's rule detected a turning point in {c['detected']} of "
+                     f"{len(c['seeds'])} seeds and its peak was the ground truth's in {c['same_peak']}; Spearman(D, strategy entropy) over the "
+                     f"gated grid, median {_f(t['median'])} ({t['positive']} of {t['seeds']} seeds positive).")
+    for name, label in (("C2: turning point vs best accuracy", "C2"), ("C2': turning point vs CE end", "C2'"),
+                        ("C3: AESL vs CE best accuracy", "C3"), ("C3': AESL vs CE end", "C3'"), (CONTROL_BEST, "Control `best`")):
+        x = comps.get(name)
+        if x and x["verdict"] != "not run":
+            lines.append(f"- **{label}** ({name}): {_reading(name, x)}: {_interval(x)} test accuracy after RL (sign-flip p over seeds "
+                         f"{_f(x['sign_flip_p'])}, MDE {_f(x['mde'])}, {x['seeds']} seeds).")
+    c = s.get("C1_all")
+    if c and "decline" in c:
+        lines.append(f"- **Control `all`** (a cold start covering every strategy predicts no collapse): {_c1_reading(c, True)}: decline "
+                     f"{_interval(c['decline'])} bits (p {_f(c['decline']['sign_flip_p'])}).")
+    arms = s.get("arms", {})
+    if arms:
+        moved = ", ".join(f"{arm} {sum(a['moved'])}/{a['seeds']}" for arm, a in arms.items())
+        lines.append(f"- **Manipulation check** (training reward, pass 2 minus pass 1 paired by prompt, > 2 SE): units where RL moved: {moved}.")
+    return lines
+
+
+def _main_lines(s: dict, verdicts: bool = True) -> list[str]:
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    lines = ["", "## Accuracy after RL (test, greedy, target format)", ""]
-    lines += markdown_table(["arm", "seeds", "before RL", "after RL"],
-                            [[arm, a["seeds"], _f(mean(a["start_accuracy"])), _f(mean(a["test_accuracy"]))] for arm, a in s.get("arms", {}).items()])
-    lines += ["", "## Comparisons (paired by seed and problem; 95 % hierarchical bootstrap; sign-flip p over seeds)", ""]
-    lines += markdown_table(["comparison", "seeds", "A - B [95 % CI]", "p", "MDE", "verdict"],
+    lines = _verdict_lines(s) if verdicts else []
+    lines += ["", "## Accuracy after RL (test, greedy, target format) and the secondary endpoints", "",
+              "RL gain: after minus before on the same test problems, paired by seed and problem (95 % hierarchical bootstrap). "
+              "Training reward: pool reward in pass 1 and pass 2, paired by prompt (mean over seeds). "
+              "Strategy shares among the k test samples, direct / round / column / other (mean over seeds).", ""]
+    rows = []
+    for arm, a in s.get("arms", {}).items():
+        g = a.get("rl_gain")
+        m = a.get("manipulation", [])
+        rows.append([arm, a["seeds"], _f(mean(a["start_accuracy"])), _f(mean(a["test_accuracy"])), _interval(g) if g else "-",
+                     f"{_f(mean([x['pass1'] for x in m]))} -> {_f(mean([x['pass2'] for x in m]))}" if m else "-",
+                     f"{sum(a.get('moved', []))} of {a['seeds']}", _shares(a["shares_before"]), _shares(a["shares_after"])])
+    lines += markdown_table(["arm", "seeds", "before RL", "after RL", "RL gain [95 % CI]", "training reward pass 1 -> 2", "RL moved",
+                             "shares before RL", "shares after RL"], rows)
+    lines += ["", "## Comparisons (paired by seed and problem; 95 % hierarchical bootstrap; sign-flip p over seeds)", "",
+              "The verdicts use the interval and the sign-flip test over seeds (each seed's SFT and RL are one replicate). results.json also "
+              "holds per-seed exact McNemar tests combined by Fisher's method (`mcnemar_fisher_p`): they ask whether the two checkpoints "
+              "of some seed differ on these problems, in either direction, and are not a test of the claim.", ""]
+    lines += markdown_table(["comparison", "seeds", "A - B [95 % CI]", "sign-flip p", "MDE", "verdict"],
                             [[name, c["seeds"], "-", "-", "-", "not run"] if c["verdict"] == "not run" else
-                             [name, f"{c['seeds']} of {c['planned_seeds']}", _interval(c), _f(c["sign_flip_p"]), _f(c["mde"]),
-                              c["verdict"] if c["seeds"] >= c["planned_seeds"] else f"interim, no verdict (reads {c['verdict']} so far)"]
+                             [name, f"{c['seeds']} of {c['planned_seeds']}", _interval(c), _f(c["sign_flip_p"]),
+                              _f(c["mde"]), _reading(name, c)]
                              for name, c in s.get("comparisons", {}).items()])
     for coldstart in ("narrow", "best", "all"):
         c = s.get(f"C1_{coldstart}")
@@ -155,12 +263,15 @@ def _main_lines(s: dict) -> list[str]:
             continue
         lines += ["", f"## Diversity during CE SFT ({coldstart} cold start)", "",
                   f"Paper's rule detected a turning point in {c['detected']} of {len(c['seeds'])} seeds; the ground truth's rule in "
-                  f"{c['truth_detected']}.", ""]
+                  f"{c['truth_detected']}; the two peaks coincide in {c.get('same_peak', '-')}.", ""]
         if "decline" in c:
             lines.append(f"Strategy entropy, paper's peak minus end (bits per problem): {_interval(c['decline'])}, p {_f(c['decline']['sign_flip_p'])}: "
-                         + (c['decline']['verdict'] if len(c["seeds"]) >= c.get("planned_seeds", 0) else
-                            f"interim at {len(c['seeds'])} of {c['planned_seeds']} seeds, no verdict (reads {c['decline']['verdict']} so far)")
-                         + f" (smallest effect of interest {A.SESOI_BITS} bits).")
+                         + _c1_reading(c, coldstart == "all") + f" (smallest effect of interest {A.SESOI_BITS} bits).")
+        if c.get("tracking"):
+            lines += ["", "Does each signal track the ground truth? Spearman correlation with the mean strategy entropy over the gated "
+                          "grid points, per seed (self-BLEU should correlate negatively):", ""]
+            lines += markdown_table(["signal", "seeds", "median Spearman", "seeds positive"],
+                                    [[k, t["seeds"], _f(t["median"]), t["positive"]] for k, t in c["tracking"].items()])
         lines += [""]
         lines += markdown_table(["seed", "format step", "paper peak", "detected", "truth peak", "Spearman(paper, truth)"],
                                 [[x["seed"], x["paper"]["format_step"], x["paper"]["peak_step"], x["paper"]["detected"],
@@ -177,10 +288,16 @@ def write(cfg: dict, store: UnitStore, out: Path) -> Path:
     lines = [f"# Strategy world: {'results' if main else 'pre-flight'}", "",
              "A mechanism test in a controlled world (a from-scratch ~1M-parameter model), not evidence about 7B models. "
              "Rebuilt by `python experiments/strategy_world.py --report` from `units/*.json` alone; the plan is plan.md.", ""]
+    if s.get("meta"):
+        m = s["meta"]
+        lines += [f"Main units: {m['units']} ({m['unit_hours']:.1f} unit-hours), {m['first_start']} to {m['last_end']}, by `{m['command']}` on "
+                  f"{', '.join(m['cpus'])} (2 cores); {m['busy_units']} units busy; load average at unit starts median "
+                  f"{m['start_load_median']:.2f}, max {m['start_load_max']:.2f}; commits {', '.join(m['commits'])}. Each unit's record "
+                  "(units/<id>.json) holds its commit, load and times at start and end.", ""]
     lines += _preflight_lines(s) + (_main_lines(s) if main or any(k.startswith("C1_") for k in s) else [])
     for version, sub in s.get("superseded_main", {}).items():
         lines += ["", f"## Superseded main runs `{version}` (set aside whole, see plan.md; not pooled with the results above)"]
-        lines += [("#" + line) if line.startswith("## ") else line for line in _main_lines(sub)]
+        lines += [("#" + line) if line.startswith("## ") else line for line in _main_lines(sub, verdicts=False)]
     path = out / title
     path.write_text("\n".join(lines) + "\n")
     try:
