@@ -177,7 +177,7 @@ def _reading(name: str, c: dict) -> str:
         d = c["difference"]
         inside = -A.SESOI_ACCURACY <= d["low"] and d["high"] <= A.SESOI_ACCURACY
         reading = ("as predicted (no C2 effect: interval inside +-0.03)" if inside else
-                   f"not as predicted (interval not inside +-{A.SESOI_ACCURACY}; reads {c['verdict']})")
+                   f"not as predicted (the interval is not inside +-{A.SESOI_ACCURACY})")
     else:
         reading = c["verdict"]
     if not c.get("read", True):
@@ -291,8 +291,9 @@ def write(cfg: dict, store: UnitStore, out: Path) -> Path:
     if s.get("meta"):
         m = s["meta"]
         lines += [f"Main units: {m['units']} ({m['unit_hours']:.1f} unit-hours), {m['first_start']} to {m['last_end']}, by `{m['command']}` on "
-                  f"{', '.join(m['cpus'])} (2 cores); {m['busy_units']} units busy; load average at unit starts median "
-                  f"{m['start_load_median']:.2f}, max {m['start_load_max']:.2f}; commits {', '.join(m['commits'])}. Each unit's record "
+                  f"{', '.join(m['cpus'])} (2 cores); {m['busy_units']} units busy (other processes' CPU time while a unit ran); 1-minute load average at unit "
+                  f"starts median {m['start_load_median']:.2f}, max {m['start_load_max']:.2f} (units run back to back, so this is mostly the "
+                  f"previous unit); commits {', '.join(m['commits'])}. Each unit's record "
                   "(units/<id>.json) holds its commit, load and times at start and end.", ""]
     lines += _preflight_lines(s) + (_main_lines(s) if main or any(k.startswith("C1_") for k in s) else [])
     for version, sub in s.get("superseded_main", {}).items():
