@@ -121,15 +121,18 @@ def rl_gain(records: dict, arm: str, seeds: list[int]) -> dict | None:
     return {"seeds": len(after), "difference": stats.hierarchical_bootstrap(d, replicates=4000).as_dict(), "sign_flip_p": stats.sign_flip_p(d)}
 
 
+SIGNALS = ("paper", "token_entropy", "self_bleu", "distinct_answers", "pass@k_minus_pass@1")
+
+
 def signal_tracking(gated_rows: list[dict]) -> dict:
     """Spearman correlations over the gated grid points between each diversity signal (mean over problems) and the
     ground truth (mean per-problem strategy entropy): the paper's D, token entropy, self-BLEU (a diversity signal
     when it falls: expected negative), distinct final answers, pass@k - pass@1. None with fewer than 3 points."""
     if len(gated_rows) < 3:
-        return {k: None for k in ("paper", "token_entropy", "self_bleu", "distinct_answers", "pass@k_minus_pass@1")}
+        return {k: None for k in SIGNALS}
     truth = [float(np.mean(rules.strategy_score(r["columns"]))) for r in gated_rows]
     out = {"paper": stats.spearman([float(np.mean(rules.paper_score(r["columns"]))) for r in gated_rows], truth)}
-    for key in ("token_entropy", "self_bleu", "distinct_answers", "pass@k_minus_pass@1"):
+    for key in SIGNALS[1:]:
         values = [r["summary"].get(key) for r in gated_rows]
         out[key] = None if None in values else stats.spearman(values, truth)
     return out
@@ -209,7 +212,7 @@ def c1(records: dict, coldstart: str, seeds: list[int]) -> dict:
                  "truth_detected": sum(x["truth"]["detected"] for x in per_seed),
                  "same_peak": sum(x["paper"]["peak_step"] is not None and x["paper"]["peak_step"] == x["truth"]["peak_step"] for x in per_seed)}
     tracked = {}
-    for key in ("paper", "token_entropy", "self_bleu", "distinct_answers", "pass@k_minus_pass@1"):
+    for key in SIGNALS:
         rho = [x["spearman_vs_truth"][key] for x in per_seed if x["spearman_vs_truth"][key] is not None and not math.isnan(x["spearman_vs_truth"][key])]
         tracked[key] = {"seeds": len(rho), "median": median(rho) if rho else None, "positive": sum(r > 0 for r in rho)}
     out["tracking"] = tracked

@@ -71,7 +71,7 @@ def meta(records: dict) -> dict:
     starts = sorted(r["machine"]["start"]["time"] for r in main)
     ends = sorted(r["machine"]["end"]["time"] for r in main)
     load = [r["machine"]["start"]["loadavg"][0] for r in main]
-    cpus = sorted({r["machine"]["start"].get("cpu", {}).get("model", "?") for r in main})
+    cpus = sorted({f"{c.get('model', '?')} ({c.get('cores', '?')} cores)" for c in (r["machine"]["start"].get("cpu", {}) for r in main)})
     return {"command": "python experiments/strategy_world.py --run [--until HH:MM]", "units": len(main),
             "commits": sorted({r["machine"]["start"]["commit"] for r in main}), "first_start": starts[0], "last_end": ends[-1],
             "unit_hours": sum(r["machine"]["seconds"] for r in main) / 3600, "busy_units": sum(bool(r["machine"]["busy"]) for r in main),
@@ -164,10 +164,6 @@ def _preflight_lines(s: dict) -> list[str]:
 CONTROL_BEST = "control (best strategy): turning point vs best accuracy"
 
 
-def _complete(c: dict, n_seeds: int) -> bool:
-    return n_seeds >= c.get("planned_seeds", 0)
-
-
 def _reading(name: str, c: dict) -> str:
     """A comparison's verdict as the plan reads it: only at the planned seed count, only if RL moved in most units of
     both arms (the manipulation check), and for the `best` control as a prediction of no effect."""
@@ -183,7 +179,7 @@ def _reading(name: str, c: dict) -> str:
     if not c.get("read", True):
         moved = ", ".join(f"{arm} {m[0]}/{m[1]}" for arm, m in c["rl_moved"].items() if m)
         reading = f"not read: RL did not move in most units of both arms ({moved}); would read {reading}"
-    return reading if _complete(c, c["seeds"]) else f"interim, no verdict (reads {reading} so far)"
+    return reading if c["seeds"] >= c.get("planned_seeds", 0) else f"interim, no verdict (reads {reading} so far)"
 
 
 def _c1_reading(c: dict, control: bool) -> str:
@@ -291,7 +287,7 @@ def write(cfg: dict, store: UnitStore, out: Path) -> Path:
     if s.get("meta"):
         m = s["meta"]
         lines += [f"Main units: {m['units']} ({m['unit_hours']:.1f} unit-hours), {m['first_start']} to {m['last_end']}, by `{m['command']}` on "
-                  f"{', '.join(m['cpus'])} (2 cores); {m['busy_units']} units busy (other processes' CPU time while a unit ran); 1-minute load average at unit "
+                  f"{', '.join(m['cpus'])}; {m['busy_units']} units busy (other processes' CPU time while a unit ran); 1-minute load average at unit "
                   f"starts median {m['start_load_median']:.2f}, max {m['start_load_max']:.2f} (units run back to back, so this is mostly the "
                   f"previous unit); commits {', '.join(m['commits'])}. Each unit's record "
                   "(units/<id>.json) holds its commit, load and times at start and end.", ""]
