@@ -30,7 +30,7 @@ from aesl_lightning.study.units import MachineProbe  # noqa: E402
 from aesl_lightning.training.plots import read_scalars  # noqa: E402
 
 RUN_DIR_LINE = re.compile(r"^\s*TensorBoard logs\s*:\s*(\S.*?)\s*$")
-SERIES_PREFIXES = ("val/", "diversity/")
+SERIES_PREFIXES = ("val/", "diversity/", "train/loss")
 LOAD_EVERY_S = 30.0
 
 
@@ -82,7 +82,7 @@ def run_summary(lines: list[str]) -> list[str]:
 
 
 def series_by_step(run_dir: Path) -> dict[str, dict[str, float]]:
-    """Every `val/*` and `diversity/*` scalar of the run as `{step: {tag: value}}`."""
+    """Every `val/*`, `diversity/*` and `train/loss*` scalar of the run as `{step: {tag: value}}`."""
     out: dict[str, dict[str, float]] = {}
     for tag, (steps, values) in sorted(read_scalars(run_dir).items()):
         if tag.startswith(SERIES_PREFIXES):
