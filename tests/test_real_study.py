@@ -249,6 +249,13 @@ def test_report_is_rebuilt_from_unit_files_alone(tmp_path):
     assert (tmp_path / "diversity_curve.png").is_file()
 
 
+def test_units_name_the_cpu_that_ran_them():
+    epyc = {"model": "AMD EPYC", "cores": 2, "flags": ["avx", "avx2", "avx512f", "avx512_bf16"]}
+    assert report.cpu_label(epyc) == "AMD EPYC (avx512_bf16)"
+    assert report.cpu_label({"model": "Intel Xeon", "flags": ["avx", "avx2", "fma"]}) == "Intel Xeon (avx2)"
+    assert report.cpu_label(None) == "-"
+
+
 # ------------------------------------------------------------------------------------------ configs and smoke run
 
 

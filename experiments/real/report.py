@@ -171,13 +171,25 @@ def _rl_lines(s: dict, cfg: dict) -> list[str]:
     return lines
 
 
+def cpu_label(cpu: dict | None) -> str:
+    """A unit's CPU as the report names it: the model and whether it has bf16 vector instructions (plan amendment 3:
+    unit costs differ between the study's machines)."""
+    if not cpu:
+        return "-"
+    flags = cpu.get("flags") or []
+    isa = "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+    return f"{cpu.get('model') or '?'} ({isa})"
+
+
 def _unit_lines(s: dict) -> list[str]:
     lines = ["", "## Units (commit and load average at start / end; busy units do not set budgets)", "",
-             "| unit | kind | minutes | busy | commit start / end | load start / end |", "|---|---|---|---|---|---|"]
+             "| unit | kind | minutes | busy | CPU | commit start / end | load start / end |", "|---|---|---|---|---|---|---|"]
     for k, u in sorted(s["units"].items()):
         lines.append(f"| {k}{' = ' + u['same_as'] if u['same_as'] else ''} | {u['kind']} | {u['minutes']:.1f} | {'yes' if u['busy'] else 'no'} | "
-                     f"{u['start']['commit']} / {u['end']['commit']} | {u['start']['loadavg'][0]:.2f} / {u['end']['loadavg'][0]:.2f} |")
-    lines += ["", "| kind | plan's estimate (min) | median of idle units (min) | idle / busy units |", "|---|---|---|---|"]
+                     f"{cpu_label(u['start'].get('cpu'))} | {u['start']['commit']} / {u['end']['commit']} | "
+                     f"{u['start']['loadavg'][0]:.2f} / {u['end']['loadavg'][0]:.2f} |")
+    lines += ["", "The scheduler's estimate of a kind is the median of its latest idle units, on whichever CPU ran them (column above).",
+              "", "| kind | plan's estimate (min) | median of idle units (min) | idle / busy units |", "|---|---|---|---|"]
     for kind, est in s["estimates"].items():
         c = s["costs"].get(kind, {"median_seconds": None, "idle_units": 0, "busy_units": 0})
         lines.append(f"| {kind} | {est / 60:.0f} | {_f(c['median_seconds'] / 60 if c['median_seconds'] else None, 1)} | {c['idle_units']} / {c['busy_units']} |")
@@ -189,9 +201,9 @@ def write(cfg: dict, store: UnitStore, out: Path) -> Path:
     s = summarise(cfg, records)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(strict_json(s), indent=1, sort_keys=True, allow_nan=False) + "\n")
-    lines = ["# Real-model study (plan amendment 1): results", "",
+    lines = ["# Real-model study (plan amendments 1-3): results", "",
              f"SmolLM2-135M-Instruct ({cfg['model']}) on the word problems. Rebuilt by `python experiments/real_study.py --report` from "
-             f"`units/*.json` alone ({len(records)} units); the plan is plan.md (amendment 1).", ""]
+             f"`units/*.json` alone ({len(records)} units); the plan is plan.md (amendments 1-3).", ""]
     if "base_test" in s:
         b = s["base_test"]
         lines += [f"Base model on {b['problems']} test problems, greedy: accuracy {_f(b['greedy_accuracy'])}, boxed rate {_f(b['greedy_boxed_rate'])}, "
