@@ -67,13 +67,14 @@ def test_final_answer(text, expected):
 K = 4
 
 
-def grid_row(step: int, score: float, boxed: int = K, accuracy: float = 0.5, distinct: float | list = 2.0, n: int = 8) -> dict:
+def grid_row(step: int, score: float, boxed: int = K, accuracy: float = 0.5, distinct: float | list = 2.0, n: int = 8,
+             correct: list | None = None) -> dict:
     """A grid point whose per-problem D = entropy - self-BLEU is `score` +- 0.01 (alternating), every problem with
     `boxed` of K samples boxed and `distinct` distinct answers."""
     entropy = [round(score + 0.2 + (0.01 if i % 2 else -0.01), 4) for i in range(n)]
     distinct = distinct if isinstance(distinct, list) else [distinct] * n
     columns = {"id": [f"p{i}" for i in range(n)], "greedy_correct": [int(i < accuracy * n) for i in range(n)], "greedy_boxed": [1] * n,
-               "greedy_tokens": [30] * n, "greedy_truncated": [0] * n, "correct": [2] * n, "boxed": [boxed] * n, "distinct_answers": distinct,
+               "greedy_tokens": [30] * n, "greedy_truncated": [0] * n, "correct": correct or [2] * n, "boxed": [boxed] * n, "distinct_answers": distinct,
                "paths": [1] * n, "entropy": entropy, "self_bleu": [0.2] * n, "tokens": [30.0] * n}
     return {"step": step, "columns": columns, "summary": summarise(columns, K), "seconds": 1.0}
 
@@ -165,6 +166,35 @@ def test_c1_verdicts_on_hand_made_records():
     assert A.c1_verdict(I(0.0, -0.05, 0.11, 0.95, 10), 0.5, 5, 5, c1cfg) == "inconclusive"
 
 
+def test_exploratory_declines_run_from_the_best_accuracy_step_to_the_end():
+    # best greedy accuracy at step 2 (0.75), not at the end (step 4, 0.5): distinct answers 3.0 -> 1.5 per problem; right
+    # samples 2 of 4 -> 4 or 0 of 4, so pass@k - pass@1 goes 1 - 2/4 = 0.5 -> 0 on every problem
+    grid = [grid_row(0, 3.0, boxed=0, accuracy=0.0, distinct=4.0), grid_row(1, 1.0, accuracy=0.25, distinct=2.5),
+            grid_row(2, 1.5, accuracy=0.75, distinct=3.0), grid_row(4, 0.5, accuracy=0.5, distinct=[1.5, 1.5, 2, 1] * 2, correct=[4, 0] * 4)]
+    records = {f"sft-ce-s{s}": record("sft-grid", {"grid": grid, "seed": s}) for s in range(5)}
+    e = A.c1(records, CFG)["exploratory"]
+    assert e["distinct_answers"]["best_accuracy_steps"] == [2] * 5
+    assert (e["distinct_answers"]["at_best"], e["distinct_answers"]["at_end"]) == (3.0, 1.5)
+    assert e["distinct_answers"]["decline"]["estimate"] == pytest.approx(1.5) and e["distinct_answers"]["seed_declines"] == [1.5] * 5
+    assert e["pass_gap"]["at_best"] == pytest.approx(0.5) and e["pass_gap"]["decline"]["estimate"] == pytest.approx(0.5)
+    assert e["pass_gap"]["sign_flip_p_one_sided"] == pytest.approx(1 / 32)  # five seeds, all declining
+    assert A.pass_gap_per_problem({"correct": [0, 1, 3, 4]}, 4) == [0.0, 0.75, 0.25, 0.0]
+
+
+def test_rl_test_change_is_paired_by_problem_with_an_exact_mcnemar():
+    result = rl_result(*PASSING)
+    before = {"id": [f"t{i}" for i in range(8)], "greedy_correct": [1, 1, 1, 1, 1, 1, 0, 0]}
+    result["start_test"] = {"columns": before}
+    result["test"] = {"columns": {"id": before["id"], "greedy_correct": [0, 0, 0, 0, 0, 1, 0, 1]}}
+    t = A.test_change(result)
+    assert (t["lost"], t["gained"], t["problems"]) == (5, 1, 8)
+    assert t["before"] == pytest.approx(0.75) and t["after"] == pytest.approx(0.25) and t["change"] == pytest.approx(-0.5)
+    assert t["mcnemar_p"] == pytest.approx(2 * (1 + 6) / 64)  # two-sided exact: 2 P(X <= 1), X ~ Binomial(6, 1/2)
+    result["test"]["columns"]["id"] = list(reversed(before["id"]))
+    with pytest.raises(ValueError):
+        A.test_change(result)  # unpaired problems are an error, not a comparison
+
+
 def test_comparison_verdict_rules():
     I, v = stats.Interval, CFG["verdicts"]
     assert A.comparison_verdict(I(0.1, 0.05, 0.15, 0.95, 10), 0.01, [0.1, 0.05, 0.12], v) == "supported"
@@ -244,6 +274,8 @@ def test_report_is_rebuilt_from_unit_files_alone(tmp_path):
     path = report.write(CFG, UnitStore(tmp_path), tmp_path)
     text = path.read_text()
     assert "**C1 verdict: supported**" in text and "untestable on this hardware" in text and "the pool is what qualified" in text
+    assert "| pass@k - pass@1 |" in text and "Exploratory (plan amendment 4" in text
+    assert "0.500 -> 0.500 (0 / 0, p 1.000)" in text  # RL's paired effect on test in the pilot table
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["pilot"]["status"] == "failed" and summary["C1"]["detected"] == 5
     assert (tmp_path / "diversity_curve.png").is_file()

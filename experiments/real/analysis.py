@@ -141,7 +141,8 @@ def c1(records: dict, cfg: dict) -> dict:
             entry["decline"] = float(np.mean(peak[c["measure"]]) - np.mean(end[c["measure"]]))
         per_seed.append(entry)
     detected = sum(x["detected"] for x in per_seed)
-    out: dict = {"seeds": per_seed, "recorded": len(seeds), "planned": len(c["seeds"]), "detected": detected,
+    exploratory = {name: decline_from_best_accuracy(records, seeds, fn, cfg) for name, fn in EXPLORATORY_C1.items()}
+    out: dict = {"exploratory": exploratory, "seeds": per_seed, "recorded": len(seeds), "planned": len(c["seeds"]), "detected": detected,
                  "format_not_learned": sum(x["peak_step"] is None for x in per_seed), "measure": c["measure"]}
     if peak_rows:
         d = stats.paired_differences(peak_rows, end_rows)
@@ -155,6 +156,51 @@ def c1(records: dict, cfg: dict) -> dict:
     else:
         out["verdict"] = "inconclusive" if seeds else "not run"
     return out
+
+
+def pass_gap_per_problem(columns: dict, k: int) -> list[float]:
+    """pass@k - pass@1 of each problem from its count of right samples c among k: 1[c > 0] - c / k."""
+    return [float(c > 0) - c / k for c in columns["correct"]]
+
+
+# plan amendment 4: exploratory declines from the best-accuracy step to the end (not verdict-bearing)
+EXPLORATORY_C1 = {"distinct_answers": lambda columns, k: [float(x) for x in columns["distinct_answers"]],
+                  "pass_gap": pass_gap_per_problem}
+
+
+def decline_from_best_accuracy(records: dict, seeds: list[int], per_problem, cfg: dict) -> dict:
+    """A measure at each seed's best-accuracy step minus at the last grid point, paired by seed and problem: the
+    95 % hierarchical-bootstrap interval, the one-sided sign-flip p over seeds ("it declines") and each seed's decline."""
+    k = cfg["eval"]["samples"]
+    at_best, at_end, steps = [], [], []
+    for s in seeds:
+        grid = records[f"sft-ce-s{s}"]["result"]["grid"]
+        best, end = rules.best_accuracy(grid), grid[-1]
+        stats.align([{"id": i} for i in best["columns"]["id"]], [{"id": i} for i in end["columns"]["id"]], key="id")
+        at_best.append(per_problem(best["columns"], k))
+        at_end.append(per_problem(end["columns"], k))
+        steps.append(best["step"])
+    if not seeds:
+        return {"seeds": 0}
+    d = stats.paired_differences(at_best, at_end)
+    return {"seeds": len(seeds), "best_accuracy_steps": steps, "end_step": cfg["sft"]["max_steps"],
+            "at_best": float(np.mean(at_best)), "at_end": float(np.mean(at_end)),
+            "decline": stats.hierarchical_bootstrap(d, replicates=cfg["verdicts"]["replicates"]).as_dict(),
+            "sign_flip_p_one_sided": stats.sign_flip_p(d, alternative="greater"), "seed_declines": stats.seed_means(d).tolist()}
+
+
+# ------------------------------------------------------------------------------------------ RL's effect on test
+
+
+def test_change(result: dict) -> dict:
+    """Test greedy accuracy after RL minus before, paired by problem (plan amendment 4): the problems lost (right before,
+    wrong after) and gained, and the exact McNemar p. Not verdict-bearing: C2 / C3 compare arms after identical RL."""
+    before, after = result["start_test"]["columns"], result["test"]["columns"]
+    stats.align([{"id": i} for i in before["id"]], [{"id": i} for i in after["id"]], key="id")
+    lost, gained = stats.discordant_pairs(before["greedy_correct"], after["greedy_correct"])
+    n = len(before["id"])
+    return {"problems": n, "before": sum(before["greedy_correct"]) / n, "after": sum(after["greedy_correct"]) / n,
+            "change": (gained - lost) / n, "lost": lost, "gained": gained, "mcnemar_p": stats.mcnemar_exact(lost, gained)}
 
 
 # ------------------------------------------------------------------------------------------ C2 / C3

@@ -48,6 +48,7 @@ def summarise(cfg: dict, records: dict) -> dict:
     out["pilot"] = {"status": decision["status"], "passing": decision["passing"], "settings": decision["settings"],
                     "runs": {k: {**v, "test_before": records[k]["result"]["start_test"]["summary"]["greedy_accuracy"],
                                  "test_after": records[k]["result"]["test"]["summary"]["greedy_accuracy"],
+                                 "test_change": A.test_change(records[k]["result"]),
                                  "settings": records[k]["params"]["settings"]} for k, v in decision["checks"].items()}}
     seeds = cfg["arms"]["seeds"]
     arms = {}
@@ -57,6 +58,7 @@ def summarise(cfg: dict, records: dict) -> dict:
             arms[arm] = {"seeds": sorted(got), "start": {s: g["start"] for s, g in got.items()},
                          "before": {s: g["start_test"]["summary"]["greedy_accuracy"] for s, g in got.items()},
                          "after": {s: g["test"]["summary"]["greedy_accuracy"] for s, g in got.items()},
+                         "test_change": {s: A.test_change(g) for s, g in got.items()},
                          "manipulation": A.manipulation(records, arm, sorted(got), cfg)["runs"]}
     out["arms"] = arms
     if decision["status"] == "passed":
@@ -75,6 +77,29 @@ def comparisons(cfg: dict) -> dict:
     return out
 
 
+def _change(t: dict) -> str:
+    """RL's paired effect on test accuracy as one cell (`analysis.test_change`)."""
+    return f"{_f(t['before'])} -> {_f(t['after'])} ({t['lost']} / {t['gained']}, p {_f(t['mcnemar_p'])})"
+
+
+EXPLORATORY_LABELS = {"distinct_answers": "distinct final answers", "pass_gap": "pass@k - pass@1"}
+
+
+def _exploratory_lines(c: dict, cfg: dict) -> list[str]:
+    """Plan amendment 4: declines from each seed's best-accuracy step to the end, beside (not instead of) the verdict."""
+    rows = {k: e for k, e in c.get("exploratory", {}).items() if e.get("seeds")}
+    if not rows:
+        return []
+    lines = ["Exploratory (plan amendment 4, not verdict-bearing): from each seed's best-accuracy step to step "
+             f"{cfg['sft']['max_steps']}, paired by seed and problem. Accuracy changes far less over this span than after the format step, "
+             "so wrong answers weigh less in these declines.", "",
+             "| measure | at best accuracy | at the end | decline [95 % CI] | one-sided sign-flip p | seeds' declines |", "|---|---|---|---|---|---|"]
+    for k, e in rows.items():
+        lines.append(f"| {EXPLORATORY_LABELS.get(k, k)} | {_f(e['at_best'])} | {_f(e['at_end'])} | {_interval(e['decline'])} | "
+                     f"{_f(e['sign_flip_p_one_sided'])} | {', '.join(f'{m:+.3f}' for m in e['seed_declines'])} |")
+    return lines + [""]
+
+
 def _c1_lines(c: dict, cfg: dict) -> list[str]:
     k = cfg["c1"]
     lines = ["## C1: a diversity turning point in cold-start SFT (CE)", "",
@@ -90,6 +115,7 @@ def _c1_lines(c: dict, cfg: dict) -> list[str]:
                   f"refuted if the interval's upper end is below {k['sesoi']}; detectable effect (80 % power) {_f(c['mde'])}.", ""]
     else:
         lines += [f"**C1 verdict: {c['verdict']}**", ""]
+    lines += _exploratory_lines(c, cfg)
     lines += ["| seed | format step | peak (D) | confirmed | drop at | best-accuracy step | decline | why |", "|---|---|---|---|---|---|---|---|"]
     for x in c["seeds"]:
         lines.append(f"| {x['seed']} | {_f(x['format_step'])} | {_f(x['peak_step'])} | {'yes' if x['detected'] else 'no'} | {_f(x['drop_step'])} | "
@@ -124,12 +150,12 @@ def _pilot_lines(s: dict, cfg: dict) -> list[str]:
     lines += ["", f"Pass rule: pool reward (math_accuracy + {cfg['rl']['reward_weights'][1]} x boxed_format) of the last pass minus the first, "
               f"paired by prompt, >= {p['min_gain']} and > {p['se_k']} SE; sample boxed rate of the last pass >= {p['min_boxed']}; mean token "
               f"entropy of the last pass >= {p['min_entropy_ratio']} x the first pass's.", "",
-              "| unit | settings | reward first -> last pass | gain (SE) | boxed last pass | entropy first -> last | test acc before -> after | pass |",
+              "| unit | settings | reward first -> last pass | gain (SE) | boxed last pass | entropy first -> last | test acc before -> after (lost / gained, McNemar p) | pass |",
               "|---|---|---|---|---|---|---|---|"]
     for k, r in s["pilot"]["runs"].items():
         lines.append(f"| {k} | {json.dumps(r['settings'])} | {_f(r.get('first'))} -> {_f(r.get('last'))} | {_f(r['gain'])} ({_f(r['se'])}) | "
                      f"{_f(r.get('boxed_rate_last'))} | {_f(r.get('entropy_first'))} -> {_f(r.get('entropy_last'))} | "
-                     f"{_f(r['test_before'])} -> {_f(r['test_after'])} | {'pass' if r['pass'] else 'FAIL (' + ', '.join(c for c, ok in r['checks'].items() if not ok) + ')'} |")
+                     f"{_change(r['test_change'])} | {'pass' if r['pass'] else 'FAIL (' + ', '.join(c for c, ok in r['checks'].items() if not ok) + ')'} |")
     status = s["pilot"]["status"]
     lines += ["", {"pending": "Pilot outcome: pending.", "passed": f"Pilot outcome: **passed** ({s['pilot']['passing']}); every arm runs RL with "
                    f"{json.dumps(s['pilot']['settings'])} over the same pool in the same order.",
@@ -162,12 +188,15 @@ def _rl_lines(s: dict, cfg: dict) -> list[str]:
               f"{v['sesoi']} (no gain of {v['sesoi'] * 100:.0f} points or more); opposite: interval below 0 with p < {v['alpha']}. C3 here tests only "
               "\"AESL + RL beats CE (best accuracy) + RL\". A comparison is read only if the manipulation check (last pass minus first pass of the "
               "pool reward > 2 SE, paired by prompt) passed in most RL units of both arms."]
-    lines += ["", "| arm | seed | start | test acc before RL | after RL | pool reward gain (SE) | manipulation |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "RL's effect on the test problems (plan amendment 4, exploratory): after minus before, paired by problem. C2 and C3 say which "
+              "start ends better after this RL budget, not that RL improved it.",
+              "", "| arm | seed | start | test acc before -> after RL (lost / gained, McNemar p) | pool reward gain (SE) | manipulation |",
+              "|---|---|---|---|---|---|"]
     for arm, a in s["arms"].items():
         for seed in a["seeds"]:
             m = a["manipulation"].get(seed, {})
-            lines.append(f"| {arm}{' (sanity, not verdict-bearing)' if arm == 'rl_only' else ''} | {seed} | {a['start'][seed]} | {_f(a['before'][seed])} | "
-                         f"{_f(a['after'][seed])} | {_f(m.get('gain'))} ({_f(m.get('se'))}) | {'pass' if m.get('pass') else 'fail'} |")
+            lines.append(f"| {arm}{' (sanity, not verdict-bearing)' if arm == 'rl_only' else ''} | {seed} | {a['start'][seed]} | "
+                         f"{_change(a['test_change'][seed])} | {_f(m.get('gain'))} ({_f(m.get('se'))}) | {'pass' if m.get('pass') else 'fail'} |")
     return lines
 
 
