@@ -219,6 +219,34 @@ def test_sft_fit_under_bf16_mixed_follows_the_fp32_run(tmp_path, lora, chunk_siz
     assert (validation["bf16-mixed"] - validation["32-true"]).abs().max() <= 5e-3, validation
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_validation_generation_runs_under_the_runs_precision(tmp_path, precision):
+    """Validation generation runs after the validation epoch, outside Lightning's autocast around the *_step hooks: it
+    must enter the precision's forward context itself (bf16 autocast under bf16-mixed, none under 32-true)."""
+    from aesl_lightning.data import SFTDataModule
+    from aesl_lightning.data.synthetic import ArithmeticConfig
+    from aesl_lightning.modules.sft import SFTModule, ValidationGeneration
+
+    L.seed_everything(0)
+    module = SFTModule("tiny-llama", lr=3e-3, warmup_steps=0, gate_check_batches=0,
+                       val_generation=ValidationGeneration(num_prompts=2, num_samples=2, max_new_tokens=3, batch_size=2))
+    seen = []
+    update = module.evaluator.update
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return update(*args, **kwargs)
+
+    module.evaluator.update = spy
+    data = SFTDataModule(train="synthetic", synthetic=ArithmeticConfig(num_examples=8, seed=1, max_steps=1), val_size=2,
+                         batch_size=2, max_length=400)
+    _fit_trainer(tmp_path, precision, max_steps=1, limit_val_batches=1, val_check_interval=1).fit(module, data)
+    assert seen, "no validation generation ran"
+    expected = (True, torch.bfloat16) if precision == "bf16-mixed" else (False,)
+    assert all(s[:len(expected)] == expected for s in seen), seen
+    assert not torch.is_autocast_enabled("cpu")  # and nothing is left switched on after the fit
+
+
 def _grpo_module(lora):
     from aesl_lightning.modules.grpo import GRPOConfig, GRPOEvaluation, GRPOModule
 

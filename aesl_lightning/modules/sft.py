@@ -333,8 +333,10 @@ class SFTModule(CausalLMModule):
         rank, world = self.global_rank, self.trainer.world_size
         shown: list[str] = []
         seen = 0
-        # every rank enters (unsharding is collective); inside, ranks may generate different lengths or nothing
-        with unsharded_for_generation(self.model):
+        # every rank enters (unsharding is collective); inside, ranks may generate different lengths or nothing.
+        # Lightning autocasts only around the *_step hooks; this runs after the epoch, so it enters the precision's own
+        # forward context (under bf16-mixed, sampling runs in bf16 autocast like every other forward of the run).
+        with unsharded_for_generation(self.model), self.trainer.precision_plugin.forward_context():
             for batch in loader:
                 if seen >= cfg.num_prompts:
                     break
