@@ -74,7 +74,7 @@ def run_side(opts) -> dict:
                 marks["reset"] = reset_peak()
 
         module, data = step_bench.build(opts.mode, opts.seed)
-        records = step_bench.our_steps(module, data, opts.steps, callbacks=(Reset(),))
+        records = step_bench.our_steps(module, data, opts.steps, callbacks=(Reset(),), precision=opts.precision)
     else:
         original = step_bench.HFStepTimer
 
@@ -94,7 +94,8 @@ def spawn(side: str, opts) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, "--side", side, "--out", out.name, "--mode", opts.mode, "--steps", str(opts.steps),
                "--prompts", str(opts.prompts), "--generations", str(opts.generations), "--max-new-tokens",
-               str(opts.max_new_tokens), "--seed", str(opts.seed), "--threads", str(opts.threads)]
+               str(opts.max_new_tokens), "--seed", str(opts.seed), "--threads", str(opts.threads),
+               "--precision", getattr(opts, "precision", "32-true")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{side} side failed:\n{proc.stderr[-4000:]}")
@@ -114,11 +115,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--competing-load", action="store_true", help="beside a torch matmul loop keeping one core busy")
     parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
+    parser.add_argument("--precision", default="32-true", help=argparse.SUPPRESS)  # our side's Trainer precision (bench_grpo_precision.py)
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.side:
         step_bench.quiet_logs()
+        if opts.side == "trl" and opts.precision != "32-true":
+            raise SystemExit(f"--precision {opts.precision}: only our side takes a precision; TRL's runs in fp32 here")
         result = run_side(opts)
         with open(opts.out, "w") as f:
             json.dump(result, f)

@@ -202,11 +202,11 @@ def parts(module: TimedGRPO, data: PromptDataModule, mode: str, rounds: int) -> 
 
 
 # -------------------------------------------------------------------------------------- 3. and 4.: steps
-def our_steps(module: TimedGRPO, data: PromptDataModule, steps: int, callbacks: tuple = ()) -> list[dict]:
+def our_steps(module: TimedGRPO, data: PromptDataModule, steps: int, callbacks: tuple = (), precision: str = "32-true") -> list[dict]:
     """Each step's record: `wall` (the callback span, as TRL's is timed), `step` (the module's own
-    `train/time/step`), the phases, `tokens` generated and the `prompts` drawn."""
+    `train/time/step`), the phases, `tokens` generated and the `prompts` drawn. `precision`: the Trainer's."""
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False, precision=precision,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[timer, *callbacks])
     trainer.fit(module, datamodule=data)

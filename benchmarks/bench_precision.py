@@ -147,12 +147,21 @@ def main() -> None:
             summary[f"{p}_sample_speedup"] = med["sample_tokens_per_s"][p] / med["sample_tokens_per_s"]["fp32"]
     summary.update(matmul_fp32_gflops=med["matmul_gflops"]["fp32"], matmul_bf16_gflops=med["matmul_gflops"]["bf16"],
                    matmul_bf16_speedup=med["matmul_gflops"]["bf16"] / med["matmul_gflops"]["fp32"])
+    # the share of the machine's matmul peak each path reaches, from the linear layers' FLOPs alone (attention scores
+    # and element-wise work left out, so an under-estimate): 6 N per trained token, 2 N per sampled token; fp32 against
+    # the fp32 peak, the bf16 paths against the bf16 peak
+    linear = sum(m.weight.numel() for m in fp32.modules() if isinstance(m, torch.nn.Linear))
+    for p in PRECISIONS:
+        peak = med["matmul_gflops"]["fp32" if p == "fp32" else "bf16"] * 1e9
+        summary[f"{p}_step_share_of_peak"] = 6 * linear * opts.batch * opts.seq / med["step_s"][p] / peak
+        summary[f"{p}_sample_share_of_peak"] = 2 * linear * med["sample_tokens_per_s"][p] / peak
     for key, value in summary.items():
         print(f"{key:>32}: {value:.3f}")
     if opts.json:
         setting = {"model": MODEL, "step": f"[{opts.batch} x {opts.seq}] tokens, forward + backward + AdamW",
                    "sampling": f"{opts.prompts} prompts x {opts.new_tokens} new tokens, T 1", "matmul": opts.matmul_size,
-                   "repeats": opts.repeats, "quick": opts.quick, "torch_threads": torch.get_num_threads()}
+                   "repeats": opts.repeats, "quick": opts.quick, "torch_threads": torch.get_num_threads(),
+                   "share_of_peak": "linear-layer FLOPs only (6 N per trained token, 2 N per sampled token) over the matmul peak of the path's dtype"}
         Path(opts.json).write_text(json.dumps({"setting": setting, "summary": summary, "raw": raw}, indent=1) + "\n")
 
 

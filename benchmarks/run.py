@@ -80,6 +80,12 @@ BENCHMARKS = [
               ("--num", "10000"), ("--num", "2200")),
     Benchmark("precision", "fp32 vs bf16 (autocast and weights): SFT step, sampling, matmul peak (SmolLM2-135M)",
               "bench_precision.py", (), ("--quick",), 1),
+    Benchmark("grpo_precision_lora", "GRPO step, LoRA, fp32 vs bf16-mixed: time per generated token, peak memory (SmolLM2-135M)",
+              "bench_grpo_precision.py", ("--mode", "lora", "--steps", "3", "--rounds", "2"),
+              ("--mode", "lora", "--steps", "2", "--rounds", "1", "--prompts", "2", "--generations", "4", "--max-new-tokens", "32"), 1),
+    Benchmark("grpo_precision_full", "GRPO step, full fine-tuning, fp32 vs bf16-mixed: time per generated token, peak memory (SmolLM2-135M)",
+              "bench_grpo_precision.py", ("--mode", "full", "--steps", "3", "--rounds", "2"),
+              ("--mode", "full", "--steps", "2", "--rounds", "1", "--prompts", "2", "--generations", "4", "--max-new-tokens", "32"), 1),
 ]
 BY_NAME = {b.name: b for b in BENCHMARKS}
 

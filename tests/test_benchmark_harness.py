@@ -197,3 +197,20 @@ def test_dirty_flag_ignores_the_records_and_report_but_not_code(tmp_path):
     assert _records.git_state(tmp_path) == (commit, False)
     (tmp_path / "code.py").write_text("1\n")
     assert _records.git_state(tmp_path) == (commit, True)
+
+
+def test_grpo_precision_summary_on_hand_made_runs():
+    import bench_grpo_precision as bench
+
+    def side(steps, tokens, peak):
+        return {"steps": steps, "tokens": tokens, "training_peak_mib": peak, "process_peak_mib": peak + 100}
+
+    # first step of each run dropped; fp32: steps 10, 12 over 100, 120 tokens; bf16-mixed: 5, 6 over 100, 100 tokens
+    runs = {"32-true": [side([99, 10], [1, 100], 900), side([99, 12], [1, 120], 1000)],
+            "bf16-mixed": [side([99, 5], [1, 100], 700), side([99, 6], [1, 100], 800)]}
+    s = bench.summarise(runs, drop_first=1)
+    assert s["fp32_step_s"] == 11 and s["bf16_mixed_step_s"] == 5.5 and s["bf16_mixed_step_speedup"] == 2
+    assert s["fp32_s_per_token"] == 0.1 and s["bf16_mixed_s_per_token"] == 0.055
+    assert s["bf16_mixed_per_token_speedup"] == pytest.approx(0.1 / 0.055)
+    assert s["fp32_training_peak_mib"] == 1000 and s["bf16_mixed_training_peak_ratio"] == 0.8  # the largest over rounds
+    assert s["bf16_mixed_process_peak_mib"] == 900 and s["fp32_tokens_per_step"] == 110
