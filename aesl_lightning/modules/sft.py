@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -336,7 +337,8 @@ class SFTModule(CausalLMModule):
         # every rank enters (unsharding is collective); inside, ranks may generate different lengths or nothing.
         # Lightning autocasts only around the *_step hooks; this runs after the epoch, so it enters the precision's own
         # forward context (under bf16-mixed, sampling runs in bf16 autocast like every other forward of the run).
-        with unsharded_for_generation(self.model), self.trainer.precision_plugin.forward_context():
+        precision = getattr(self.trainer, "precision_plugin", None)  # None: called with a stand-in trainer, outside a fit
+        with unsharded_for_generation(self.model), (precision.forward_context() if precision is not None else nullcontext()):
             for batch in loader:
                 if seen >= cfg.num_prompts:
                     break
