@@ -288,6 +288,18 @@ def test_units_name_the_cpu_that_ran_them():
     assert report.cpu_label(None) == "-"
 
 
+def test_report_names_the_amendments_it_follows_and_a_reuse_has_no_load(tmp_path):
+    plan = tmp_path / "plan.md"
+    assert report.plan_label(plan) == "plan"  # no plan beside the records
+    plan.write_text("# plan\n## Amendment 1 (x)\ntext mentioning ## Amendment 9 inline\n## Amendment 2 (y)\n## Amendment 4 (z)\n")
+    assert report.plan_label(plan) == "plan amendments 1-4"
+    plan.write_text("# plan\n## Amendment 3 (x)\n")
+    assert report.plan_label(plan) == "plan amendment 3"
+    # a reuse repeats no work: its near-zero wall time makes any other process look like a busy machine
+    assert report._busy({"kind": "reuse", "busy": True}) == "-"
+    assert report._busy({"kind": "rl", "busy": True}) == "yes" and report._busy({"kind": "rl", "busy": False}) == "no"
+
+
 # ------------------------------------------------------------------------------------------ configs and smoke run
 
 

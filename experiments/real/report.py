@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from aesl_lightning.study.units import UnitStore, strict_json
@@ -210,11 +211,28 @@ def cpu_label(cpu: dict | None) -> str:
     return f"{cpu.get('model') or '?'} ({isa})"
 
 
+def _busy(u: dict) -> str:
+    """A reuse unit did no work, so it has no load of its own to judge ('-')."""
+    return "-" if u["kind"] == "reuse" else "yes" if u["busy"] else "no"
+
+
+def plan_label(plan: Path) -> str:
+    """'plan amendments 1-4' from the plan's `## Amendment N` headings (the amendments the report follows), or
+    'plan' where the plan has none or is not beside the records."""
+    try:
+        numbers = sorted({int(m) for m in re.findall(r"^## Amendment (\d+)\b", plan.read_text(), flags=re.M)})
+    except OSError:
+        numbers = []
+    if not numbers:
+        return "plan"
+    return f"plan amendment {numbers[0]}" if len(numbers) == 1 else f"plan amendments {numbers[0]}-{numbers[-1]}"
+
+
 def _unit_lines(s: dict) -> list[str]:
     lines = ["", "## Units (commit and load average at start / end; busy units do not set budgets)", "",
              "| unit | kind | minutes | busy | CPU | commit start / end | load start / end |", "|---|---|---|---|---|---|---|"]
     for k, u in sorted(s["units"].items()):
-        lines.append(f"| {k}{' = ' + u['same_as'] if u['same_as'] else ''} | {u['kind']} | {u['minutes']:.1f} | {'yes' if u['busy'] else 'no'} | "
+        lines.append(f"| {k}{' = ' + u['same_as'] if u['same_as'] else ''} | {u['kind']} | {u['minutes']:.1f} | {_busy(u)} | "
                      f"{cpu_label(u['start'].get('cpu'))} | {u['start']['commit']} / {u['end']['commit']} | "
                      f"{u['start']['loadavg'][0]:.2f} / {u['end']['loadavg'][0]:.2f} |")
     lines += ["", "The scheduler's estimate of a kind is the median of its latest idle units, on whichever CPU ran them (column above).",
@@ -230,9 +248,10 @@ def write(cfg: dict, store: UnitStore, out: Path) -> Path:
     s = summarise(cfg, records)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(strict_json(s), indent=1, sort_keys=True, allow_nan=False) + "\n")
-    lines = ["# Real-model study (plan amendments 1-3): results", "",
+    plan = plan_label(out / "plan.md")
+    lines = [f"# Real-model study ({plan}): results", "",
              f"SmolLM2-135M-Instruct ({cfg['model']}) on the word problems. Rebuilt by `python experiments/real_study.py --report` from "
-             f"`units/*.json` alone ({len(records)} units); the plan is plan.md (amendments 1-3).", ""]
+             f"`units/*.json` alone ({len(records)} units); the plan is plan.md ({plan}).", ""]
     if "base_test" in s:
         b = s["base_test"]
         lines += [f"Base model on {b['problems']} test problems, greedy: accuracy {_f(b['greedy_accuracy'])}, boxed rate {_f(b['greedy_boxed_rate'])}, "
