@@ -102,12 +102,13 @@ def spawn(side: str, opts) -> dict:
         return json.loads(open(out.name).read())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_options(parser: argparse.ArgumentParser, rounds: int, rounds_help: str) -> None:
+    """The GRPO step's setting and the run's options, shared with bench_grpo_precision.py (which spawns this script's
+    sides, so both must read the same setting the same way)."""
     parser.add_argument("--mode", choices=["lora", "full"], default="lora")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--drop-first", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -115,6 +116,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--competing-load", action="store_true", help="beside a torch matmul loop keeping one core busy")
     parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_options(parser, rounds=1, rounds_help="rounds; each runs both sides, in alternating order")
     parser.add_argument("--precision", default="32-true", help=argparse.SUPPRESS)  # our side's Trainer precision (bench_grpo_precision.py)
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

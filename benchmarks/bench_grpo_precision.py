@@ -54,17 +54,7 @@ def summarise(runs: dict[str, list[dict]], drop_first: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["lora", "full"], default="lora")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--drop-first", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs both precisions, in alternating order")
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--generations", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--competing-load", action="store_true", help="beside a torch matmul loop keeping one core busy")
-    parser.add_argument("--json", default=None, help="also write the result as JSON (setting, summary, raw) here")
+    memory.add_step_options(parser, rounds=2, rounds_help="rounds; each runs both precisions, in alternating order")
     opts = parser.parse_args()
     if opts.steps <= opts.drop_first:
         raise SystemExit(f"--steps {opts.steps} must exceed --drop-first {opts.drop_first}: no step would be timed")
