@@ -5,6 +5,7 @@ what the two runs measured, step by step.
     python scripts/compare_precision.py                  # the quickstart in fp32 and in bf16-mixed (~17 min idle)
     python scripts/compare_precision.py --report         # only rebuild comparison.md / comparison.json from the run.json files
     python scripts/compare_precision.py --out /tmp/p -- --trainer.max_steps 4    # everything after -- goes to both fits
+    python scripts/compare_precision.py --control        # also fp32 on one thread against fp32: control.md / control.json
 
 The tolerances were written before any comparison run (issue 23). The candidate precision *matches* the reference
 when all of these hold:
@@ -16,13 +17,21 @@ Sampled measures (token entropy of the samples, distinct answers, boxed rate) ar
 precisions draw different samples from the same seed, so these differ by sampling noise even between equal models.
 The speed-up is each run's wall time, and its generation time, as a ratio. It is an idle figure only when both
 records are idle.
+
+The control (`--control`) asks how far the same fit drifts under a perturbation far smaller than bf16's rounding: fp32
+again, with one torch thread instead of the default, which only changes the order of some floating-point reductions
+(results differ in the last bits). It is judged by the same tolerances. Where the control also misses them, a miss of
+bf16-mixed at the same steps says more about how sensitive those steps are than about bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +40,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from aesl_lightning.study.report import read_json, write_json  # noqa: E402
 
-REFERENCE, CANDIDATE = "32-true", "bf16-mixed"
+REFERENCE, CANDIDATE, CONTROL = "32-true", "bf16-mixed", "32-true-1-thread"
+# each run: its folder under --out, the Trainer precision, and the environment it runs in
+RUNS = {REFERENCE: ("32-true", {}), CANDIDATE: ("bf16-mixed", {}), CONTROL: ("32-true", {"OMP_NUM_THREADS": "1"})}
 VAL_LOSS_TOL = 0.03       # relative, at every validation
 TRAIN_LOSS_TOL = 0.03     # relative, median over the steps
 REPORTED = ("val/token_entropy", "val/gen_entropy", "val/distinct_answers", "val/boxed_rate", "val/self_bleu")
@@ -45,9 +56,10 @@ def _series(record: dict, tag: str) -> dict[int, float]:
     return {int(step): tags[tag] for step, tags in record["series_by_step"].items() if tag in tags}
 
 
-def compare(ref: dict, cand: dict, prompts: int | None = None) -> dict:
+def compare(ref: dict, cand: dict, prompts: int | None = None, names: tuple[str, str] = (REFERENCE, CANDIDATE)) -> dict:
     """The comparison of two run records (`record_run.py`'s run.json) against the tolerances in the module docstring.
-    `prompts`: how many prompts the greedy accuracy is over (one prompt = 1 / prompts); read from the config when None."""
+    `prompts`: how many prompts the greedy accuracy is over (one prompt = 1 / prompts); read from the config when None.
+    `names`: the two runs' names in the result."""
     for name, record in (("reference", ref), ("candidate", cand)):
         if record.get("returncode") != 0 or "series_by_step" not in record:
             raise ValueError(f"the {name} run did not finish ({record.get('error', 'no series')}): nothing to compare")
@@ -92,7 +104,7 @@ def compare(ref: dict, cand: dict, prompts: int | None = None) -> dict:
             "resolution": {"greedy_accuracy_prompts": prompts},
             "tolerances": {"val_loss_rel": VAL_LOSS_TOL, "train_loss_median_rel": TRAIN_LOSS_TOL, "greedy_accuracy": "one prompt"},
             "runs": {p: {"command": r["command"], "commit": r["commit"], "idle": r.get("idle"), "cpu": r["machine"]["start"].get("cpu"),
-                         "verdict": r.get("verdict")} for p, r in ((REFERENCE, ref), (CANDIDATE, cand))}}
+                         "verdict": r.get("verdict"), "threads": r.get("threads")} for p, r in zip(names, (ref, cand))}}
 
 
 def markdown(result: dict, names: tuple[str, str]) -> str:
@@ -105,7 +117,9 @@ def markdown(result: dict, names: tuple[str, str]) -> str:
              f"**Verdict: {b} {'matches' if result['matches'] else 'does not match'} {a}** within the stated tolerances."]
     lines += [f"- {f}" for f in result["failures"]]
     lines += ["", f"Machine: {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores, "
-              f"{'avx512_bf16' if 'avx512_bf16' in cpu.get('flags', []) else 'no avx512_bf16'}; both runs idle: {s['both_idle']}.", "",
+              f"{'avx512_bf16' if 'avx512_bf16' in cpu.get('flags', []) else 'no avx512_bf16'}; both runs idle: {s['both_idle']}"
+              + "".join(f"; {n} threads: {result['runs'][n]['threads']}" for n in names if result["runs"][n].get("threads"))
+              + ".", "",
               "| | " + a + " | " + b + " | speed-up |", "|---|---|---|---|",
               f"| wall time | {s['wall_seconds'][0]:.0f} s | {s['wall_seconds'][1]:.0f} s | {s['wall_speedup']:.2f}x |",
               f"| of which generation (validations) | {s['generation_seconds'][0]:.0f} s | {s['generation_seconds'][1]:.0f} s | "
@@ -155,26 +169,47 @@ def main(argv: list[str] | None = None) -> int:
                         help="<out>/<precision>/run.json per run, <out>/comparison.{md,json} (default: %(default)s)")
     parser.add_argument("--report", action="store_true", help="compare the existing run.json files; run nothing")
     parser.add_argument("--rerun", action="store_true", help="run both fits even where a run.json exists")
+    parser.add_argument("--control", action="store_true",
+                        help=f"also run {CONTROL} (fp32, one thread) and compare it with {REFERENCE}: control.md / control.json")
     args = parser.parse_args(own)
 
     import record_run
 
-    names = (REFERENCE, CANDIDATE)
+    pairs = [((REFERENCE, CANDIDATE), "comparison")] + ([((REFERENCE, CONTROL), "control")] if args.control else [])
+    names = list(dict.fromkeys(n for pair, _ in pairs for n in pair))
     if not args.report:
-        for precision in names:
-            if args.rerun or not (args.out / precision / "run.json").is_file():
-                print(f"== {precision}", flush=True)
-                record_run.main(["--config", args.config, "--out", str(args.out / precision), "--", *extra, "--trainer.precision", precision])
-    missing = [p for p in names if not (args.out / p / "run.json").is_file()]
+        for name in names:
+            if args.rerun or not (args.out / name / "run.json").is_file():
+                precision, env = RUNS[name]
+                print(f"== {name}", flush=True)
+                with _environment(env):
+                    record_run.main(["--config", args.config, "--out", str(args.out / name), "--", *extra, "--trainer.precision", precision])
+    missing = [n for n in names if not (args.out / n / "run.json").is_file()]
     if missing:
         raise SystemExit(f"{args.out}: no run.json for {', '.join(missing)}; run without --report first")
-    ref, cand = (read_json(args.out / p / "run.json") for p in names)
-    result = compare(ref, cand, prompts_of(ref))
-    write_json(args.out / "comparison.json", result)
-    (args.out / "comparison.md").write_text(markdown(result, names), encoding="utf-8")
-    print(f"{args.out / 'comparison.md'}: {CANDIDATE} {'matches' if result['matches'] else 'does not match'} {REFERENCE}; "
-          f"wall {result['speed']['wall_speedup']:.2f}x")
+    for pair, stem in pairs:
+        ref, cand = (read_json(args.out / n / "run.json") for n in pair)
+        result = compare(ref, cand, prompts_of(ref), names=pair)
+        write_json(args.out / f"{stem}.json", result)
+        (args.out / f"{stem}.md").write_text(markdown(result, pair), encoding="utf-8")
+        print(f"{args.out / (stem + '.md')}: {pair[1]} {'matches' if result['matches'] else 'does not match'} {pair[0]}; "
+              f"wall {result['speed']['wall_speedup']:.2f}x")
     return 0
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` set for the fits started inside (record_run passes its environment on), restored after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 if __name__ == "__main__":

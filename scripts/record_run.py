@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     machine, load = probe.finish(), sampler.stop()
 
     record = {"command": shown, "returncode": rc, "wall_seconds": round(wall, 1), "commit": machine["start"]["commit"],
-              "machine": machine, "idle": not machine["busy"], "load_average": load}
+              "machine": machine, "idle": not machine["busy"], "load_average": load,
+              "threads": os.environ.get("OMP_NUM_THREADS") or f"default ({os.cpu_count()} cores)"}
     summary = run_summary(lines)
     run_dirs = [m.group(1) for line in summary if (m := RUN_DIR_LINE.match(line))]
     if rc != 0 or not run_dirs:

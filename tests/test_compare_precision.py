@@ -92,3 +92,34 @@ def test_two_tiny_fits_are_recorded_and_compared_then_rebuilt_from_the_records(t
     (out / "comparison.json").unlink()
     assert m.main(["--out", str(out), "--report"]) == 0  # nothing reruns: the same comparison from the two records
     assert json.loads((out / "comparison.json").read_text()) == first
+
+
+def test_the_control_runs_fp32_on_one_thread_and_is_judged_by_the_same_rule(tmp_path, monkeypatch):
+    """--control adds fp32 with OMP_NUM_THREADS=1 (set only for that fit), compared with fp32 into control.{md,json};
+    the bf16 comparison is unchanged."""
+    import sys
+    import types
+
+    m = _script()
+    seen = {}
+
+    def fake_record_run(argv):
+        out = Path(argv[argv.index("--out") + 1])
+        seen[out.name] = (argv[-1], __import__("os").environ.get("OMP_NUM_THREADS"))
+        drift = {"32-true": 0.4, "bf16-mixed": 0.45, "32-true-1-thread": 0.41}[out.name]  # bf16 12.5 % off, control 2.5 %
+        out.mkdir(parents=True)
+        (out / "run.json").write_text(json.dumps({**_record(val_loss=(1.5, drift)), "threads": seen[out.name][1] or "default"}))
+        return 0
+
+    monkeypatch.setitem(sys.modules, "record_run", types.SimpleNamespace(main=fake_record_run))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert m.main(["--out", str(tmp_path), "--control"]) == 0
+    assert seen == {"32-true": ("32-true", None), "bf16-mixed": ("bf16-mixed", None), "32-true-1-thread": ("32-true", "1")}
+    assert "OMP_NUM_THREADS" not in __import__("os").environ  # restored after the control's fit
+    control = json.loads((tmp_path / "control.json").read_text())
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert control["matches"] and set(control["runs"]) == {"32-true", "32-true-1-thread"}
+    assert control["runs"]["32-true-1-thread"]["threads"] == "1"
+    assert not comparison["matches"] and set(comparison["runs"]) == {"32-true", "bf16-mixed"}
+    text = (tmp_path / "control.md").read_text()
+    assert "# 32-true-1-thread against 32-true" in text and "32-true-1-thread threads: 1" in text
