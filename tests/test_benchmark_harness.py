@@ -171,9 +171,12 @@ def test_report_refuses_a_record_without_required_fields(tmp_path):
 
 def test_every_registered_benchmark_script_exists_and_takes_json():
     here = Path(run.__file__).parent
+    shared = (here / "bench_grpo_memory.py").read_text()
+    helper = shared[shared.index("def add_step_options("):shared.index("def main(")]
+    assert '"--json"' in helper  # the GRPO step options shared by bench_grpo_memory and bench_grpo_precision
     for bench in run.BENCHMARKS:
         source = (here / bench.script).read_text()
-        assert '"--json"' in source, f"{bench.script} has no --json option"
+        assert '"--json"' in source or "add_step_options(parser" in source, f"{bench.script} has no --json option"
     assert len({b.name for b in run.BENCHMARKS}) == len(run.BENCHMARKS)
 
 
@@ -214,3 +217,63 @@ def test_grpo_precision_summary_on_hand_made_runs():
     assert s["bf16_mixed_per_token_speedup"] == pytest.approx(0.1 / 0.055)
     assert s["fp32_training_peak_mib"] == 1000 and s["bf16_mixed_training_peak_ratio"] == 0.8  # the largest over rounds
     assert s["bf16_mixed_process_peak_mib"] == 900 and s["fp32_tokens_per_step"] == 110
+
+
+def _opts(tmp_path, **kw):
+    base = {"quick": False, "conditions": ["idle", "loaded"], "rounds": None, "resume": False, "records": tmp_path}
+    return type("Opts", (), {**base, **kw})()
+
+
+def _timed_round(index, condition, seconds, argv, ok=True):
+    entry = fixture_round(index, condition, {"ratio": 1.0} if ok else None, returncode=0 if ok else 1)
+    entry.update(seconds=seconds, argv=argv)
+    return entry
+
+
+def test_expected_time_is_the_records_median_per_condition_else_the_plan(tmp_path):
+    bench = run.BY_NAME["grpo_memory_lora"]  # planned 10 min idle, 2 full rounds
+    opts = _opts(tmp_path)
+    assert run.expected_seconds(bench, opts, None) == pytest.approx(2 * (600 + 600 * run.LOADED_SLOWDOWN))
+    argv = ["python", "benchmarks/bench_grpo_memory.py", "--mode", "lora", "--steps", "3", "--json", "/tmp/x.json"]
+    rounds = [_timed_round(0, "idle", 100.0, argv), _timed_round(0, "loaded", 300.0, argv), _timed_round(1, "loaded", 200.0, argv),
+              _timed_round(1, "idle", 120.0, argv), _timed_round(2, "idle", 5.0, argv, ok=False)]  # a failed round does not count
+    record = fixture_record("grpo_memory_lora", False, {}, rounds)
+    assert run.expected_seconds(bench, opts, record) == pytest.approx(2 * (110.0 + 250.0))
+    assert run.expected_seconds(bench, _opts(tmp_path, conditions=["idle"]), record) == pytest.approx(2 * 110.0)
+    only_idle = fixture_record("grpo_memory_lora", False, {}, rounds[:1])  # loaded not measured: idle x the planned slowdown
+    assert run.expected_seconds(bench, opts, only_idle) == pytest.approx(2 * (100.0 + 100.0 * run.LOADED_SLOWDOWN))
+    quick = fixture_record("grpo_memory_lora", True, {}, rounds)  # another size says nothing about this one
+    assert run.expected_seconds(bench, opts, quick) == run.expected_seconds(bench, opts, None)
+
+
+def test_resume_skips_only_a_complete_record_of_the_same_run(tmp_path):
+    bench = run.BY_NAME["self_bleu"]  # full: no arguments, 3 rounds
+    opts = _opts(tmp_path)
+    argv = [run.shlex.quote(a) for a in run.script_argv(bench, False, "/tmp/a/result.json")]
+    full = [_timed_round(r, c, 60.0, argv) for r in range(3) for c in ("idle", "loaded")]
+    assert run.is_complete(bench, opts, fixture_record("self_bleu", False, {}, full, conditions=["idle", "loaded"]))
+    assert not run.is_complete(bench, opts, None)
+    assert not run.is_complete(bench, opts, fixture_record("self_bleu", False, {}, full[:5], conditions=["idle", "loaded"]))
+    assert not run.is_complete(bench, opts, fixture_record("self_bleu", True, {}, full, conditions=["idle", "loaded"]))
+    other = [dict(r, argv=r["argv"][:2] + ["--prompts", "16"] + r["argv"][2:]) for r in full]  # other arguments
+    assert not run.is_complete(bench, opts, fixture_record("self_bleu", False, {}, other, conditions=["idle", "loaded"]))
+    failed = full[:5] + [_timed_round(2, "loaded", 60.0, argv, ok=False)]
+    assert not run.is_complete(bench, opts, fixture_record("self_bleu", False, {}, failed, conditions=["idle", "loaded"]))
+    assert run.is_complete(bench, _opts(tmp_path, conditions=["idle"]),
+                           fixture_record("self_bleu", False, {}, [r for r in full if r["condition"] == "idle"], conditions=["idle"]))
+
+
+def test_a_deadline_leaves_what_does_not_fit_and_keeps_shorter_ones_after_it(tmp_path):
+    opts = _opts(tmp_path, conditions=["idle"])
+    said = []
+    # planned idle minutes x full rounds: losses 3 x 3 = 9, grpo_memory_lora 10 x 2 = 20, self_bleu 1 x 3 = 3
+    names = ["losses", "grpo_memory_lora", "self_bleu"]
+    assert run.schedule(names, opts, now=0.0, deadline=15 * 60, log=said.append) == ["losses", "self_bleu"]
+    assert len(said) == 1 and said[0].startswith("[grpo_memory_lora] left for a later sitting: expected 20 min")
+    assert run.schedule(names, opts, now=0.0, deadline=None, log=said.append) == names
+    argv = [run.shlex.quote(a) for a in run.script_argv(run.BY_NAME["losses"], False, "/x")]
+    done = fixture_record("losses", False, {}, [_timed_round(r, "idle", 60.0, argv) for r in range(3)], conditions=["idle"])
+    (tmp_path / "losses.json").write_text(json.dumps(done))
+    resumed = _opts(tmp_path, conditions=["idle"], resume=True)
+    assert run.schedule(names, resumed, now=0.0, deadline=15 * 60, log=said.append) == ["self_bleu"]  # 20 min still does not fit
+    assert "already recorded" in said[-2] and "skipped (--resume)" in said[-2]
