@@ -118,7 +118,7 @@ def script_argv(bench: Benchmark, quick: bool, json_out: str) -> list[str]:
 
 
 def planned_rounds(bench: Benchmark, opts) -> int:
-    return opts.rounds or (bench.quick_rounds if opts.quick and bench.quick is not None else bench.full_rounds)
+    return opts.rounds or (bench.quick_rounds if _sized(bench, opts) else bench.full_rounds)
 
 
 def _sized(bench: Benchmark, opts) -> bool:
@@ -238,7 +238,7 @@ def write(record: dict, directory: Path) -> Path:
 
 def run_benchmark(bench: Benchmark, opts, command: str) -> dict:
     """All rounds of one benchmark, conditions interleaved; the record is rewritten after every run."""
-    record = new_record(bench, opts.quick and bench.quick is not None, opts.conditions, command)
+    record = new_record(bench, _sized(bench, opts), opts.conditions, command)
     rounds = planned_rounds(bench, opts)
     for r in range(rounds):
         for condition in opts.conditions if r % 2 == 0 else opts.conditions[::-1]:
