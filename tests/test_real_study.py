@@ -276,9 +276,16 @@ def test_report_is_rebuilt_from_unit_files_alone(tmp_path):
     assert "**C1 verdict: supported**" in text and "untestable on this hardware" in text and "the pool is what qualified" in text
     assert "| pass@k - pass@1 |" in text and "Exploratory (plan amendment 4" in text
     assert "0.500 -> 0.500 (0 / 0, p 1.000)" in text  # RL's paired effect on test in the pilot table
+    assert "| pilot-rl | lr 2e-05, 2 passes over the pool (the plan's settings) |" in text and "| pilot-rl-4pass | lr 2e-05, 4 passes" in text
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["pilot"]["status"] == "failed" and summary["C1"]["detected"] == 5
     assert (tmp_path / "diversity_curve.png").is_file()
+
+
+def test_pilot_settings_read_as_words():
+    assert report.rl_settings({}, CFG) == "lr 2e-05, 2 passes over the pool (the plan's settings)"
+    assert report.rl_settings({"lr": 5e-5}, CFG) == "lr 5e-05, 2 passes over the pool"
+    assert report.rl_settings({"passes": 4, "beta": 0.04}, CFG) == "lr 2e-05, 4 passes over the pool, beta 0.04"
 
 
 def test_units_name_the_cpu_that_ran_them():
@@ -333,3 +340,44 @@ def test_smoke_run_end_to_end_and_resume(tmp_path):
     assert "C2" in (out / "results.md").read_text()
     real_study.main(["--smoke", "--run", "--work", str(work), "--threads", "1"])   # resumes: nothing left to run
     assert UnitStore(out).records().keys() == records.keys()
+
+
+def test_lost_snapshots_are_rebuilt_bit_identical_and_checked_against_the_record(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from real import stages
+
+    work = tmp_path / "work"
+    real_study.main(["--smoke", "--run", "--only", "sft-ce-s0", "--work", str(work), "--threads", "1"])
+    out = work / "results"
+    record = UnitStore(out).load("sft-ce-s0")
+    steps = sorted(set(record["result"]["snapshots"].values()))
+    original = {s: load_file(stages.snapshot_dir(work, "sft-ce-s0", s) / "model.safetensors") for s in steps}
+    shutil.rmtree(work / "runs")                                        # a new machine: the work folder is gone
+    cfg = real_study.load_config(REPO / "experiments" / "real_study.yaml", smoke=True)
+    checks = stages.restore_sft(cfg, work, "sft-ce-s0", record["result"], steps, log=lambda line: None)
+    assert sorted(checks) == steps
+    for s in steps:
+        rebuilt = load_file(stages.snapshot_dir(work, "sft-ce-s0", s) / "model.safetensors")
+        assert rebuilt.keys() == original[s].keys() and all((rebuilt[k] == original[s][k]).all() for k in rebuilt)
+        assert json.loads((stages.snapshot_dir(work, "sft-ce-s0", s) / stages.RESTORED).read_text())["step"] == s
+
+    # the driver rebuilds a missing start by itself, and the unit's record says its start was rebuilt
+    shutil.rmtree(work / "runs")
+    lines: list[str] = []
+    study.run(cfg, work, out, None, only="screen", log=lines.append)
+    screen = UnitStore(out).load("screen")["result"]
+    best = rules.best_accuracy(record["result"]["grid"])["step"]
+    assert any(line.startswith("[restore] sft-ce-s0") for line in lines) and screen["start_restored"]["step"] == best
+
+    # a record the rerun does not reproduce: a clear error, no snapshot at that step
+    tampered = copy.deepcopy(record["result"])
+    next(r for r in tampered["grid"] if r["step"] == steps[-1])["columns"]["greedy_tokens"][0] += 1
+    shutil.rmtree(work / "runs")
+    with pytest.raises(RuntimeError, match=f"step-{steps[-1]} weights decode 1 of"):
+        stages.restore_sft(cfg, work, "sft-ce-s0", tampered, steps, log=lambda line: None)
+    assert not (stages.snapshot_dir(work, "sft-ce-s0", steps[-1]) / "config.json").exists()
+    with pytest.raises(ValueError, match="were not evaluated"):
+        stages.restore_sft(cfg, work, "sft-ce-s0", record["result"], [3], log=lambda line: None)

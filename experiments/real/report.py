@@ -140,6 +140,17 @@ def _sft_end_lines(s: dict) -> list[str]:
     return lines
 
 
+def rl_settings(settings: dict | None, cfg: dict) -> str:
+    """A pilot unit's RL settings in words: lr and passes over the pool, each from `settings` or else the plan's `rl`
+    ("-" for none: no pilot passed)."""
+    if settings is None:
+        return "-"
+    words = f"lr {settings.get('lr', cfg['rl']['lr']):g}, {settings.get('passes', cfg['rl']['passes'])} passes over the pool"
+    others = {k: v for k, v in settings.items() if k not in ("lr", "passes")}
+    words += "".join(f", {k} {v}" for k, v in sorted(others.items()))
+    return words + (" (the plan's settings)" if not settings else "")
+
+
 def _pilot_lines(s: dict, cfg: dict) -> list[str]:
     lines = ["", "## RL pilot (decides whether C2 / C3 can be tested here)", ""]
     if "screen" in s:
@@ -154,12 +165,12 @@ def _pilot_lines(s: dict, cfg: dict) -> list[str]:
               "| unit | settings | reward first -> last pass | gain (SE) | boxed last pass | entropy first -> last | test acc before -> after (lost / gained, McNemar p) | pass |",
               "|---|---|---|---|---|---|---|---|"]
     for k, r in s["pilot"]["runs"].items():
-        lines.append(f"| {k} | {json.dumps(r['settings'])} | {_f(r.get('first'))} -> {_f(r.get('last'))} | {_f(r['gain'])} ({_f(r['se'])}) | "
+        lines.append(f"| {k} | {rl_settings(r['settings'], cfg)} | {_f(r.get('first'))} -> {_f(r.get('last'))} | {_f(r['gain'])} ({_f(r['se'])}) | "
                      f"{_f(r.get('boxed_rate_last'))} | {_f(r.get('entropy_first'))} -> {_f(r.get('entropy_last'))} | "
                      f"{_change(r['test_change'])} | {'pass' if r['pass'] else 'FAIL (' + ', '.join(c for c, ok in r['checks'].items() if not ok) + ')'} |")
     status = s["pilot"]["status"]
     lines += ["", {"pending": "Pilot outcome: pending.", "passed": f"Pilot outcome: **passed** ({s['pilot']['passing']}); every arm runs RL with "
-                   f"{json.dumps(s['pilot']['settings'])} over the same pool in the same order.",
+                   f"{rl_settings(s['pilot']['settings'], cfg)}, over the same pool in the same order.",
                    "failed": "Pilot outcome: **failed** (every remedy tried). C2 and C3 are **untestable on this hardware**: RL from the best "
                    "CE checkpoint does not raise the pool reward by the plan's margin (numbers above); the compute goes to C1 seeds."}[status]]
     return lines

@@ -4,6 +4,8 @@
 - `base_test`: the base model on the test problems, greedy;
 - `run_sft`: one cold-start SFT run evaluated on the validation grid (greedy + k samples), a Hugging Face snapshot
   at each grid point of which only those the rules can pick are kept (best accuracy, the paper's peak, the end);
+- `restore_sft`: the snapshots of a recorded SFT unit rebuilt after the work folder was lost, checked against
+  the record;
 - `run_screen`: k samples per RL prompt from a snapshot, the pool of prompts solved 1..k-1 times;
 - `run_grpo`: GRPO over the pool in a fixed order, each prompt's rewards recorded at every step, test before / after.
 """
@@ -146,25 +148,32 @@ def _grid_callback(cfg: dict, work: Path, unit_id: str, seed: int, grid: list[in
     return GridEvaluation()
 
 
-def run_sft(cfg: dict, work: Path, unit_id: str, loss: dict, seed: int, grid: list[int]) -> dict:
-    """Cold-start SFT of the base with `loss` (LossConfig fields) for `sft.max_steps`, evaluated at every step of `grid`
-    (a snapshot each; with a grid of more than one point only the snapshots the rules pick are kept)."""
+def _sft_run(cfg: dict, work: Path, run_dir: Path, loss: dict, seed: int, callback):
+    """The cold-start SFT run of a unit (module, data, trainer), seeded: the same `loss` and `seed` give the same
+    weights at every step (on the same machine and library versions)."""
     import lightning as L
 
     from aesl_lightning import LossConfig, SFTDataModule, SFTModule
     from aesl_lightning.modules.evaluation import ValidationGeneration
 
     s = cfg["sft"]
-    run_dir = work / "runs" / unit_id
-    shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted attempt of this unit left
     paths = write_data(cfg, work)
     L.seed_everything(seed, workers=True, verbose=False)
     module = SFTModule(name_or_path=model_source(cfg, work), loss=LossConfig(**loss), lr=s["lr"], warmup_steps=s["warmup_steps"],
                        scheduler=s["scheduler"], histogram_every_n_steps=0,
                        val_generation=ValidationGeneration(num_prompts=0, num_samples=0, kl_to_base=False))
     data = SFTDataModule(train=str(paths["coldstart"]), val_size=0, batch_size=s["batch_size"], max_length=512, seed=seed)
-    callback = _grid_callback(cfg, work, unit_id, seed, grid, prune=len(grid) > 1)
     trainer = _trainer(cfg, run_dir, max_steps=s["max_steps"], max_epochs=-1, gradient_clip_val=1.0, limit_val_batches=0, callbacks=[callback])
+    return module, data, trainer
+
+
+def run_sft(cfg: dict, work: Path, unit_id: str, loss: dict, seed: int, grid: list[int]) -> dict:
+    """Cold-start SFT of the base with `loss` (LossConfig fields) for `sft.max_steps`, evaluated at every step of `grid`
+    (a snapshot each; with a grid of more than one point only the snapshots the rules pick are kept)."""
+    run_dir = work / "runs" / unit_id
+    shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted attempt of this unit left
+    callback = _grid_callback(cfg, work, unit_id, seed, grid, prune=len(grid) > 1)
+    module, data, trainer = _sft_run(cfg, work, run_dir, loss, seed, callback)
     began = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - began
@@ -175,6 +184,72 @@ def run_sft(cfg: dict, work: Path, unit_id: str, loss: dict, seed: int, grid: li
             shutil.rmtree(snapshot_dir(work, unit_id, row["step"]), ignore_errors=True)
     return {"loss": loss, "seed": seed, "steps": trainer.global_step, "seconds": seconds, "eval_seconds": sum(r["seconds"] for r in callback.rows),
             "grid": callback.rows, "snapshots": {k: v for k, v in keep.items() if v is not None}}
+
+
+GREEDY_CHECK = ("greedy_correct", "greedy_boxed", "greedy_tokens")
+RESTORED = "restored.json"
+
+
+def restore_sft(cfg: dict, work: Path, unit_id: str, result: dict, steps: list[int], log=print) -> dict:
+    """Rebuild the snapshots at `steps` of the recorded SFT unit `unit_id` (its record's `result`) when the work folder
+    that held them is gone (a new machine, a cleaned disk): the same run (loss, seed, data order, schedule over
+    `sft.max_steps`) up to the last of `steps`, without the grid's evaluations, which move no random state
+    (`evaluate` forks it). Each snapshot is checked against the record: greedy decoding of the validation problems
+    must reproduce the recorded per-problem correctness, boxing and length (`GREEDY_CHECK`); otherwise no snapshot is
+    written and a `RuntimeError` names the unit, step and how many problems differ. Writes `restored.json` (the
+    check) into each snapshot and returns `{step: check}`."""
+    rows = {row["step"]: row for row in result["grid"]}
+    missing = [step for step in steps if step not in rows]
+    if missing:
+        raise ValueError(f"{unit_id}: steps {missing} were not evaluated in the recorded run (grid {sorted(rows)}), so no "
+                         "snapshot there can be checked")
+    last = max(steps)
+    val = write_data(cfg, work)["val"]
+    from lightning.pytorch.callbacks import Callback
+
+    class Restore(Callback):
+        def __init__(self) -> None:
+            self.checks: dict[int, dict] = {}
+
+        def on_train_start(self, trainer, module) -> None:
+            if 0 in steps:
+                self.checks[0] = _restore_check(cfg, module, val, unit_id, 0, rows[0], work)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            step = trainer.global_step
+            if step in steps and step not in self.checks:
+                self.checks[step] = _restore_check(cfg, module, val, unit_id, step, rows[step], work)
+            if step >= last:
+                trainer.should_stop = True
+
+    callback = Restore()
+    began = time.perf_counter()
+    _module, data, trainer = _sft_run(cfg, work, work / "runs" / unit_id / "restore", result["loss"], result["seed"], callback)
+    trainer.fit(_module, datamodule=data)
+    log(f"[restored] {unit_id} steps {sorted(callback.checks)} in {(time.perf_counter() - began) / 60:.1f} min, greedy validation "
+        "identical to the record")
+    return callback.checks
+
+
+def _restore_check(cfg: dict, module, val: Path, unit_id: str, step: int, row: dict, work: Path) -> dict:
+    e = cfg["eval"]
+    path = snapshot_dir(work, unit_id, step)
+    module.model.to(_eval_device(cfg))
+    out = evaluate(module.model, module.tokenizer, val, samples=0, max_new_tokens=e["max_new_tokens"], seed=0, batch_size=e["batch_size"],
+                   limit=e["val_problems"])
+    recorded = row["columns"]
+    if out["columns"]["id"] != recorded["id"]:
+        raise RuntimeError(f"{unit_id}: the validation problems differ from those of the record (data settings changed?)")
+    differ = sum(any(out["columns"][k][i] != recorded[k][i] for k in GREEDY_CHECK) for i in range(len(recorded["id"])))
+    if differ:
+        raise RuntimeError(f"{unit_id}: the rebuilt step-{step} weights decode {differ} of {len(recorded['id'])} validation problems "
+                           "differently from the record (another machine or library version?); no snapshot was kept: rerun the "
+                           "unit instead (move its record aside)")
+    module.export_hf(path, overwrite=True)
+    check = {"unit": unit_id, "step": step, "problems": len(recorded["id"]), "greedy_identical": list(GREEDY_CHECK),
+             "greedy_accuracy": out["summary"]["greedy_accuracy"]}
+    (path / RESTORED).write_text(json.dumps(check, indent=1) + "\n")
+    return check
 
 
 def run_screen(cfg: dict, work: Path, start: Path) -> dict:

@@ -6,15 +6,18 @@ no pilot passes, the extra C1 seeds; if one passes, per seed `sft-aesl-s<seed>` 
 verdict arms, then `rl-rl_only-s0` (sanity arm) and, with `arms.dft`, `sft-dft-s<seed>` + `rl-dft_end-s<seed>`.
 An RL unit is listed once its starting snapshot is decided by records (`start_of`); one that would repeat a
 recorded run (same start, seed and RL settings, e.g. the passing pilot) reuses it (kind `reuse`).
+The SFT snapshots live in the git-ignored work folder; when a unit's start is missing there (a new machine), `run`
+rebuilds it from the SFT unit's record and checks it against that record (`restore_missing`) before the unit runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
-from aesl_lightning.study.units import Unit, UnitStore, run_units
+from aesl_lightning.study.units import Unit, UnitStore, estimate, run_units
 from real import analysis, rules, stages
 
 # arm -> (SFT unit prefix, which snapshot); `rl_only` starts from the base
@@ -125,6 +128,39 @@ def check_records(units: list[Unit], store: UnitStore) -> None:
                                  "the study's settings changed after this unit ran: restore them, or move the record aside and say so in the plan")
 
 
+def needed_snapshot(unit: Unit, records: dict) -> tuple[str, int] | None:
+    """The SFT snapshot `(unit id, step)` a screen or RL unit starts from; None for the others (and RL from the base)."""
+    if unit.kind == "screen":
+        return unit.deps[0], rules.best_accuracy(records[unit.deps[0]]["result"]["grid"])["step"]
+    if unit.kind.startswith("rl") and unit.params["start"]["sft"] is not None:
+        return unit.params["start"]["sft"], unit.params["start"]["step"]
+    return None
+
+
+def restore_missing(cfg: dict, work: Path, store: UnitStore, unit: Unit, pending: list[Unit], log=print) -> None:
+    """If `unit` starts from an SFT snapshot that is not in the work folder, rebuild it (`stages.restore_sft`) together
+    with the other missing snapshots of the same SFT run that `pending` units start from (one run up to the latest)."""
+    records = store.records()
+    need = needed_snapshot(unit, records)
+    if need is None or (stages.snapshot_dir(work, *need) / "config.json").is_file():
+        return
+    sft_id = need[0]
+    steps = {need[1]} | {s for u in pending if (n := needed_snapshot(u, records)) and n[0] == sft_id
+                         and not (stages.snapshot_dir(work, *n) / "config.json").is_file() for s in [n[1]]}
+    log(f"[restore] {sft_id} steps {sorted(steps)}: snapshots missing from {work} (rebuilt and checked against the record)")
+    stages.restore_sft(cfg, work, sft_id, records[sft_id]["result"], sorted(steps), log=log)
+
+
+def restore_seconds(records: dict, unit: Unit, pending: list[Unit], work: Path) -> float:
+    """A bound on `restore_missing`'s time for `unit`: the recorded SFT run's training time, all of it (0 if nothing is
+    missing)."""
+    need = needed_snapshot(unit, records)
+    if need is None or (stages.snapshot_dir(work, *need) / "config.json").is_file():
+        return 0.0
+    r = records[need[0]]["result"]
+    return float(r["seconds"] - r["eval_seconds"])
+
+
 def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
     p = unit.params
     if unit.kind == "base-test":
@@ -135,8 +171,9 @@ def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
         return stages.run_sft(cfg, work, unit.id, p["loss"], p["seed"], [cfg["sft"]["max_steps"]])
     records = store.records()
     if unit.kind == "screen":
-        step = rules.best_accuracy(records[unit.deps[0]]["result"]["grid"])["step"]
-        return {"start": f"{unit.deps[0]}@step{step:05d}", **stages.run_screen(cfg, work, stages.snapshot_dir(work, unit.deps[0], step))}
+        sft_id, step = needed_snapshot(unit, records)
+        path = stages.snapshot_dir(work, sft_id, step)
+        return {"start": f"{sft_id}@step{step:05d}", **stages.run_screen(cfg, work, path), **_restored(path)}
     start = p["start"]
     if unit.kind == "reuse":
         effective = {**cfg["rl"], **p["settings"]}
@@ -149,7 +186,13 @@ def execute(cfg: dict, work: Path, store: UnitStore, unit: Unit) -> dict:
                                 f"move {store.path(start['sft'])} aside to rerun that SFT unit")
     start_test = records["base-test"]["result"]["test"] if start["sft"] is None and "base-test" in records else None
     result = stages.run_grpo(cfg, work, unit.id, str(path), p["seed"], p["settings"], records["screen"]["result"]["pool"], start_test)
-    return {**result, "start": start["label"], "start_rule": start}
+    return {**result, "start": start["label"], "start_rule": start, **(_restored(path) if start["sft"] is not None else {})}
+
+
+def _restored(snapshot: Path) -> dict:
+    """`{"start_restored": check}` when the starting snapshot was rebuilt by `stages.restore_sft`."""
+    marker = snapshot / stages.RESTORED
+    return {"start_restored": json.loads(marker.read_text())} if marker.is_file() else {}
 
 
 def run(cfg: dict, work: Path, out: Path, deadline: float | None, only: str | None = None, preflight: bool = False,
@@ -170,6 +213,12 @@ def run(cfg: dict, work: Path, out: Path, deadline: float | None, only: str | No
             if not all(store.done(d) for d in u.deps):
                 waiting.append(f"[skip] {u.id}: waits for {', '.join(d for d in u.deps if not store.done(d))}")
                 continue
+            pending = [v for v in units if not store.done(v.id) and (not only or v.id.startswith(only)) and all(store.done(d) for d in v.deps)]
+            extra = restore_seconds(store.records(), u, pending, work)
+            if extra and deadline is not None and time.time() + extra + estimate(u.kind, store.records(), cfg["estimates"]) > deadline:
+                log(f"[refused] {u.id}: rebuilding its start (~{extra / 60:.1f} min) and the unit would end after the deadline")
+                continue
+            restore_missing(cfg, work, store, u, pending, log=log)
             if run_units([u], store, lambda x: execute(cfg, work, store, x), cfg["estimates"], deadline=deadline, log=log,
                          repo=Path(__file__).resolve().parents[2]):
                 ran.append(u.id)
