@@ -371,6 +371,7 @@ def test_lost_snapshots_are_rebuilt_bit_identical_and_checked_against_the_record
     screen = UnitStore(out).load("screen")["result"]
     best = rules.best_accuracy(record["result"]["grid"])["step"]
     assert any(line.startswith("[restore] sft-ce-s0") for line in lines) and screen["start_restored"]["step"] == best
+    assert f"screen (from sft-ce-s0 step {best})" in study.report(cfg, out).read_text()
 
     # a record the rerun does not reproduce: a clear error, no snapshot at that step
     tampered = copy.deepcopy(record["result"])

@@ -34,7 +34,8 @@ def summarise(cfg: dict, records: dict) -> dict:
     """Every number of the report (pure: records in, numbers out)."""
     out: dict = {"costs": A.unit_costs(records), "estimates": cfg["estimates"],
                  "units": {k: {"kind": r["kind"], "busy": r["machine"]["busy"], "minutes": r["machine"]["seconds"] / 60,
-                               "start": r["machine"]["start"], "end": r["machine"]["end"], "same_as": r["result"].get("same_as")}
+                               "start": r["machine"]["start"], "end": r["machine"]["end"], "same_as": r["result"].get("same_as"),
+                               "rebuilt_start": r["result"].get("start_restored")}
                            for k, r in records.items()}}
     if "base-test" in records:
         out["base_test"] = records["base-test"]["result"]["test"]["summary"]
@@ -246,6 +247,10 @@ def _unit_lines(s: dict) -> list[str]:
         lines.append(f"| {k}{' = ' + u['same_as'] if u['same_as'] else ''} | {u['kind']} | {u['minutes']:.1f} | {_busy(u)} | "
                      f"{cpu_label(u['start'].get('cpu'))} | {u['start']['commit']} / {u['end']['commit']} | "
                      f"{u['start']['loadavg'][0]:.2f} / {u['end']['loadavg'][0]:.2f} |")
+    rebuilt = [f"{k} (from {u['rebuilt_start']['unit']} step {u['rebuilt_start']['step']})" for k, u in sorted(s["units"].items()) if u.get("rebuilt_start")]
+    if rebuilt:
+        lines += ["", "Started from a snapshot rebuilt from its SFT record on a new machine (greedy validation identical to the record on "
+                  f"every problem; minutes exclude the rebuild): {', '.join(rebuilt)}."]
     lines += ["", "The scheduler's estimate of a kind is the median of its latest idle units, on whichever CPU ran them (column above).",
               "", "| kind | plan's estimate (min) | median of idle units (min) | idle / busy units |", "|---|---|---|---|"]
     for kind, est in s["estimates"].items():
