@@ -200,7 +200,9 @@ def _rl_lines(s: dict, cfg: dict) -> list[str]:
     lines += ["", f"Supported: interval above 0, Fisher-combined McNemar p < {v['alpha']} and every seed's mean > 0; refuted: upper end below "
               f"{v['sesoi']} (no gain of {v['sesoi'] * 100:.0f} points or more); opposite: interval below 0 with p < {v['alpha']}. C3 here tests only "
               "\"AESL + RL beats CE (best accuracy) + RL\". A comparison is read only if the manipulation check (last pass minus first pass of the "
-              "pool reward > 2 SE, paired by prompt) passed in most RL units of both arms."]
+              "pool reward > 2 SE, paired by prompt) passed in most RL units of both arms. The Fisher-combined p joins each seed's two-sided "
+              "McNemar test, so it is small whenever some seed's arms differ, in either direction: it says the starts are not interchangeable, "
+              "and the interval and the seeds' means say which way."]
     lines += ["", "RL's effect on the test problems (plan amendment 4, exploratory): after minus before, paired by problem. C2 and C3 say which "
               "start ends better after this RL budget, not that RL improved it.",
               "", "| arm | seed | start | test acc before -> after RL (lost / gained, McNemar p) | pool reward gain (SE) | manipulation |",
