@@ -224,8 +224,8 @@ def restore_sft(cfg: dict, work: Path, unit_id: str, result: dict, steps: list[i
 
     callback = Restore()
     began = time.perf_counter()
-    _module, data, trainer = _sft_run(cfg, work, work / "runs" / unit_id / "restore", result["loss"], result["seed"], callback)
-    trainer.fit(_module, datamodule=data)
+    module, data, trainer = _sft_run(cfg, work, work / "runs" / unit_id / "restore", result["loss"], result["seed"], callback)
+    trainer.fit(module, datamodule=data)
     log(f"[restored] {unit_id} steps {sorted(callback.checks)} in {(time.perf_counter() - began) / 60:.1f} min, greedy validation "
         "identical to the record")
     return callback.checks

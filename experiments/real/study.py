@@ -137,25 +137,29 @@ def needed_snapshot(unit: Unit, records: dict) -> tuple[str, int] | None:
     return None
 
 
+def _missing(work: Path, need: tuple[str, int] | None) -> bool:
+    return need is not None and not (stages.snapshot_dir(work, *need) / "config.json").is_file()
+
+
 def restore_missing(cfg: dict, work: Path, store: UnitStore, unit: Unit, pending: list[Unit], log=print) -> None:
     """If `unit` starts from an SFT snapshot that is not in the work folder, rebuild it (`stages.restore_sft`) together
     with the other missing snapshots of the same SFT run that `pending` units start from (one run up to the latest)."""
     records = store.records()
     need = needed_snapshot(unit, records)
-    if need is None or (stages.snapshot_dir(work, *need) / "config.json").is_file():
+    if not _missing(work, need):
         return
     sft_id = need[0]
-    steps = {need[1]} | {s for u in pending if (n := needed_snapshot(u, records)) and n[0] == sft_id
-                         and not (stages.snapshot_dir(work, *n) / "config.json").is_file() for s in [n[1]]}
-    log(f"[restore] {sft_id} steps {sorted(steps)}: snapshots missing from {work} (rebuilt and checked against the record)")
-    stages.restore_sft(cfg, work, sft_id, records[sft_id]["result"], sorted(steps), log=log)
+    others = [needed_snapshot(u, records) for u in pending]
+    steps = sorted({need[1]} | {n[1] for n in others if _missing(work, n) and n[0] == sft_id})
+    log(f"[restore] {sft_id} steps {steps}: snapshots missing from {work} (rebuilt and checked against the record)")
+    stages.restore_sft(cfg, work, sft_id, records[sft_id]["result"], steps, log=log)
 
 
-def restore_seconds(records: dict, unit: Unit, pending: list[Unit], work: Path) -> float:
+def restore_seconds(records: dict, unit: Unit, work: Path) -> float:
     """A bound on `restore_missing`'s time for `unit`: the recorded SFT run's training time, all of it (0 if nothing is
     missing)."""
     need = needed_snapshot(unit, records)
-    if need is None or (stages.snapshot_dir(work, *need) / "config.json").is_file():
+    if not _missing(work, need):
         return 0.0
     r = records[need[0]]["result"]
     return float(r["seconds"] - r["eval_seconds"])
@@ -214,7 +218,7 @@ def run(cfg: dict, work: Path, out: Path, deadline: float | None, only: str | No
                 waiting.append(f"[skip] {u.id}: waits for {', '.join(d for d in u.deps if not store.done(d))}")
                 continue
             pending = [v for v in units if not store.done(v.id) and (not only or v.id.startswith(only)) and all(store.done(d) for d in v.deps)]
-            extra = restore_seconds(store.records(), u, pending, work)
+            extra = restore_seconds(store.records(), u, work)
             if extra and deadline is not None and time.time() + extra + estimate(u.kind, store.records(), cfg["estimates"]) > deadline:
                 log(f"[refused] {u.id}: rebuilding its start (~{extra / 60:.1f} min) and the unit would end after the deadline")
                 continue
