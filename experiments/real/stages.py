@@ -311,8 +311,9 @@ def run_grpo(cfg: dict, work: Path, unit_id: str, start: str, seed: int, setting
                       epsilon_high=0.28, loss_type=r["loss_type"], scale_rewards="group", log_completions_every_n_steps=0,
                       reward_funcs=["aesl_lightning.scoring.rewards.math_accuracy", "aesl_lightning.scoring.rewards.boxed_format"],
                       reward_weights=list(r["reward_weights"]))
+    checkpointing = bool(cfg["machine"].get("gradient_checkpointing", False))  # memory only: the same gradients
     module = _recording_grpo()(name_or_path=start, grpo=grpo, evaluation=GRPOEvaluation(num_samples=0, greedy=False), lr=r["lr"],
-                               scheduler="constant", warmup_steps=0)
+                               scheduler="constant", warmup_steps=0, gradient_checkpointing=checkpointing)
     module.records = []
     before = start_test or test_eval(cfg, work, module.model, module.tokenizer)
     data = PromptDataModule(train=str(pool_file), val_size=0, test_size=0, batch_size=r["prompts_per_step"], max_prompt_length=512,
@@ -324,4 +325,4 @@ def run_grpo(cfg: dict, work: Path, unit_id: str, start: str, seed: int, setting
     train_seconds = time.perf_counter() - began
     after = test_eval(cfg, work, module.model, module.tokenizer)
     return {"start": start, "seed": seed, "settings": r, "steps": trainer.global_step, "train_seconds": train_seconds, "pool": len(pool),
-            "per_step": module.records, "start_test": before, "test": after}
+            "gradient_checkpointing": checkpointing, "per_step": module.records, "start_test": before, "test": after}
