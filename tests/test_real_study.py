@@ -337,6 +337,8 @@ def test_smoke_run_end_to_end_and_resume(tmp_path):
     kept = sorted(p.name for p in (work / "runs" / "sft-ce-s0" / "snapshots").iterdir())
     assert kept == sorted(f"step{s:05d}" for s in set(records["sft-ce-s0"]["result"]["snapshots"].values()))
     assert all(r["machine"]["start"]["commit"] for r in records.values())
+    checkpointing = bool(CFG["machine"].get("gradient_checkpointing", False))  # the memory setting each RL unit ran with
+    assert all(r["result"]["gradient_checkpointing"] is checkpointing for i, r in records.items() if i.startswith(("pilot", "rl-")))
     assert "C2" in (out / "results.md").read_text()
     real_study.main(["--smoke", "--run", "--work", str(work), "--threads", "1"])   # resumes: nothing left to run
     assert UnitStore(out).records().keys() == records.keys()
