@@ -217,11 +217,11 @@ def run(cfg: dict, work: Path, out: Path, deadline: float | None, only: str | No
             if not all(store.done(d) for d in u.deps):
                 waiting.append(f"[skip] {u.id}: waits for {', '.join(d for d in u.deps if not store.done(d))}")
                 continue
-            pending = [v for v in units if not store.done(v.id) and (not only or v.id.startswith(only)) and all(store.done(d) for d in v.deps)]
             extra = restore_seconds(store.records(), u, work)
             if extra and deadline is not None and time.time() + extra + estimate(u.kind, store.records(), cfg["estimates"]) > deadline:
                 log(f"[refused] {u.id}: rebuilding its start (~{extra / 60:.1f} min) and the unit would end after the deadline")
                 continue
+            pending = [v for v in units if not store.done(v.id) and (not only or v.id.startswith(only)) and all(store.done(d) for d in v.deps)]
             restore_missing(cfg, work, store, u, pending, log=log)
             if run_units([u], store, lambda x: execute(cfg, work, store, x), cfg["estimates"], deadline=deadline, log=log,
                          repo=Path(__file__).resolve().parents[2]):
